@@ -1,0 +1,145 @@
+"""`medssl run pipelines/NAME.yaml`: the stages of one imaging dataset, in order, skipping finished work.
+
+Each stage has a fingerprint: a hash of the settings it reads plus the fingerprints of the stages it depends
+on (and, for the manifest, a listing of the input folder). A stage whose recorded fingerprint matches and
+whose outputs exist is skipped, so a rerun after an interruption or a failure redoes only what changed.
+Everything runs under one MLflow experiment (named after the pipeline) with one parent run per `medssl run`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from rich.console import Console
+from rich.table import Table
+
+from medssl.config import PipelineConfig
+from medssl.errors import MedsslError
+from medssl import stages
+from medssl.scale import apply_scale
+
+console = Console(stderr=True)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    needs: tuple[str, ...]
+    settings: Callable[[PipelineConfig], object]   # the part of the config this stage reads
+    run: Callable[["stages.Context"], dict]         # returns the outputs to record (paths, counts)
+    doc: str
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("demo", (), lambda c: c.data.demo, stages.run_demo, "build the demo cohort from real anatomy"),
+    Stage("manifest", ("demo",), lambda c: (c.data, c.manifest), stages.run_manifest,
+          "scan the folder, assemble DICOM series, join labels"),
+    Stage("splits", ("manifest",), lambda c: c.split, stages.run_splits,
+          "patient-level train/val/test splits and label ladders"),
+    Stage("cache", ("splits",), lambda c: c.preprocess, stages.run_cache,
+          "decode, orient, resample and normalise every image once"),
+    Stage("pretrain", ("cache",), lambda c: c.pretrain, stages.run_pretrain,
+          "self-supervised pretraining of the encoder"),
+    Stage("ladder", ("pretrain",), lambda c: c.finetune, stages.run_ladder,
+          "fine-tune at each label budget, SSL vs scratch"),
+    Stage("report", ("ladder",), lambda c: None, stages.run_report,
+          "label-efficiency curve and table"),
+)
+
+
+def _digest(value: object) -> str:
+    text = json.dumps(value, sort_keys=True, default=_jsonable)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _jsonable(value: object):
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json")
+    return str(value)
+
+
+class Pipeline:
+    def __init__(self, cfg: PipelineConfig, source: Path | None = None):
+        self.cfg = apply_scale(cfg)
+        self.source = source
+        self.ctx = stages.Context.create(self.cfg)
+        self.stages = [s for s in STAGES if s.name != "demo" or self.cfg.data.demo is not None]
+
+    # ------------------------------------------------------------------ fingerprints and records
+    def fingerprints(self) -> dict[str, str]:
+        prints: dict[str, str] = {}
+        for stage in self.stages:
+            upstream = [prints[n] for n in stage.needs if n in prints]
+            extra = stages.input_listing(self.cfg) if stage.name == "manifest" and not self.cfg.data.demo else ""
+            prints[stage.name] = _digest([stage.name, stage.settings(self.cfg), upstream, extra])
+        return prints
+
+    def _record_path(self, name: str) -> Path:
+        return self.ctx.paths.stages / f"{name}.json"
+
+    def _is_done(self, name: str, fingerprint: str) -> bool:
+        path = self._record_path(name)
+        if not path.is_file():
+            return False
+        record = json.loads(path.read_text())
+        outputs = [Path(p) for p in record.get("paths", [])]
+        return record.get("fingerprint") == fingerprint and all(p.exists() for p in outputs)
+
+    # ------------------------------------------------------------------------------- running
+    def plan(self, force: list[str], until: str | None) -> list[tuple[Stage, str, bool]]:
+        unknown = set(force) - {s.name for s in self.stages}
+        if unknown:
+            raise MedsslError(f"unknown stage(s) {sorted(unknown)}", where="--force",
+                              fix=f"choose from {[s.name for s in self.stages]}")
+        prints, rows, dirty = self.fingerprints(), [], set()
+        for stage in self.stages:
+            todo = (stage.name in force or not self._is_done(stage.name, prints[stage.name])
+                    or any(n in dirty for n in stage.needs))
+            if todo:
+                dirty.add(stage.name)
+            rows.append((stage, prints[stage.name], todo))
+            if stage.name == until:
+                break
+        return rows
+
+    def run(self, dry_run: bool = False, force: list[str] = (), until: str | None = None) -> None:
+        plan = self.plan(list(force), until)
+        self._print_plan(plan)
+        if dry_run:
+            return
+        with self.ctx.tracker.run(f"{self.cfg.name}-pipeline", tags=self.ctx.pipeline_tags()) as parent:
+            self.ctx.parent_run_id = parent.info.run_id
+            self.ctx.tracker.log_params({"pipeline": self.cfg.model_dump(mode="json")})
+            for stage, fingerprint, todo in plan:
+                self._run_stage(stage, fingerprint, todo)
+        console.print(stages.where_to_look(self.ctx))
+
+    def _run_stage(self, stage: Stage, fingerprint: str, todo: bool) -> None:
+        if not todo:
+            self.ctx.outputs[stage.name] = json.loads(self._record_path(stage.name).read_text())
+            console.print(f"[green]✓[/] {stage.name}: up to date, skipped")
+            return
+        console.rule(f"[bold]{stage.name}[/]: {stage.doc}")
+        start = time.perf_counter()
+        try:
+            outputs = stage.run(self.ctx)
+        except MedsslError as err:
+            raise type(err)(f"stage '{stage.name}' failed: {err.what}", err.where,
+                            (err.fix or "") + " — finished stages are kept; rerun the same command to resume"
+                            ) from None
+        outputs = {**outputs, "fingerprint": fingerprint, "seconds": round(time.perf_counter() - start, 1)}
+        self.ctx.outputs[stage.name] = outputs
+        self._record_path(stage.name).write_text(json.dumps(outputs, indent=2, default=str))
+        console.print(f"[green]✓[/] {stage.name} done in {outputs['seconds']} s")
+
+    def _print_plan(self, plan) -> None:
+        table = Table(title=f"pipeline {self.cfg.name}" + (f" ({self.source})" if self.source else ""))
+        for column in ("stage", "what", "status", "fingerprint"):
+            table.add_column(column)
+        for stage, fingerprint, todo in plan:
+            table.add_row(stage.name, stage.doc, "[yellow]run[/]" if todo else "[green]skip[/]", fingerprint)
+        console.print(table)
