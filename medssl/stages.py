@@ -1,0 +1,226 @@
+"""The body of each pipeline stage: turn typed settings into calls to the subsystems, record outputs.
+
+Each `run_*` receives the shared Context and returns a dict of outputs (with "paths" that must exist for the
+stage to count as finished). MLflow: every stage is a child run of the pipeline's parent run.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+
+from medssl.config import PipelineConfig
+from medssl.errors import DataError
+
+console = Console(stderr=True)
+
+
+@dataclass
+class Paths:
+    root: Path
+
+    def __getattr__(self, name: str) -> Path:
+        # workdir/<name> for every stage folder (demo_data, pretrain, ladder, report, stages)
+        path = self.root / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+@dataclass
+class Context:
+    cfg: PipelineConfig
+    paths: Paths
+    tracker: object
+    outputs: dict = field(default_factory=dict)
+    parent_run_id: str | None = None
+
+    @classmethod
+    def create(cls, cfg: PipelineConfig) -> "Context":
+        from medssl.tracking import Tracker
+        tracker = Tracker(cfg.tracking.experiment or cfg.name, cfg.tracking.tracking_uri)
+        return cls(cfg=cfg, paths=Paths(cfg.workdir / cfg.name), tracker=tracker)
+
+    def pipeline_tags(self) -> dict:
+        from medssl.tracking import lineage_tags
+        return {**lineage_tags(), "medssl.pipeline": self.cfg.name}
+
+    def child(self, name: str, **tags):
+        return self.tracker.run(name, parent_run_id=self.parent_run_id, tags={"medssl.stage": name, **tags})
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.cfg.manifest.out
+
+    @property
+    def splits_path(self) -> Path:
+        return self.manifest_path.with_suffix(".splits.json")
+
+
+# ------------------------------------------------------------------------------------ salt and data
+def pseudonym_salt(env_name: str = "MEDSSL_SALT", store: Path = Path(".medssl/salt")) -> str:
+    """The secret that makes pseudonymous ids unlinkable to raw ids. From the environment (teams share one),
+    else generated once and kept in a private file so reruns give the same pseudonyms."""
+    if os.environ.get(env_name):
+        return os.environ[env_name]
+    if not store.is_file():
+        store.parent.mkdir(parents=True, exist_ok=True)
+        store.write_text(secrets.token_hex(16))
+        store.chmod(0o600)
+    return store.read_text().strip()
+
+
+def input_listing(cfg: PipelineConfig) -> list:
+    """(path, size, mtime) of every input file: a changed folder makes the manifest stage run again."""
+    folder = cfg.data.folder
+    if folder is None or not folder.is_dir():
+        return []
+    found = []
+    for dirpath, _, files in os.walk(folder):
+        for name in files:
+            try:
+                stat = os.stat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            found.append((os.path.relpath(os.path.join(dirpath, name), folder), stat.st_size, int(stat.st_mtime)))
+    labels = cfg.data.labels
+    if labels is not None and labels.is_file():
+        found.append((str(labels), labels.stat().st_size, int(labels.stat().st_mtime)))
+    return sorted(found)
+
+
+def build_manifest_with_salt(folder: Path, out: Path, **kwargs):
+    from medssl.data.manifest import build_manifest
+    if not Path(folder).is_dir():
+        raise DataError(f"input folder does not exist: {folder}", where="data.folder / FOLDER",
+                        fix="give the folder that holds your DICOM or NIfTI files")
+    return build_manifest(folder, out, salt=pseudonym_salt(), **kwargs)
+
+
+def print_manifest_summary(summary) -> None:
+    console.print(summary.render() if hasattr(summary, "render") else str(summary))
+
+
+# ---------------------------------------------------------------------------------------- stages
+def run_demo(ctx: Context) -> dict:
+    from medssl.demo import build_demo_cohort
+    cohort = build_demo_cohort(ctx.cfg.data.demo, ctx.paths.demo_data)
+    return {"folder": str(cohort.folder), "labels": str(cohort.labels_csv), "paths": [str(cohort.labels_csv)]}
+
+
+def data_source(ctx: Context) -> tuple[Path, Path | None]:
+    if ctx.cfg.data.demo is not None:
+        demo = ctx.outputs["demo"]
+        return Path(demo["folder"]), Path(demo["labels"])
+    return ctx.cfg.data.folder, ctx.cfg.data.labels
+
+
+def run_manifest(ctx: Context) -> dict:
+    folder, labels = data_source(ctx)
+    m = ctx.cfg.manifest
+    with ctx.child("manifest"):
+        summary = build_manifest_with_salt(folder, m.out, labels=labels, join_on=m.join_on, workers=m.workers,
+                                           max_image_mb=m.max_image_mb, nifti_modality=ctx.cfg.data.nifti_modality)
+        print_manifest_summary(summary)
+        from medssl.data.manifest import read_manifest
+        df, meta = read_manifest(m.out)
+        ctx.tracker.log_dataset(df, meta.get("digest"), ctx.cfg.name)
+        ctx.tracker.log_metrics({"images": len(df), "skipped": _count_rows(m.out.with_suffix(".skipped.csv"))})
+        for suffix in (".csv", ".skipped.csv", ".meta.json"):
+            ctx.tracker.log_artifact(m.out.with_suffix(suffix), "manifest")
+    return {"paths": [str(m.out)], "images": len(df), "digest": meta.get("digest")}
+
+
+def _count_rows(csv_path: Path) -> int:
+    if not csv_path.is_file():
+        return 0
+    return max(0, sum(1 for _ in csv_path.open()) - 1)
+
+
+def run_splits(ctx: Context) -> dict:
+    from medssl.data.manifest import read_manifest, write_manifest
+    from medssl.data import splits
+    s = ctx.cfg.split
+    df, meta = read_manifest(ctx.manifest_path)
+    if s.label not in df.columns or df[s.label].isna().all():
+        raise DataError(f"the manifest has no labels in column '{s.label}'", where=str(ctx.manifest_path),
+                        fix="give data.labels (a labels CSV) or set split.label to a labelled column")
+    df["split"] = splits.assign_splits(df, s.label, s.seed, s.val_fraction, s.test_fraction)
+    write_manifest(df, meta, ctx.manifest_path)
+    rungs = splits.build_ladder(df, s.label, fractions=s.ladder.fractions, per_class=s.ladder.per_class,
+                                seeds=s.ladder.seeds)
+    splits.write_splits(ctx.splits_path, df, rungs, settings=s.model_dump(mode="json"))
+    counts = df["split"].value_counts().to_dict()
+    console.print(f"splits: {counts}; {len(rungs)} ladder rungs")
+    return {"paths": [str(ctx.splits_path)], "counts": counts, "rungs": len(rungs)}
+
+
+def open_cache(ctx: Context):
+    from medssl.data.cache import VolumeCache
+    return VolumeCache(ctx.cfg.preprocess.cache_dir, ctx.cfg.preprocess)
+
+
+def run_cache(ctx: Context) -> dict:
+    from medssl.data.manifest import read_manifest
+    df, meta = read_manifest(ctx.manifest_path)
+    cache = open_cache(ctx)
+    failures = cache.build(df, Path(meta["root"]), workers=ctx.cfg.manifest.workers)
+    for image_id, reason in failures.items():
+        console.print(f"[yellow]not cached[/] {image_id}: {reason}")
+    if len(failures) == len(df):
+        raise DataError("no image could be preprocessed", where=str(ctx.manifest_path),
+                        fix="see the reasons above; check the preprocess settings")
+    return {"paths": [str(ctx.manifest_path)], "cached": len(df) - len(failures), "failed": failures}
+
+
+def _pretrain_ids(df) -> list[str]:
+    """Pretraining sees the training split and the unlabelled images, never val/test (no leakage)."""
+    return df.loc[df["split"].fillna("").isin(["train", ""]), "image_id"].tolist()
+
+
+def run_pretrain(ctx: Context) -> dict:
+    from medssl.data.manifest import read_manifest
+    from medssl.train.pretrain import run_pretraining
+    df, meta = read_manifest(ctx.manifest_path)
+    cache = open_cache(ctx)
+    ids = [i for i in _pretrain_ids(df) if cache.has(i)]
+    groups = dict(zip(df["image_id"], df["patient_id"]))
+    with ctx.child("pretrain", **{"medssl.manifest_digest": meta.get("digest", "")}) as run:
+        encoder = run_pretraining(ctx.cfg.pretrain, cache, ids, groups, ctx.paths.pretrain, ctx.tracker,
+                                  probe=None, spatial_dims=ctx.cfg.preprocess.spatial_dims)
+        run_id = run.info.run_id
+    return {"paths": [str(encoder)], "encoder": str(encoder), "run_id": run_id, "images": len(ids)}
+
+
+def run_ladder(ctx: Context) -> dict:
+    from medssl.data.manifest import read_manifest
+    from medssl.data.splits import read_splits
+    from medssl.finetune.ladder import run_ladder as ladder
+    df, meta = read_manifest(ctx.manifest_path)
+    rungs = read_splits(ctx.splits_path)["rungs"]
+    pretrain = ctx.outputs["pretrain"]
+    tags = {"medssl.pretrain_run_id": pretrain["run_id"], "medssl.manifest_digest": meta.get("digest", "")}
+    with ctx.child("ladder", **tags):
+        results = ladder(ctx.cfg.finetune, pretrain["encoder"], open_cache(ctx), df, ctx.cfg.split.label,
+                         rungs, ctx.paths.ladder, ctx.tracker)
+    out = ctx.paths.ladder / "results.csv"
+    return {"paths": [str(out)], "results": str(out), "rows": len(results)}
+
+
+def run_report(ctx: Context) -> dict:
+    import pandas as pd
+    from medssl.evaluate.report import build_report
+    results = pd.read_csv(ctx.outputs["ladder"]["results"])
+    artifacts = build_report(results, ctx.paths.report)
+    ctx.tracker.log_artifacts(ctx.paths.report, "report")  # on the parent run: the reviewer's first stop
+    return {"paths": [str(p) for p in artifacts.values()], **{k: str(v) for k, v in artifacts.items()}}
+
+
+def where_to_look(ctx: Context) -> str:
+    uri = ctx.tracker.tracking_uri
+    ui = "mlflow ui" + (f" --backend-store-uri {uri}" if uri and not uri.startswith("http") else "")
+    return (f"\n[bold]Results[/] are in MLflow experiment '{ctx.tracker.experiment}' "
+            f"(parent run {ctx.parent_run_id}).\n  Open them with: [cyan]{ui}[/] then http://127.0.0.1:5000"
+            f"\n  Report files: {ctx.paths.root / 'report'}")
