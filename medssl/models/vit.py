@@ -1,0 +1,50 @@
+"""A ViT encoder built from MONAI blocks, with a token keep-index so MAE encodes only the visible patches.
+
+MONAI's own ViT has no way to drop tokens before the transformer, and its MaskedAutoEncoderViT fails under
+autocast (../../shared/ANCHORS.md); this small module keeps MONAI's PatchEmbeddingBlock / TransformerBlock
+(SDPA attention via `use_flash_attention=True`) and adds only the gather.
+"""
+from __future__ import annotations
+
+import torch
+from monai.networks.blocks import PatchEmbeddingBlock, TransformerBlock
+from torch import nn
+
+
+class ViTEncoder(nn.Module):
+    """Patch embedding (conv) + fixed sin-cos positions + pre-norm transformer; no class token."""
+
+    def __init__(self, in_channels: int, img_size: list[int], patch_size: int, hidden_size: int,
+                 num_layers: int, num_heads: int, mlp_dim: int, spatial_dims: int):
+        super().__init__()
+        self.spatial_dims, self.patch_size, self.in_channels = spatial_dims, patch_size, in_channels
+        self.grid = [s // patch_size for s in img_size]
+        # sin-cos positions (as in MAE): fixed, so a small dataset cannot overfit them; MONAI's builder needs
+        # hidden_size divisible by 2*spatial_dims (4 in 2D, 6 in 3D), else learnable positions are used
+        pos = "sincos" if hidden_size % (2 * spatial_dims) == 0 else "learnable"
+        self.patch_embed = PatchEmbeddingBlock(
+            in_channels=in_channels, img_size=img_size, patch_size=patch_size, hidden_size=hidden_size,
+            num_heads=num_heads, proj_type="conv", pos_embed_type=pos, spatial_dims=spatial_dims)
+        # use_flash_attention=True makes SABlock call F.scaled_dot_product_attention (flash/mem-efficient on CUDA)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(hidden_size, mlp_dim, num_heads, qkv_bias=True, use_flash_attention=True)
+            for _ in range(num_layers))
+        self.norm = nn.LayerNorm(hidden_size)
+        self.out_features = hidden_size
+
+    @property
+    def num_patches(self) -> int:
+        return int(torch.tensor(self.grid).prod())
+
+    def forward_tokens(self, x: torch.Tensor, keep_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, *spatial) -> (B, L_keep, hidden); keep_idx (B, L_keep) selects visible patches."""
+        tokens = self.patch_embed(x)  # (B, L, D), positions already added
+        if keep_idx is not None:
+            index = keep_idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
+            tokens = torch.gather(tokens, 1, index)  # (B, L_keep, D)
+        for block in self.blocks:
+            tokens = block(tokens)
+        return self.norm(tokens)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_tokens(x).mean(dim=1)  # (B, D): mean of tokens

@@ -1,0 +1,150 @@
+"""Batched, on-device random views for SSL: (B, C, H, W) or (B, C, D, H, W) in, same shape/dtype/device out.
+
+Every random parameter is drawn per sample with torch on the batch's device, so the whole batch is augmented
+by a handful of kernels instead of B Python-level transform chains. Geometry (crop jitter/zoom, rotation,
+scale, flips) is one affine matrix per sample applied in a single grid_sample pass.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medssl.config import ViewsConfig
+
+
+def _uniform(n: int, low: float, high: float, x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+    return low + (high - low) * torch.rand(n, device=x.device, generator=gen)
+
+
+def _rotation(angles: torch.Tensor, nd: int) -> torch.Tensor:
+    """(B, 1 or 3) radians -> (B, nd, nd) rotation matrices (3D: Z·Y·X Euler composition)."""
+    def plane(a, i, j):
+        m = torch.eye(nd, device=a.device).repeat(a.shape[0], 1, 1)
+        c, s = torch.cos(a), torch.sin(a)
+        m[:, i, i], m[:, i, j], m[:, j, i], m[:, j, j] = c, -s, s, c
+        return m
+    if nd == 2:
+        return plane(angles[:, 0], 0, 1)
+    return plane(angles[:, 0], 0, 1) @ plane(angles[:, 1], 0, 2) @ plane(angles[:, 2], 1, 2)
+
+
+def geometry_is_identity(cfg: ViewsConfig) -> bool:
+    return (cfg.flip_prob == 0 and cfg.rotate_degrees == 0 and cfg.crop_jitter == 0
+            and tuple(cfg.scale_range) == (1.0, 1.0))
+
+
+def random_affine(x: torch.Tensor, cfg: ViewsConfig, gen: torch.Generator | None = None) -> torch.Tensor:
+    """(B, nd, nd+1) matrices mapping output to input coordinates in [-1, 1] (affine_grid convention)."""
+    b, nd = x.shape[0], x.ndim - 2
+    n_angles = 1 if nd == 2 else 3
+    angles = torch.rand(b, n_angles, device=x.device, generator=gen) * 2 - 1
+    rot = _rotation(angles * math.radians(cfg.rotate_degrees), nd)  # (B, nd, nd)
+    # zoom-in (crop jitter) and scale both shrink/grow the sampled region: sampled extent = zoom / scale
+    zoom = _uniform(b, 1 - cfg.crop_jitter, 1.0, x, gen)
+    scale = _uniform(b, *cfg.scale_range, x, gen)
+    extent = (zoom / scale).view(b, 1, 1)
+    flips = torch.rand(b, nd, device=x.device, generator=gen) < cfg.flip_prob
+    signs = 1.0 - 2.0 * flips.float()  # (B, nd): -1 flips that axis
+    linear = rot * extent * signs.unsqueeze(1)  # flip the output axis (column), then rotate and zoom
+    # shift the sampled window anywhere it still fits inside the crop (only possible when zoomed in)
+    room = (1 - extent.view(b, 1)).clamp(min=0)
+    shift = (torch.rand(b, nd, device=x.device, generator=gen) * 2 - 1) * room  # (B, nd)
+    return torch.cat([linear, shift.unsqueeze(-1)], dim=-1)
+
+
+def apply_affine(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    # affine_grid orders coordinates (x, y[, z]) = last spatial axis first; our theta uses array axis order
+    nd = x.ndim - 2
+    rev = torch.arange(nd - 1, -1, -1, device=x.device)
+    theta = theta[:, rev][:, :, torch.cat([rev, rev.new_tensor([nd])])]
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def random_intensity(x: torch.Tensor, cfg: ViewsConfig, gen: torch.Generator | None = None) -> torch.Tensor:
+    b, nd = x.shape[0], x.ndim - 2
+    shape = (b,) + (1,) * (nd + 1)
+    if tuple(cfg.gamma_range) != (1.0, 1.0):
+        lo, hi = math.log(cfg.gamma_range[0]), math.log(cfg.gamma_range[1])
+        gamma = torch.exp(_uniform(b, lo, hi, x, gen)).view(shape)  # log-uniform: 0.8 and 1.25 equally likely
+        flat = x.flatten(1)
+        low, high = flat.min(1).values.view(shape), flat.max(1).values.view(shape)
+        span = (high - low).clamp(min=1e-6)  # gamma needs [0, 1]; map back to the sample's own range
+        x = ((x - low) / span).clamp(0, 1).pow(gamma) * span + low
+    if cfg.intensity_scale or cfg.intensity_shift:
+        gain = 1 + _uniform(b, -cfg.intensity_scale, cfg.intensity_scale, x, gen).view(shape)
+        bias = _uniform(b, -cfg.intensity_shift, cfg.intensity_shift, x, gen).view(shape)
+        x = x * gain + bias
+    return x
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Separable blur with a per-sample sigma (B,): one grouped conv per axis over all B*C channels."""
+    b, c, *spatial = x.shape
+    nd = len(spatial)
+    radius = max(1, math.ceil(3 * float(sigma.max())))
+    taps = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)  # (K,)
+    s = sigma.to(x.dtype).clamp(min=1e-3).view(b, 1)
+    kernel = torch.exp(-0.5 * (taps / s) ** 2)
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, dim=0)  # (B*C, K)
+    out = x.reshape(1, b * c, *spatial)
+    conv = (F.conv2d, F.conv3d)[nd - 2]
+    for axis in range(nd):
+        shape = [b * c, 1] + [1] * nd
+        shape[2 + axis] = kernel.shape[1]
+        pad = [0] * (2 * nd)
+        pad[2 * (nd - 1 - axis)] = pad[2 * (nd - 1 - axis) + 1] = radius  # F.pad lists the last axis first
+        out = conv(F.pad(out, pad, mode="replicate"), kernel.view(shape), groups=b * c)
+    return out.view(b, c, *spatial)
+
+
+def random_cutout(x: torch.Tensor, fraction: float, gen: torch.Generator | None = None) -> torch.Tensor:
+    """Zero one box per sample covering `fraction` of the volume (edge = fraction**(1/nd) of each edge)."""
+    b, nd = x.shape[0], x.ndim - 2
+    inside = torch.ones(b, *x.shape[2:], dtype=torch.bool, device=x.device)
+    for axis, size in enumerate(x.shape[2:]):
+        edge = max(1, round(size * fraction ** (1 / nd)))
+        start = (torch.rand(b, device=x.device, generator=gen) * (size - edge + 1)).long()  # (B,)
+        pos = torch.arange(size, device=x.device)
+        hit = (pos >= start[:, None]) & (pos < start[:, None] + edge)  # (B, size)
+        view = [b] + [1] * nd
+        view[1 + axis] = size
+        inside = inside & hit.view(view)
+    return x.masked_fill(inside.unsqueeze(1), 0.0)
+
+
+def make_views(x: torch.Tensor, cfg: ViewsConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One random view per sample of x (B, C, *spatial); an all-off config returns x unchanged."""
+    if x.ndim not in (4, 5):
+        raise ValueError(f"make_views expects (B, C, H, W) or (B, C, D, H, W), got shape {tuple(x.shape)}")
+    dtype, b = x.dtype, x.shape[0]
+    out = x.float()  # fp16 cache crops: do the arithmetic in fp32, hand back the caller's dtype
+    if not geometry_is_identity(cfg):
+        out = apply_affine(out, random_affine(out, cfg, generator))
+    out = random_intensity(out, cfg, generator)
+    if cfg.blur_sigma[1] > 0:
+        out = gaussian_blur(out, _uniform(b, *cfg.blur_sigma, out, generator))
+    if cfg.noise_std > 0:
+        std = _uniform(b, 0.0, cfg.noise_std, out, generator).view(b, *[1] * (out.ndim - 1))
+        out = out + std * torch.randn(out.shape, device=out.device, generator=generator)
+    if cfg.cutout_fraction > 0:
+        out = random_cutout(out, cfg.cutout_fraction, generator)
+    return out.to(dtype)
+
+
+def two_views(x: torch.Tensor, cfg: ViewsConfig, generator: torch.Generator | None = None):
+    return make_views(x, cfg, generator), make_views(x, cfg, generator)
+
+
+class RandomViews(nn.Module):
+    """nn.Module wrapper (no parameters): `views(x)` inside a method's forward."""
+
+    def __init__(self, cfg: ViewsConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return make_views(x, self.cfg, generator)
