@@ -1,0 +1,188 @@
+"""Logging calls that MLflow has not acknowledged yet: kept in order, in memory and in a JSONL file.
+
+Why: a team tracking server restarts or drops off the network while a 10-hour pretraining is running. The
+training must not stop or stall, and the metric history must come out exact once the server is back. Every
+call is tried at once; if the server is unreachable the call is queued (with its own timestamp and step, so the
+replayed history is the one that happened) and appended to `outbox-<pid>.jsonl`, so a crash loses nothing:
+the next `Tracker` pointed at the same folder replays files left behind by dead processes.
+Errors that a retry cannot fix (a param changed value, a deleted run) are reported and dropped, never raised
+into the training loop.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from rich.console import Console
+
+console = Console(stderr=True)
+
+# MLflow error codes that mean "the request is wrong", not "the server is away": retrying cannot help
+_PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
+              "BAD_REQUEST", "INVALID_STATE", "PERMISSION_DENIED", "UNAUTHENTICATED"}
+_BATCH = {"metrics": 1000, "params": 100, "tags": 100}  # MLflow's per-request limits of log_batch
+
+
+def is_permanent(err: Exception) -> bool:
+    return isinstance(err, MlflowException) and err.error_code in _PERMANENT
+
+
+def _send_batch(client, op: dict) -> None:
+    metrics = [Metric(k, v, ts, step) for k, v, ts, step in op.get("metrics", [])]
+    params = [Param(k, v) for k, v in op.get("params", [])]
+    tags = [RunTag(k, v) for k, v in op.get("tags", [])]
+    # chunked so a 3000-step replay fits MLflow's per-request limits
+    while metrics or params or tags:
+        client.log_batch(op["run_id"], metrics=metrics[:_BATCH["metrics"]], params=params[:_BATCH["params"]],
+                         tags=tags[:_BATCH["tags"]], synchronous=True)
+        metrics, params, tags = (metrics[_BATCH["metrics"]:], params[_BATCH["params"]:],
+                                 tags[_BATCH["tags"]:])
+
+
+def _send_inputs(client, op: dict) -> None:
+    dataset = Dataset(**op["dataset"])
+    client.log_inputs(op["run_id"], [DatasetInput(dataset, [InputTag(k, v) for k, v in op["tags"]])])
+
+
+def _send_artifact(client, op: dict) -> None:
+    local = Path(op["local"])
+    if local.is_dir():
+        client.log_artifacts(op["run_id"], str(local), op.get("artifact_path"))
+    else:
+        client.log_artifact(op["run_id"], str(local), op.get("artifact_path"))
+
+
+def _send_end(client, op: dict) -> None:
+    client.set_terminated(op["run_id"], status=op["status"], end_time=op["end_time"])
+
+
+SENDERS = {"batch": _send_batch, "inputs": _send_inputs, "artifact": _send_artifact, "end": _send_end}
+
+
+class Outbox:
+    """Ordered queue of logging operations (plain JSON dicts with a "kind" and a "run_id")."""
+
+    def __init__(self, client, folder: Path, retry_interval: float = 1.0):
+        self.client, self.folder, self.retry_interval = client, Path(folder), retry_interval
+        self.path = self.folder / f"outbox-{os.getpid()}-{uuid.uuid4().hex[:6]}.jsonl"
+        self.ops: list[dict] = []
+        self._last_failure = 0.0
+        self.warned = False
+
+    def __len__(self) -> int:
+        return len(self.ops)
+
+    def submit(self, op: dict, files_copy: bool = True) -> bool:
+        """Send `op` now (after anything queued before it) or queue it. True when it reached MLflow."""
+        if not self.ops and self._send(op):
+            self._drop_copy(op)
+            return True
+        if op["kind"] == "artifact" and files_copy and not self._is_own_file(op["local"]):
+            op = {**op, "local": self._keep_copy(op["local"])}  # the file may change before the replay
+        self.ops.append(op)
+        self._rewrite()
+        self.flush()
+        return False
+
+    def flush(self, force: bool = False) -> bool:
+        """Replay queued operations in order; stop at the first that fails. True when the queue is empty."""
+        if not self.ops:
+            return True
+        if not force and time.monotonic() - self._last_failure < self.retry_interval:
+            return False
+        sent = 0
+        for op in self.ops:
+            if not self._send(op):
+                break
+            sent += 1
+        if sent:
+            for op in self.ops[:sent]:
+                self._drop_copy(op)
+            self.ops = self.ops[sent:]
+            self._rewrite()
+            if not self.ops:
+                console.print(f"[green]MLflow reachable again[/]: {sent} queued logging calls delivered")
+                self.warned = False
+        return not self.ops
+
+    def _send(self, op: dict) -> bool:
+        try:
+            SENDERS[op["kind"]](self.client, op)
+            return True
+        except Exception as err:  # noqa: BLE001 — an outage shows up as many exception types
+            if is_permanent(err):
+                console.print(f"[red]MLflow refused a {op['kind']} call for run {op['run_id']}[/] "
+                              f"(dropped, training goes on): {err}")
+                return True
+            self._last_failure = time.monotonic()
+            if not self.warned:
+                console.print(f"[yellow]MLflow unreachable[/] ({type(err).__name__}); training goes on, "
+                              f"logging is queued in {self.path} and sent when the server is back")
+                self.warned = True
+            return False
+
+    # ------------------------------------------------------------------------------------- on disk
+    def _rewrite(self) -> None:
+        if not self.ops:
+            self.path.unlink(missing_ok=True)
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(op) + "\n" for op in self.ops))
+        os.replace(tmp, self.path)  # atomic: a crash mid-write leaves the previous complete file
+
+    def _keep_copy(self, local: str) -> str:
+        src = Path(local)
+        dst = self.folder / "files" / uuid.uuid4().hex / src.name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst)
+        else:
+            shutil.copy2(src, dst)
+        return str(dst)
+
+    def _is_own_file(self, local: str) -> bool:
+        return Path(local).resolve().is_relative_to((self.folder / "files").resolve())
+
+    def _drop_copy(self, op: dict) -> None:
+        if op["kind"] == "artifact" and self._is_own_file(op["local"]):
+            shutil.rmtree(Path(op["local"]).parent, ignore_errors=True)
+
+
+def recover(client, folder: Path) -> int:
+    """Replay outbox files left in `folder` by processes that are gone. Returns how many calls were sent."""
+    sent = 0
+    for path in sorted(Path(folder).glob("outbox-*.jsonl")):
+        pid = int(path.name.split("-")[1])
+        if pid == os.getpid() or _alive(pid):
+            continue
+        claimed = path.with_name(f"claimed-{os.getpid()}-{path.name}")
+        try:
+            os.rename(path, claimed)  # atomic claim, so two new processes never replay the same file twice
+        except OSError:
+            continue
+        box = Outbox(client, folder)
+        box.path = claimed
+        box.ops = [json.loads(line) for line in claimed.read_text().splitlines() if line.strip()]
+        total = len(box.ops)
+        box.flush(force=True)
+        sent += total - len(box.ops)
+        if box.ops:  # still unreachable: hand the file back under an outbox name for the next try
+            os.rename(claimed, path)
+    return sent
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
