@@ -1,0 +1,201 @@
+"""Training loop: schedule, gradient accumulation, non-finite loss handling, gradient clipping, checkpoints."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from medssl.config import TrainConfig
+from medssl.errors import TrainingError
+from medssl.train import checkpoint as ckpt
+from medssl.train.distributed import ResumableBatchSampler, sharded_loader
+from medssl.train.loop import train
+from medssl.train.schedule import WarmupCosine, warmup_cosine
+
+torch.set_num_threads(1)
+
+
+class Regression(torch.utils.data.Dataset):
+    """y = x . w_true + noise, fixed per index."""
+
+    def __init__(self, n: int = 32, dim: int = 5):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, dim, generator=g)
+        self.y = self.x @ torch.arange(1.0, dim + 1) + 0.1 * torch.randn(n, generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "y": self.y[i]}
+
+
+class Linear(nn.Module):
+    def __init__(self, dim: int = 5, scale: float = 1.0):
+        super().__init__()
+        torch.manual_seed(0)
+        self.encoder = nn.Linear(dim, 1)
+        self.scale = scale  # multiplies the loss: large values make huge gradients
+
+    def forward(self, batch):
+        pred = self.encoder(batch["x"]).squeeze(1)
+        return {"loss": self.scale * (pred - batch["y"]).pow(2).mean(), "pred_mean": pred.mean()}
+
+
+class Recorder:
+    def __init__(self):
+        self.metrics = []
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.append((step, dict(metrics)))
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(steps=6, batch_size=4, lr=0.05, warmup_steps=2, grad_clip=None, checkpoint_every=2, log_every=2)
+    return TrainConfig(**{**base, **kw})
+
+
+# ---------------------------------------------------------------------------------------------- schedule
+def test_warmup_then_cosine_values():
+    fn = WarmupCosine(warmup_steps=4, total_steps=12)
+    assert [fn(s) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert fn(4) == pytest.approx(1.0)
+    assert fn(8) == pytest.approx(0.5)  # half-way through the 8 decay steps
+    assert fn(12) == pytest.approx(0.0, abs=1e-12)
+    decay = [fn(s) for s in range(4, 13)]
+    assert all(a > b for a, b in zip(decay, decay[1:]))
+    assert WarmupCosine(0, 10, min_ratio=0.1)(10) == pytest.approx(0.1)
+
+
+def test_scheduler_state_restores_the_same_lr():
+    def make():
+        opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=2.0)
+        return opt, warmup_cosine(opt, 3, 20)
+    opt, sched = make()
+    for _ in range(7):
+        opt.step(), sched.step()
+    opt2, sched2 = make()
+    sched2.load_state_dict(sched.state_dict())
+    opt.step(), sched.step(), opt2.step(), sched2.step()
+    assert opt2.param_groups[0]["lr"] == pytest.approx(opt.param_groups[0]["lr"])
+    assert opt.param_groups[0]["lr"] == pytest.approx(2.0 * WarmupCosine(3, 20)(8))
+
+
+# ---------------------------------------------------------------------------------------- accumulation
+def test_accumulating_two_batches_equals_one_double_batch(tmp_path):
+    data = Regression()
+    small, big = Linear(), Linear()
+    # with shuffle off, micro-batches (0-3, 4-7) of the accumulated run form batch 0-7 of the other
+    train(small, sharded_loader(data, 4, seed=1, shuffle=False), _cfg(accumulate=2), tmp_path / "a",
+          Recorder(), "cpu")
+    train(big, sharded_loader(data, 8, seed=1, shuffle=False), _cfg(batch_size=8), tmp_path / "b",
+          Recorder(), "cpu")
+    for p, q in zip(small.parameters(), big.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(small.encoder.weight, Linear().encoder.weight)  # training did move them
+
+
+# ------------------------------------------------------------------------------------------ non-finite
+class ExplodesAt(Linear):
+    """Loss becomes NaN on the given call (micro-batch) of forward."""
+
+    def __init__(self, call: int):
+        super().__init__()
+        self.calls, self.bad = 0, call
+
+    def forward(self, batch):
+        self.calls += 1
+        out = super().forward(batch)
+        if self.calls == self.bad:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
+    method = ExplodesAt(call=5)  # step 5
+    with pytest.raises(TrainingError) as info:
+        train(method, sharded_loader(Regression(), 4, seed=0), _cfg(steps=10), tmp_path, Recorder(), "cpu")
+    message = str(info.value)
+    assert "step 5" in message and "step-00000004.pt" in message and "lr" in message and "grad_clip" in message
+    last = ckpt.latest_checkpoint(tmp_path)
+    assert last.name == "step-00000004.pt"
+    state = ckpt.load_checkpoint(last)
+    assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values())
+    # the NaN step did not reach the weights
+    assert all(torch.isfinite(p).all() for p in method.parameters())
+
+
+def test_corrupt_newest_checkpoint_falls_back_and_foreign_file_is_refused(tmp_path):
+    loader = sharded_loader(Regression(), 4, seed=0)
+    train(Linear(), loader, _cfg(steps=4), tmp_path, Recorder(), "cpu")
+    ckpt.checkpoint_path(tmp_path, 4).write_bytes(b"not a checkpoint")
+    with pytest.raises(TrainingError, match="cannot be read"):
+        ckpt.load_checkpoint(ckpt.checkpoint_path(tmp_path, 4))
+    result = train(Linear(), loader, _cfg(steps=6), tmp_path, Recorder(), "cpu")
+    assert result["resumed_from"].endswith("step-00000002.pt") and result["step"] == 6
+    with pytest.raises(TrainingError, match="does not fit the model"):
+        train(Wider(), loader, _cfg(steps=8), tmp_path, Recorder(), "cpu")
+
+
+class Wider(Linear):
+    def __init__(self):
+        super().__init__()
+        self.extra = nn.Linear(2, 2)
+
+
+def test_changed_batch_size_refuses_to_resume(tmp_path):
+    train(Linear(), sharded_loader(Regression(), 4, seed=0), _cfg(steps=2), tmp_path, Recorder(), "cpu")
+    with pytest.raises(TrainingError, match="batch_size: 4 -> 8"):
+        train(Linear(), sharded_loader(Regression(), 8, seed=0), _cfg(steps=4, batch_size=8), tmp_path,
+              Recorder(), "cpu")
+
+
+# ---------------------------------------------------------------------------------------------- clipping
+def test_gradient_clipping_bounds_the_norm_the_optimizer_sees(tmp_path, monkeypatch):
+    seen = []
+    original = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    recorder = Recorder()
+    train(Linear(scale=1000.0), sharded_loader(Regression(), 4, seed=0), _cfg(steps=4, grad_clip=0.5),
+          tmp_path / "clip", recorder, "cpu")
+    assert len(seen) == 4 and max(seen) == pytest.approx(0.5, rel=1e-4)
+    logged = [m["train/grad_norm"] for _, m in recorder.metrics]
+    assert min(logged) > 10  # the logged norm is the one before clipping
+    seen.clear()
+    train(Linear(scale=1000.0), sharded_loader(Regression(), 4, seed=0), _cfg(steps=4, grad_clip=None),
+          tmp_path / "free", Recorder(), "cpu")
+    assert min(seen) > 10
+
+
+# ---------------------------------------------------------------------------------------- logging & files
+def test_metrics_checkpoints_and_sampler(tmp_path):
+    recorder, steps = Recorder(), []
+    result = train(Linear(), sharded_loader(Regression(), 4, seed=0), _cfg(steps=6, accumulate=2), tmp_path,
+                   recorder, "cpu", on_step=lambda s, m: steps.append(s), keep_checkpoints=2)
+    assert steps == [1, 2, 3, 4, 5, 6] and [s for s, _ in recorder.metrics] == [2, 4, 6]
+    metrics = recorder.metrics[-1][1]
+    assert {"train/loss", "train/lr", "train/samples_per_s", "train/data_wait", "train/pred_mean"} <= set(metrics)
+    assert 0 <= metrics["train/data_wait"] <= 1 and metrics["train/samples_per_s"] > 0
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-00000004.pt", "step-00000006.pt"]
+    assert result["checkpoint"].endswith("step-00000006.pt") and math.isfinite(result["loss"])
+    state = ckpt.load_checkpoint(result["checkpoint"])
+    assert set(state) >= {"model", "optimizer", "scheduler", "scaler", "step", "rng", "data", "config"}
+    # 8 micro-batches an epoch; 6 steps x 2 micro-batches = epoch 1, 4 micro-batches in
+    assert state["data"] == {"seed": 0, "epoch": 1, "position": 4}
+    # resume skips without reading: a sampler started at batch 3 yields the tail of the same order
+    full = list(ResumableBatchSampler(32, 4, seed=3, epoch=1))
+    assert list(ResumableBatchSampler(32, 4, seed=3, epoch=1, start=3)) == full[3:]
+    assert full != list(ResumableBatchSampler(32, 4, seed=3, epoch=2))
+
+
+def test_prefixes_from_ddp_and_compile_are_stripped():
+    sd = {"module._orig_mod.encoder.weight": 1, "encoder.bias": 2}
+    assert ckpt.strip_prefixes(sd) == {"encoder.weight": 1, "encoder.bias": 2}
