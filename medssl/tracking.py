@@ -32,7 +32,7 @@ MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value; longer values are cut
 MAX_TAG_CHARS = 8000
 # An outage must cost a training step about a second, not MLflow's default minutes of retries.
 # setdefault: a user who sets these deliberately keeps their values.
-HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0.2",
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 PSEUDONYM = {"patient_id": r"pat-[0-9a-f]{12}", "study_id": r"stu-[0-9a-f]{12}", "series_id": r"ser-[0-9a-f]{12}"}
 
