@@ -1,0 +1,189 @@
+"""Preprocessing chain and persistent cache on real anatomy (nibabel's T1 `anatomical.nii`, LAS, 2 mm)."""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.ndimage import map_coordinates
+
+from medssl.config import PreprocessConfig
+from medssl.data.cache import VolumeCache, settings_key
+from medssl.data.transforms import build_preprocess, make_input
+from medssl.errors import DataError
+
+T1 = Path(nib.__file__).parent / "tests" / "data" / "anatomical.nii"
+
+
+def t1() -> tuple[np.ndarray, np.ndarray]:
+    img = nib.load(T1)
+    return np.asarray(img.dataobj, dtype=np.float32), img.affine   # (33, 41, 25), LAS
+
+
+def run(cfg: PreprocessConfig, array, affine, modality="MR", photometric="MONOCHROME2"):
+    out = build_preprocess(cfg)(make_input(array, affine, modality, photometric))["image"]
+    return out.numpy(), out.affine.numpy()
+
+
+# ---------------------------------------------------------------------------------------- geometry
+@pytest.mark.parametrize("spacing", [[3.0, 3.0, 3.0], [1.3, 2.7, 1.1]])
+def test_orientation_and_spacing_match_an_independent_resampling(spacing):
+    data, affine = t1()
+    low, high = float(data.min()) - 1, float(data.max()) + 1     # a CT "window" wider than the data: linear
+    out, out_affine = run(PreprocessConfig(spacing=spacing, ct_window=(low, high)), data[None], affine, "CT")
+    assert nib.aff2axcodes(out_affine) == ("R", "A", "S")
+    assert np.allclose(np.abs(np.diag(out_affine)[:3]), spacing)
+    # the grid spans the input's voxel centres: n = round(extent / spacing) + 1 (extent = (n_in - 1) * 2 mm)
+    expected = [round((n - 1) * 2.0 / s) + 1 for n, s in zip(data.shape, spacing)]
+    assert list(out.shape) == [1, *expected]
+    # every output voxel holds what trilinear interpolation of the source gives at the same world point
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in out.shape[1:]], indexing="ij"), -1).reshape(-1, 3)
+    world = ijk @ out_affine[:3, :3].T + out_affine[:3, 3]
+    src = (world - affine[:3, 3]) @ np.linalg.inv(affine[:3, :3]).T
+    inside = np.all((src >= 0) & (src <= np.array(data.shape) - 1), axis=1)
+    assert inside.mean() > 0.9
+    reference = map_coordinates(data, src[inside].T, order=1)
+    got = out.reshape(-1)[inside] * (high - low) + low
+    assert np.abs(got - reference).max() < 1e-5 * (high - low)
+
+
+def test_orientation_alone_flips_the_left_right_axis_and_ct_window_is_exact():
+    data, affine = t1()                                          # LAS: axis 0 runs right -> left
+    out, out_affine = run(PreprocessConfig(ct_window=(100.0, 500.0)), data[None], affine, "CT")
+    expected = np.clip((data[::-1] - 100.0) / 400.0, 0, 1)
+    np.testing.assert_allclose(out[0], expected, atol=1e-6)
+    assert out_affine[0, 0] > 0 and out.min() == 0.0 and out.max() == 1.0
+
+
+def test_mr_percentile_scaling_is_exact():
+    data, affine = t1()
+    out, _ = run(PreprocessConfig(mr_percentiles=(2.0, 98.0)), data[None], affine, "MR")
+    low, high = np.percentile(data, [2.0, 98.0])
+    np.testing.assert_allclose(out[0], np.clip((data[::-1] - low) / (high - low), 0, 1), atol=1e-6)
+
+
+def test_radiograph_minmax_monochrome1_inverted_and_2d_pixel_order_kept():
+    data, affine = t1()
+    slice_2d = data[:, :, 12]                                     # (33, 41): a real 2D image
+    out, _ = run(PreprocessConfig(spatial_dims=2), slice_2d[None], affine, "CR", "MONOCHROME1")
+    span = slice_2d.max() - slice_2d.min()
+    np.testing.assert_allclose(out[0], 1.0 - (slice_2d - slice_2d.min()) / span, atol=1e-6)
+    ct, _ = run(PreprocessConfig(spatial_dims=2, ct_window=(0.0, 1000.0)), slice_2d[None], affine, "CT",
+                "MONOCHROME1")
+    np.testing.assert_allclose(ct[0], np.clip(slice_2d / 1000.0, 0, 1), atol=1e-6)   # HU: never inverted
+
+
+def test_2d_spacing_and_size_and_dimension_rules():
+    data, affine = t1()
+    out, out_affine = run(PreprocessConfig(spatial_dims=2, spacing=[1.0, 4.0], size=[48, 16]),
+                          data[:, :, 12][None], affine)
+    assert out.shape == (1, 48, 16) and np.allclose(np.diag(out_affine)[:2], [1.0, 4.0])
+    # slices_from_3d: volumes stay 3D, spacing/size in-plane, the slice axis keeps its 25 native slices
+    cfg = PreprocessConfig(spatial_dims=2, spacing=[1.0, 1.0], size=[64, 64], slices_from_3d=True)
+    out, out_affine = run(cfg, data[None], affine)
+    assert out.shape == (1, 64, 64, 25) and np.allclose(np.diag(out_affine)[:3], [1.0, 1.0, 2.0])
+    out, _ = run(PreprocessConfig(spatial_dims=2), data[:, :, 12:13][None], affine)   # (X, Y, 1) -> 2D
+    assert out.shape == (1, 33, 41)
+    with pytest.raises(DataError, match="slices_from_3d"):
+        run(PreprocessConfig(spatial_dims=2), data[None], affine)
+    with pytest.raises(DataError, match="2D image .* cannot enter a 3D pipeline"):
+        run(PreprocessConfig(spatial_dims=3), data[:, :, 12][None], affine)
+
+
+def test_foreground_crop_then_pad_to_size_3d():
+    data, affine = t1()
+    framed = np.pad(data, 6, constant_values=data.min())          # the head inside an empty field of view
+    cropped, _ = run(PreprocessConfig(foreground_crop=True), framed[None], affine)
+    full, _ = run(PreprocessConfig(), framed[None], affine)
+    assert all(c <= f - 10 for c, f in zip(cropped.shape[1:], full.shape[1:]))
+    assert (full > 0.05).sum() == (cropped > 0.05).sum()          # no foreground voxel lost
+    out, _ = run(PreprocessConfig(foreground_crop=True, size=[40, 40, 40]), framed[None], affine)
+    assert out.shape == (1, 40, 40, 40)
+
+
+# ---------------------------------------------------------------------------------------- cache
+@dataclass
+class Loaded:
+    array: np.ndarray
+    affine: np.ndarray
+    modality: str
+    photometric: str
+
+
+DECODES: list[str] = []
+
+
+def nifti_loader(row, root):
+    """Stands in for medssl.data.io.load_image on NIfTI (same fields), and counts decodes."""
+    DECODES.append(row["image_id"])
+    img = nib.load(Path(root) / row["paths"])
+    return Loaded(np.asarray(img.dataobj, dtype=np.float32)[None], img.affine, row["modality"], row["photometric"])
+
+
+@pytest.fixture()
+def folder(tmp_path) -> tuple[Path, pd.DataFrame]:
+    """Three real images (the T1, a brighter copy, a 2D slice stored as (X, Y, 1)) and one corrupt file."""
+    data, affine = t1()
+    shutil.copy(T1, tmp_path / "a.nii")
+    nib.save(nib.Nifti1Image(data * 1.7 + 20, affine), tmp_path / "b.nii.gz")
+    nib.save(nib.Nifti1Image(data[:, :, 10:11], affine), tmp_path / "c.nii.gz")
+    (tmp_path / "bad.nii.gz").write_bytes(b"not a nifti file")
+    rows = [{"image_id": f"img-{n}", "patient_id": f"pat-{n}", "format": "nifti", "paths": p, "modality": "MR",
+             "photometric": "MONOCHROME2", "spatial_dims": 3}
+            for n, p in (("a", "a.nii"), ("b", "b.nii.gz"), ("c", "c.nii.gz"), ("bad", "bad.nii.gz"))]
+    DECODES.clear()
+    return tmp_path, pd.DataFrame(rows)
+
+
+def test_cache_builds_once_reuses_and_invalidates(folder, tmp_path):
+    root, df = folder
+    cfg = PreprocessConfig(spacing=[3.0, 3.0, 3.0], size=[24, 24, 24])
+    cache = VolumeCache(tmp_path / "cache", cfg, load=nifti_loader)
+    failures = cache.build(df, root, workers=1)
+    assert set(failures) == {"img-bad", "img-c"}                    # corrupt file; a 2D image in a 3D pipeline
+    assert "2D image" in failures["img-c"]
+    assert sorted(DECODES) == ["img-a", "img-b", "img-bad", "img-c"]
+    arr = cache.get("img-a")
+    assert isinstance(arr, np.memmap) and arr.dtype == np.float16 and arr.shape == (1, 24, 24, 24)
+    assert cache.shape("img-a") == (1, 24, 24, 24) and not cache.has("img-c")
+    DECODES.clear()
+    again = VolumeCache(tmp_path / "cache", cfg, load=nifti_loader)      # a later run: nothing decoded
+    assert again.build(df[df.image_id != "img-bad"], root, workers=1).keys() == {"img-c"}
+    assert DECODES == ["img-c"]                                        # only the failed one is retried
+    DECODES.clear()
+    os.utime(root / "b.nii.gz", ns=(1, 1))                            # source changed: rebuilt
+    again.build(df.iloc[:2], root, workers=1)
+    assert DECODES == ["img-b"]
+    DECODES.clear()
+    other = VolumeCache(tmp_path / "cache", PreprocessConfig(spacing=[4.0, 4.0, 4.0]), load=nifti_loader)
+    assert other.dir != cache.dir and settings_key(cfg) == cache.dir.name
+    other.build(df.iloc[:2], root, workers=1)
+    assert sorted(DECODES) == ["img-a", "img-b"]                       # changed setting: decoded again
+    assert np.asarray(cache.get("img-a")).shape != np.asarray(other.get("img-a")).shape
+
+
+def test_cached_values_equal_the_chain_within_float16(folder, tmp_path):
+    root, df = folder
+    cfg = PreprocessConfig(spatial_dims=2, spacing=[2.0, 2.0], slices_from_3d=True)
+    cache = VolumeCache(tmp_path / "cache", cfg, load=nifti_loader)
+    assert cache.build(df.iloc[:3], root, workers=2) == {}              # 2 processes; 3D and (X, Y, 1) rows
+    assert cache.get("img-a").ndim == 4 and cache.get("img-c").shape == (1, 33, 41)
+    data, affine = t1()
+    expected, _ = run(cfg, data[None], affine)
+    assert np.abs(np.asarray(cache.get("img-a"), np.float32) - expected).max() < 5e-4
+    with pytest.raises(DataError, match="not in the preprocessing cache"):
+        cache.get("img-bad")
+
+
+def test_missing_source_is_a_failure_not_a_crash(folder, tmp_path):
+    root, df = folder
+    cache = VolumeCache(tmp_path / "cache", PreprocessConfig(), load=nifti_loader)
+    assert cache.build(df.iloc[:1], root, workers=1) == {}
+    (root / "a.nii").unlink()
+    failures = cache.build(df.iloc[:1], root, workers=1)
+    assert "missing" in failures["img-a"] and not cache.has("img-a")
