@@ -1,0 +1,191 @@
+"""Tracker against a real MLflow SQLite store: run tree, params, artifacts, datasets, lineage, outages."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+
+import matplotlib
+import pandas as pd
+import pytest
+from mlflow.exceptions import MlflowException
+
+from medssl.errors import TrackingError
+from medssl.tracking import NullTracker, Tracker, flatten, lineage_tags
+
+matplotlib.use("Agg")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"  # one store: schema set-up costs seconds
+
+
+@pytest.fixture
+def tracker(store, tmp_path, request):
+    return Tracker(request.node.name, tracking_uri=store, outbox_dir=tmp_path / "outbox", end_grace_s=0)
+
+
+def manifest() -> pd.DataFrame:
+    return pd.DataFrame({"image_id": ["img-0123456789ab", "img-0123456789ac"],
+                         "patient_id": ["pat-0123456789ab", "pat-0123456789ac"], "label": [0, 1]})
+
+
+def test_runs_nest_under_the_open_run_or_the_given_parent(tracker):
+    with tracker.run("pipeline", tags={"medssl.pipeline": "demo"}) as parent:
+        with tracker.run("pretrain") as child:
+            with tracker.run("probe") as grandchild:
+                pass
+        with tracker.run("ladder", parent_run_id=parent.info.run_id) as sibling:
+            pass
+    client = tracker.client
+    tags = {r.info.run_name: r.data.tags for r in (client.get_run(x.info.run_id)
+                                                   for x in (parent, child, grandchild, sibling))}
+    assert "mlflow.parentRunId" not in tags["pipeline"]
+    assert tags["pretrain"]["mlflow.parentRunId"] == parent.info.run_id
+    assert tags["probe"]["mlflow.parentRunId"] == child.info.run_id
+    assert tags["ladder"]["mlflow.parentRunId"] == parent.info.run_id
+    assert tags["pipeline"]["medssl.pipeline"] == "demo"
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+
+
+def test_a_failing_stage_marks_its_run_failed_and_raises(tracker):
+    with pytest.raises(ValueError):
+        with tracker.run("broken") as run:
+            raise ValueError("boom")
+    assert tracker.client.get_run(run.info.run_id).info.status == "FAILED"
+
+
+def test_params_are_flattened_and_long_values_cut(tracker):
+    assert flatten({"a": {"b": {"c": 1}, "d": [1, 2]}, "e": None}) == {"a.b.c": "1", "a.d": "[1, 2]", "e": "None"}
+    nested = {f"k{i}": {"x": i} for i in range(150)}  # more than MLflow's 100 params per request
+    with tracker.run("params") as run:
+        tracker.log_params({"pipeline": {"name": "demo", "scale": 1.5}, "long": "x" * 10000, **nested})
+    params = tracker.client.get_run(run.info.run_id).data.params
+    assert params["pipeline.name"] == "demo" and params["pipeline.scale"] == "1.5"
+    assert len(params["long"]) <= 6000 and params["long"].endswith("[truncated]")
+    assert params["k149.x"] == "149" and len(params) == 153
+
+
+def test_metric_history_keeps_steps_and_values(tracker):
+    with tracker.run("metrics") as run:
+        for step in range(30):
+            tracker.log_metrics({"loss": 1.0 / (step + 1), "acc": step / 30}, step=step)
+    history = tracker.client.get_metric_history(run.info.run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(s, 1.0 / (s + 1)) for s in range(30)]
+
+
+def test_figures_text_and_files_become_artifacts(tracker, tmp_path):
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "table.csv").write_text("a,b\n1,2\n")
+    (tmp_path / "file.json").write_text("{}")
+    with tracker.run("artifacts") as run:
+        tracker.log_figure(fig, "curves/loss.png")
+        tracker.log_text("hello", "notes.txt")
+        tracker.log_artifacts(tmp_path / "report", "report")
+        tracker.log_artifact(tmp_path / "file.json")
+    plt.close(fig)
+    client, rid = tracker.client, run.info.run_id
+    assert {a.path for a in client.list_artifacts(rid)} == {"curves", "notes.txt", "report", "file.json"}
+    png = client.download_artifacts(rid, "curves/loss.png", str(tmp_path / "dl"))
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert [a.path for a in client.list_artifacts(rid, "report")] == ["report/table.csv"]
+    assert not any((tmp_path / "outbox" / "files").rglob("*.*"))  # scratch copies removed once delivered
+
+
+def test_dataset_is_logged_with_the_manifest_digest(tracker):
+    with tracker.run("manifest") as run:
+        tracker.log_dataset(manifest(), "d1g3st", "demo", source="data_manifests/demo.csv")
+    got = tracker.client.get_run(run.info.run_id)
+    dataset = got.inputs.dataset_inputs[0].dataset
+    assert (dataset.name, dataset.digest) == ("demo", "d1g3st")
+    assert json.loads(dataset.profile)["num_rows"] == 2
+    assert got.data.tags["medssl.manifest_digest"] == "d1g3st"
+
+
+def test_manifest_with_real_patient_ids_is_refused(tracker):
+    df = manifest().assign(patient_id=["Doe^John", "pat-0123456789ac"])
+    with tracker.run("phi"):
+        with pytest.raises(TrackingError, match="not pseudonyms"):
+            tracker.log_dataset(df, "x", "demo")
+
+
+def test_lineage_has_the_commit_and_no_host_name():
+    tags = lineage_tags()
+    assert tags["medssl.version"]
+    assert len(tags.get("medssl.git_sha", "")) == 40  # the tests run inside the git checkout
+    assert socket.gethostname() not in json.dumps(tags)
+
+
+def test_null_tracker_and_tracker_none_accept_every_call(tmp_path):
+    for tracker in (NullTracker(), Tracker(None)):
+        assert isinstance(tracker, NullTracker)
+        with tracker.run("x", tags={"a": 1}) as run:
+            tracker.log_params({"a": {"b": 1}})
+            tracker.log_metrics({"loss": 1.0}, step=3)
+            tracker.log_artifact(tmp_path, "x")
+            tracker.log_dataset(manifest(), "d", "n")
+        assert run.info.run_id is None
+
+
+def test_logging_outside_a_run_says_what_to_do(tracker):
+    with pytest.raises(TrackingError, match="tracker.run"):
+        tracker.log_metrics({"loss": 1.0})
+
+
+def test_unreachable_server_at_run_start_fails_fast_and_clearly(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    tracker = Tracker("x", tracking_uri=f"http://127.0.0.1:{port}", outbox_dir=tmp_path)
+    start = time.monotonic()
+    with pytest.raises(TrackingError, match="cannot open MLflow run"):
+        with tracker.run("x"):
+            pass
+    assert time.monotonic() - start < 15
+
+
+def test_outage_queues_in_order_and_replays_exact_steps(tracker, monkeypatch):
+    real = tracker.client.log_batch
+    down = {"on": False}
+
+    def flaky(*args, **kwargs):
+        if down["on"]:
+            raise MlflowException("API request failed with exception ConnectionError")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tracker.client, "log_batch", flaky)
+    tracker.outbox.retry_interval = 0
+    with tracker.run("flaky") as run:
+        tracker.log_metrics({"loss": 0.0}, step=0)
+        down["on"] = True
+        for step in range(1, 6):
+            tracker.log_metrics({"loss": float(step)}, step=step)
+        assert len(tracker.outbox) == 5 and tracker.outbox.path.is_file()
+        down["on"] = False
+        tracker.log_metrics({"loss": 6.0}, step=6)
+        assert len(tracker.outbox) == 0 and not tracker.outbox.path.exists()
+    history = tracker.client.get_metric_history(run.info.run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(s, float(s)) for s in range(7)]
+
+
+def test_outbox_left_by_a_dead_process_is_replayed(tracker, tmp_path):
+    with tracker.run("crashed") as run:
+        pass
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    ops = [{"kind": "batch", "run_id": run.info.run_id, "metrics": [["loss", 2.0 - s, 1000 + s, s]]} for s in range(3)]
+    left = tmp_path / "outbox" / f"outbox-{dead.pid}-abc123.jsonl"
+    left.parent.mkdir(exist_ok=True)
+    left.write_text("".join(json.dumps(op) + "\n" for op in ops))
+    with tracker.run("next"):
+        pass
+    history = tracker.client.get_metric_history(run.info.run_id, "loss")
+    assert [(m.step, m.value, m.timestamp) for m in history] == [(s, 2.0 - s, 1000 + s) for s in range(3)]
+    assert not list((tmp_path / "outbox").glob("*.jsonl"))
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]  # low retries so an outage costs seconds
