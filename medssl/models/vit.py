@@ -10,6 +10,17 @@ import torch
 from monai.networks.blocks import PatchEmbeddingBlock, TransformerBlock
 from torch import nn
 
+from medssl.errors import ConfigError
+
+
+def _require_einops() -> None:
+    # MONAI's SABlock builds einops layers; without the package it fails deep inside MONAI
+    try:
+        import einops  # noqa: F401
+    except ImportError:
+        raise ConfigError("the ViT encoder needs the einops package (MONAI's attention block uses it)",
+                          where="encoder.name: vit", fix="pip install einops (or monai[einops])") from None
+
 
 class ViTEncoder(nn.Module):
     """Patch embedding (conv) + fixed sin-cos positions + pre-norm transformer; no class token."""
@@ -17,6 +28,7 @@ class ViTEncoder(nn.Module):
     def __init__(self, in_channels: int, img_size: list[int], patch_size: int, hidden_size: int,
                  num_layers: int, num_heads: int, mlp_dim: int, spatial_dims: int):
         super().__init__()
+        _require_einops()
         self.spatial_dims, self.patch_size, self.in_channels = spatial_dims, patch_size, in_channels
         self.grid = [s // patch_size for s in img_size]
         # sin-cos positions (as in MAE): fixed, so a small dataset cannot overfit them; MONAI's builder needs
