@@ -27,7 +27,7 @@ from medssl.config import TrainConfig
 from medssl.errors import TrainingError
 from medssl.train import checkpoint as ckpt
 from medssl.train.batches import BatchStream, move_to_device, batch_samples
-from medssl.train.distributed import DistInfo, all_mean, current, gather_objects, wrap_model
+from medssl.train.distributed import DistInfo, all_mean, barrier, current, gather_objects, wrap_model
 from medssl.train.progress import TrainProgress
 from medssl.train.schedule import WarmupCosine, warmup_cosine
 
@@ -87,6 +87,7 @@ def train(method: nn.Module, loader_factory: Callable, cfg: TrainConfig, out_dir
     method.to(device, memory_format=torch.channels_last) if channels_last else method.to(device)
     optimizer = build_optimizer(method, cfg, device)
     scheduler = warmup_cosine(optimizer, cfg.warmup_steps, cfg.steps)
+    barrier()  # every rank sees the same newest checkpoint (rank 0 may just have written one)
     step, data, resumed = _resume(out_dir, method, optimizer, scheduler, cfg, info)
     model = wrap_model(method, device)
     model = torch.compile(model) if cfg.compile else model
@@ -96,6 +97,7 @@ def train(method: nn.Module, loader_factory: Callable, cfg: TrainConfig, out_dir
                                   **(config or {})}, channels_last)
     stream = BatchStream(loader_factory, data["epoch"], data["position"])
     loss = run.loop(stream, step, on_step)
+    barrier()  # the final checkpoint exists before any rank returns
     last = ckpt.latest_checkpoint(out_dir)
     return {"step": cfg.steps, "loss": loss, "checkpoint": str(last) if last else None,
             "resumed_from": resumed}
