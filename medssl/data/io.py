@@ -1,0 +1,188 @@
+"""Load one manifest row into a float32 array with its RAS affine; read NIfTI headers for the scan.
+
+Decisions (documented in data_manifests/README.md too):
+* Arrays are channel-first (C, X, Y[, Z]); X = DICOM columns (i), Y = rows (j), Z = slices in manifest order.
+* DICOM colour (RGB / YBR) images become one grey channel (ITU-R 601 luma), so every image of a dataset has
+  the same channel count; `photometric` still reports the header's value. MONOCHROME1 is NOT inverted here:
+  `photometric` says "MONOCHROME1" and normalisation inverts it.
+* Rescale slope / intercept are applied per slice (per frame for Enhanced objects): values are in modality
+  units (HU for CT).
+* NIfTI: 4D -> channels (the 4th axis); NaN / Inf voxels are replaced (NaN -> 0, +/-Inf -> the largest /
+  smallest finite value) and reported in `problems`; the manifest flags such files when it is built.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import nibabel as nib
+import numpy as np
+import pydicom
+
+from medssl.data.dicom import basic_fields, enhanced_geometry, multiframe_geometry, plane_affine, stack_affine
+from medssl.errors import DataError
+
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+@dataclass
+class LoadedImage:
+    array: np.ndarray        # (C, X, Y[, Z]) float32
+    affine: np.ndarray       # (4, 4) voxel (i, j, k) -> RAS+ mm
+    modality: str
+    photometric: str
+    problems: tuple[str, ...] = ()
+
+
+# ------------------------------------------------------------------------------------------ NIfTI
+def _nifti_shape(shape: tuple) -> tuple[list[int], int]:
+    """(spatial shape, channels) of a NIfTI array shape; trailing singleton axes beyond 4 are ignored."""
+    shape = list(shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape.pop()
+    if len(shape) > 4:
+        raise DataError(f"NIfTI with {len(shape)} dimensions {tuple(shape)} is not supported",
+                        fix="split it into 3D or 4D files")
+    channels = shape[3] if len(shape) == 4 else 1
+    spatial = shape[:3]
+    if len(spatial) == 3 and spatial[2] == 1:
+        spatial = spatial[:2]  # one slice: a 2D image
+    return spatial, channels
+
+
+def _nonfinite_problem(data: np.ndarray) -> str | None:
+    nan, inf = int(np.isnan(data).sum()), int(np.isinf(data).sum())
+    if nan + inf == 0:
+        return None
+    if nan + inf == data.size:
+        raise DataError("the image holds no finite voxel (all NaN / Inf)", fix="re-export the image")
+    return f"non-finite voxels: {nan} NaN, {inf} Inf (replaced at load: NaN -> 0, Inf -> finite max/min)"
+
+
+def nifti_header(path: str, max_image_mb: float) -> dict:
+    """What the manifest needs from a NIfTI file; float data is read once to flag NaN / Inf voxels."""
+    img = nib.load(path)
+    spatial, channels = _nifti_shape(img.shape)
+    dtype = img.header.get_data_dtype()
+    declared_mb = int(np.prod(img.shape, dtype=np.int64)) * dtype.itemsize / 2**20
+    if declared_mb > max_image_mb:
+        return {"skip": f"too large: header declares {img.shape} {dtype} = {declared_mb:,.0f} MB "
+                        f"> max_image_mb={max_image_mb:g}"}
+    affine = np.asarray(img.affine, dtype=float)
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        return {"skip": "bad geometry: the NIfTI affine is singular or not finite"}
+    problems = []
+    if np.issubdtype(dtype, np.floating) or img.header.get_slope_inter()[0] not in (None, 1.0):
+        problem = _nonfinite_problem(np.asanyarray(img.dataobj))
+        problems += [problem] if problem else []
+    zooms = [float(z) for z in img.header.get_zooms()[:len(spatial)]]
+    return {"kind": "nifti", "spatial_dims": len(spatial), "shape": spatial, "channels": channels,
+            "spacing": zooms, "affine": affine, "problems": problems}
+
+
+def _load_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    img = nib.load(path)
+    spatial, channels = _nifti_shape(img.shape)
+    data = np.asarray(img.get_fdata(dtype=np.float32)).reshape(*spatial, channels)  # (X, Y[, Z], C)
+    problem = _nonfinite_problem(data)
+    if problem:
+        finite = data[np.isfinite(data)]
+        data = np.nan_to_num(data, nan=0.0, posinf=finite.max(), neginf=finite.min())
+    return np.moveaxis(data, -1, 0), np.asarray(img.affine, dtype=float), [problem] if problem else []
+
+
+# ------------------------------------------------------------------------------------------ DICOM
+def _grey(pixels: np.ndarray, ds) -> np.ndarray:
+    """(..., R, C[, 3]) -> (..., R, C) float32; colour -> luma (pydicom already turned YBR into RGB)."""
+    pixels = pixels.astype(np.float32, copy=False)
+    if int(ds.get("SamplesPerPixel", 1) or 1) == 3:
+        pixels = pixels @ LUMA
+    return pixels
+
+
+def _rescale(item) -> tuple[float, float]:
+    """(slope, intercept) of a dataset or functional-group item; identity when absent."""
+    slope, intercept = item.get("RescaleSlope", 1.0), item.get("RescaleIntercept", 0.0)
+    return float(slope if slope not in (None, "") else 1.0), float(intercept if intercept not in (None, "") else 0.0)
+
+
+def _read_slice(path: Path) -> tuple[np.ndarray, pydicom.Dataset]:
+    ds = pydicom.dcmread(path)
+    slope, intercept = _rescale(ds)
+    return _grey(ds.pixel_array, ds) * np.float32(slope) + np.float32(intercept), ds  # (R, C)
+
+
+def _load_series(paths: list[Path]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    first, ds0 = _read_slice(paths[0])
+    volume = np.empty((first.shape[1], first.shape[0], len(paths)), dtype=np.float32)  # (X, Y, Z)
+    volume[:, :, 0] = first.T
+    ds = ds0
+    for k, path in enumerate(paths[1:], start=1):
+        plane, ds = _read_slice(path)
+        if plane.shape != first.shape:
+            raise DataError(f"slice {k} has {plane.shape} pixels, slice 0 has {first.shape}", where=str(path),
+                            fix="rebuild the manifest: the series changed since it was indexed")
+        volume[:, :, k] = plane.T
+    h0, h1 = basic_fields(ds0, str(paths[0]), ""), basic_fields(ds, str(paths[-1]), "")
+    step = (np.asarray(h1["ipp"]) - np.asarray(h0["ipp"])) / (len(paths) - 1)
+    affine = stack_affine(h0["iop"], h0["ipp"], h0["spacing"] or [1.0, 1.0], step)
+    return volume[None], affine, []
+
+
+def _frame_rescale(ds, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-frame (slope, intercept) of an Enhanced object: per-frame group, else shared group, else top level."""
+    shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else {}
+    frames = ds.get("PerFrameFunctionalGroupsSequence") or [{}] * n
+    default = _rescale(shared["PixelValueTransformationSequence"][0]) \
+        if "PixelValueTransformationSequence" in shared else _rescale(ds)
+    pairs = [_rescale(f["PixelValueTransformationSequence"][0]) if "PixelValueTransformationSequence" in f
+             else default for f in frames]
+    slopes, intercepts = np.asarray(pairs, dtype=np.float32).T
+    return slopes, intercepts
+
+
+def _load_multiframe(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    ds = pydicom.dcmread(path)
+    h = basic_fields(ds, str(path), "")
+    enhanced_geometry(ds, h)
+    frames = _grey(ds.pixel_array, ds).reshape(h["frames"], h["rows"], h["cols"])  # (F, R, C)
+    slopes, intercepts = _frame_rescale(ds, h["frames"])
+    frames = frames * slopes[:, None, None] + intercepts[:, None, None]
+    order, affine, problems = multiframe_geometry(h)
+    return np.ascontiguousarray(frames[order].transpose(2, 1, 0))[None], affine, problems  # (1, X, Y, Z)
+
+
+def _load_2d(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    plane, ds = _read_slice(path)
+    if plane.ndim != 2:
+        raise DataError(f"expected one frame, found pixel array {plane.shape}", where=str(path),
+                        fix="rebuild the manifest: the file changed since it was indexed")
+    return np.ascontiguousarray(plane.T)[None], plane_affine(basic_fields(ds, str(path), "")), []  # (1, X, Y)
+
+
+# ------------------------------------------------------------------------------------------ entry point
+def load_image(row: Mapping, root: Path) -> LoadedImage:
+    """Decode the image of one manifest row. Raises DataError (naming the file) for anything unreadable."""
+    fmt = str(row["format"])
+    paths = [Path(root) / p for p in str(row["paths"]).split("|")]
+    photometric = str(row.get("photometric") or "MONOCHROME2")
+    try:
+        if fmt == "dicom-series":
+            array, affine, problems = _load_series(paths)
+        elif fmt == "dicom-multiframe":
+            array, affine, problems = _load_multiframe(paths[0])
+        elif fmt == "dicom-2d":
+            array, affine, problems = _load_2d(paths[0])
+        elif fmt == "nifti":
+            array, affine, problems = _load_nifti(paths[0])
+        else:
+            raise DataError(f"unknown image format '{fmt}'", where=f"manifest row {row.get('image_id')}",
+                            fix="rebuild the manifest with this medssl version")
+    except DataError:
+        raise
+    except Exception as err:  # pydicom / nibabel / numpy errors: say which file and what to do
+        raise DataError(f"cannot decode image {row.get('image_id', '')}: {type(err).__name__}: {err}",
+                        where=str(paths[0]), fix="check the file (re-export or remove it) and rebuild the manifest") from err
+    return LoadedImage(np.ascontiguousarray(array, dtype=np.float32), affine, str(row.get("modality") or ""),
+                       photometric, tuple(problems))

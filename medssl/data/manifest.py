@@ -1,0 +1,203 @@
+"""Folder of DICOM / NIfTI (+ labels CSV) -> manifest CSV, skipped report and metadata (schema: data_manifests/README.md).
+
+Pseudonymisation happens here: patient / study / series ids and image ids are salted SHA-256 digests; patient
+names, birth dates and raw ids never reach the files written. Relative paths are kept (the loader needs
+them), so folder and file names must not themselves carry identifying information.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import nibabel as nib
+import pandas as pd
+
+from medssl.data.dicom import assemble
+from medssl.data.labels import JoinReport, join_labels, path_keys, read_labels
+from medssl.data.scan import scan_folder
+from medssl.errors import DataError
+
+FORMAT = "medssl-manifest/1"
+COLUMNS = ["image_id", "patient_id", "study_id", "series_id", "format", "modality", "body_part", "spatial_dims",
+           "channels", "shape", "spacing", "orientation", "photometric", "n_files", "paths"]
+INT_COLUMNS = ("spatial_dims", "channels", "n_files")
+PREFIX = {"patient_id": "pat-", "study_uid": "stu-", "series_uid": "ser-"}
+
+
+@dataclass
+class ManifestSummary:
+    out_csv: Path
+    n_files: int
+    n_images: int
+    skipped_by_reason: dict[str, int]
+    n_with_problems: int
+    label_columns: list[str] = field(default_factory=list)
+    n_labelled: int = 0
+    n_unlabelled: int = 0
+    unmatched_labels: list[str] = field(default_factory=list)
+
+    def render(self) -> str:
+        lines = [f"manifest {self.out_csv}: {self.n_images} images from {self.n_files} files",
+                 f"  kept with problems: {self.n_with_problems} (see the 'problems' column)"]
+        skipped = sum(self.skipped_by_reason.values())
+        lines.append(f"  skipped: {skipped}" + (f" (see {self.out_csv.with_suffix('.skipped.csv')})" if skipped else ""))
+        lines += [f"    {count:>6}  {reason}" for reason, count in sorted(self.skipped_by_reason.items())]
+        if self.label_columns:
+            lines.append(f"  labels {self.label_columns}: {self.n_labelled} labelled, {self.n_unlabelled} unlabelled, "
+                         f"{len(self.unmatched_labels)} label rows matched no image")
+            if self.unmatched_labels:
+                lines.append(f"    unmatched ids (first 5): {', '.join(self.unmatched_labels[:5])}")
+        return "\n".join(lines)
+
+
+def pseudonym(prefix: str, value: str, salt: str) -> str:
+    """Salted SHA-256, 12 hex digits: stable for one salt, unlinkable to the raw value without it."""
+    return prefix + hashlib.sha256(f"{salt}\x00{value}".encode()).hexdigest()[:12]
+
+
+# ------------------------------------------------------------------------------------------ images
+def _patient_key(path: str) -> str:
+    """NIfTI carries no patient: a BIDS-like "sub-XX" folder names one, else each file is its own patient."""
+    parts = path.replace("\\", "/").split("/")
+    subject = next((p for p in parts[:-1] if p.startswith("sub-")), None)
+    return subject or parts[-1].removesuffix(".gz").removesuffix(".nii")
+
+
+def _nifti_record(h: dict, modality: str) -> dict:
+    return {"format": "nifti", "modality": modality, "body_part": "", "spatial_dims": h["spatial_dims"],
+            "channels": h["channels"], "shape": h["shape"], "spacing": h["spacing"], "affine": h["affine"],
+            "photometric": "MONOCHROME2", "paths": [h["path"]], "problems": list(h["problems"]),
+            "patient_key": _patient_key(h["path"]), "study_key": h["path"], "series_key": h["path"]}
+
+
+def _fill_missing_keys(image: dict) -> None:
+    """Images without PatientID fall back to their study (else their first file), flagged."""
+    if not image["patient_key"]:
+        image["patient_key"] = "study:" + image["study_key"] if image["study_key"] else "path:" + image["paths"][0]
+        image["problems"].append("no PatientID: the study stands in for the patient")
+    image["study_key"] = image["study_key"] or "path:" + image["paths"][0]
+    image["series_key"] = image["series_key"] or "path:" + image["paths"][0]
+
+
+def _row(image: dict, salt: str) -> dict:
+    _fill_missing_keys(image)
+    return {
+        "image_id": pseudonym("img-", "|".join(image["paths"]), salt),
+        "patient_id": pseudonym("pat-", image["patient_key"], salt),
+        "study_id": pseudonym("stu-", image["study_key"], salt),
+        "series_id": pseudonym("ser-", image["series_key"], salt),
+        "format": image["format"], "modality": image["modality"], "body_part": image["body_part"],
+        "spatial_dims": image["spatial_dims"], "channels": image["channels"],
+        "shape": "x".join(str(int(s)) for s in image["shape"]),
+        "spacing": "x".join(f"{s:.4g}" for s in image["spacing"]),
+        "orientation": "".join(nib.aff2axcodes(image["affine"])[:3]),
+        "photometric": image["photometric"], "n_files": len(image["paths"]), "paths": "|".join(image["paths"]),
+        "split": "", "problems": "; ".join(image["problems"]),
+    }
+
+
+def _image_keys(images: list[dict], id_column: str, salt: str) -> list[list[str]]:
+    """What each image answers to in the labels' id column: raw value and its pseudonym (or its paths)."""
+    if id_column == "path":
+        return [path_keys(image["paths"]) for image in images]
+    key = {"patient_id": "patient_key", "study_uid": "study_key", "series_uid": "series_key"}[id_column]
+    return [[image[key], pseudonym(PREFIX[id_column], image[key], salt)] for image in images]
+
+
+# ------------------------------------------------------------------------------------------ files
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _sidecar(path: Path, suffix: str) -> Path:
+    return Path(path).with_suffix(suffix)
+
+
+def write_manifest(df: pd.DataFrame, meta: dict, path: Path) -> dict:
+    """Write NAME.csv and NAME.meta.json; meta["digest"] becomes the SHA-256 of the CSV bytes. Returns meta."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = df.to_csv(index=False, lineterminator="\n").encode()
+    meta = {**meta, "digest": hashlib.sha256(data).hexdigest(), "format": FORMAT}
+    _write_atomic(path, data)
+    _write_atomic(_sidecar(path, ".meta.json"), json.dumps(meta, indent=2, default=str).encode())
+    return meta
+
+
+def read_manifest(path: Path) -> tuple[pd.DataFrame, dict]:
+    """(rows, meta). Integer columns come back as int, label columns as nullable Int64 (<NA> = unlabelled)."""
+    path, meta_path = Path(path), _sidecar(Path(path), ".meta.json")
+    if not path.is_file() or not meta_path.is_file():
+        raise DataError(f"manifest not found: {path if not path.is_file() else meta_path}", where=str(path),
+                        fix="build it first: medssl manifest build FOLDER --out NAME.csv")
+    meta = json.loads(meta_path.read_text())
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = [c for c in COLUMNS if c not in df.columns]
+    if missing:
+        raise DataError(f"manifest lacks columns {missing}", where=str(path), fix="rebuild the manifest")
+    for column in INT_COLUMNS:
+        df[column] = df[column].astype(int)
+    for column in meta.get("label_columns", []):
+        df[column] = pd.to_numeric(df[column].replace("", None)).astype("Int64")
+    meta["label_names"] = {c: {int(k): v for k, v in names.items()} for c, names in meta.get("label_names", {}).items()}
+    return df, meta
+
+
+# ------------------------------------------------------------------------------------------ build
+def _excluded(folder: Path, *paths: Path | None) -> set[str]:
+    """Relative paths of the labels file and manifest outputs when they sit inside the scanned folder."""
+    out = set()
+    for path in filter(None, paths):
+        resolved = Path(path).resolve()
+        if resolved.is_relative_to(folder):
+            out.add(str(resolved.relative_to(folder)))
+    return out
+
+
+def _collect_images(scan, nifti_modality: str) -> tuple[list[dict], list[tuple[str, str]]]:
+    images, skipped = assemble([h for h in scan.headers if h["kind"] == "dicom"])
+    images += [_nifti_record(h, nifti_modality) for h in scan.headers if h["kind"] == "nifti"]
+    return sorted(images, key=lambda im: im["paths"][0]), scan.skipped + skipped
+
+
+def _join(images: list[dict], labels: Path | None, join_on: str, salt: str):
+    if labels is None:
+        return pd.DataFrame(index=range(len(images))), JoinReport(0, len(images)), {}
+    table = read_labels(labels, join_on)
+    codes, report = join_labels(table, _image_keys(images, table.id_column, salt))
+    return codes, report, table.names
+
+
+def build_manifest(folder: Path, out_csv: Path, labels: Path | None = None, join_on: str = "auto", salt: str = "",
+                   workers: int | None = None, max_image_mb: float = 4096, nifti_modality: str = "MR",
+                   progress: bool = True) -> ManifestSummary:
+    """Scan `folder`, assemble images, join labels; write out_csv + .skipped.csv + .meta.json."""
+    folder, out_csv = Path(folder).resolve(), Path(out_csv)
+    if labels is not None:
+        read_labels(labels, join_on)  # fail fast on a broken labels file, before minutes of scanning
+    outputs = [out_csv, _sidecar(out_csv, ".skipped.csv"), _sidecar(out_csv, ".meta.json")]
+    scan = scan_folder(folder, workers=workers, max_image_mb=max_image_mb, progress=progress,
+                       exclude=_excluded(folder, labels, *outputs))
+    images, skipped = _collect_images(scan, nifti_modality)
+    codes, report, names = _join(images, labels, join_on, salt)
+    df = pd.DataFrame([_row(image, salt) for image in images], columns=COLUMNS + ["split", "problems"])
+    df = pd.concat([df.iloc[:, :len(COLUMNS)], codes.set_axis(df.index), df[["split", "problems"]]], axis=1)
+    by_reason = Counter(reason.split(":")[0] for _, reason in skipped)
+    counts = {"files": scan.n_files, "images": len(df), "skipped": dict(by_reason),
+              "with_problems": int((df["problems"] != "").sum()), "labelled": report.n_labelled,
+              "unlabelled": report.n_unlabelled, "unmatched_labels": len(report.unmatched)}
+    meta = {"root": str(folder), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "label_columns": list(codes.columns), "label_names": names, "counts": counts, "join_on": join_on,
+            "nifti_modality": nifti_modality}
+    write_manifest(df, meta, out_csv)
+    skipped_df = pd.DataFrame(sorted(skipped), columns=["path", "reason"])
+    _write_atomic(outputs[1], skipped_df.to_csv(index=False, lineterminator="\n").encode())
+    return ManifestSummary(out_csv, scan.n_files, len(df), dict(by_reason), counts["with_problems"],
+                           list(codes.columns), report.n_labelled, report.n_unlabelled, report.unmatched)

@@ -1,0 +1,247 @@
+"""Find every DICOM / NIfTI file under a folder and read its header only, in parallel worker processes.
+
+DICOM header reading lives here too (with the refusals that must happen before any pixel is decoded:
+missing pixels, declared size over max_image_mb, truncation, missing codecs).
+
+Nothing here raises for one bad file or directory: it becomes a skipped entry `(relative path, reason)`,
+reasons shaped "category: detail" so the manifest summary can count them by category.
+Files are recognised by content, not by name: DICOM by the 128-byte preamble + "DICM" (or, for
+preamble-less files, a first tag in group 0002/0008 and a successful parse); NIfTI by .nii/.nii.gz plus
+its header magic.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.pixels import get_decoder
+from pydicom.uid import UID
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.text import Text
+
+from medssl.data.dicom import basic_fields, enhanced_geometry
+from medssl.data.io import nifti_header
+
+CHUNK = 256          # files per worker task: big enough to amortise pickling, small enough for a live ETA
+IN_PROCESS_BELOW = 64  # a pool costs more than it saves for a handful of files
+
+
+@dataclass
+class ScanResult:
+    root: Path
+    headers: list[dict] = field(default_factory=list)   # one per readable image file
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative path, "category: detail")
+    n_files: int = 0
+
+
+def _list_dir(path: str) -> list[os.DirEntry]:
+    """One directory's entries; a seam so tests can simulate unreadable directories when running as root."""
+    with os.scandir(path) as it:
+        return list(it)
+
+
+def list_files(folder: Path) -> tuple[list[str], list[tuple[str, str]]]:
+    """Relative paths of all regular files under `folder` (sorted), and directories that could not be read."""
+    root = str(folder)
+    files, skipped, stack = [], [], [root]
+    while stack:
+        current = stack.pop()
+        try:
+            entries = _list_dir(current)
+        except OSError as err:
+            skipped.append((os.path.relpath(current, root), f"unreadable directory: {err.strerror or err}"))
+            continue
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                elif entry.is_file():
+                    files.append(os.path.relpath(entry.path, root))
+            except OSError as err:
+                skipped.append((os.path.relpath(entry.path, root), f"unreadable: {err.strerror or err}"))
+    return sorted(files), skipped
+
+
+# objects that carry pixels but are not images to learn from
+NOT_IMAGES = {"SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTIMAGE", "SR", "PR", "KO", "REG", "DOC", "PLAN"}
+DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
+CODEC_PACKAGES = {  # transfer-syntax family -> what to pip install
+    "JPEG 2000": "pylibjpeg pylibjpeg-openjpeg",
+    "High-Throughput JPEG 2000": "pylibjpeg pylibjpeg-openjpeg",
+    "JPEG-LS": "pylibjpeg pylibjpeg-libjpeg",
+    "JPEG": "pylibjpeg pylibjpeg-libjpeg",
+    "RLE": "pylibjpeg pylibjpeg-rle",
+}
+PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+# ------------------------------------------------------------------------------------------ codecs
+def _decoder_available(ts: UID) -> bool:
+    return get_decoder(ts).is_available
+
+
+def codec_problem(ts_uid: str) -> str | None:
+    """None if pixels in this transfer syntax can be decoded here, else a reason naming what to install."""
+    ts = UID(ts_uid)
+    if not ts.is_compressed:
+        return None
+    try:
+        if _decoder_available(ts):
+            return None
+    except NotImplementedError:
+        return f"unsupported codec: no pixel decoder exists for {ts.name or ts} ({ts})"
+    package = next((p for fam, p in CODEC_PACKAGES.items() if (ts.name or "").startswith(fam)), "pylibjpeg")
+    return (f"missing codec: {ts.name} ({ts}) needs a decoder: pip install {package} "
+            f"(or pip install 'medssl[codecs]')")
+
+
+# ------------------------------------------------------------------------------------------ headers
+def _pixels_problem(ds, path: str, h: dict, max_image_mb: float) -> str | None:
+    """Refuse, before any pixel is read, what cannot or must not be decoded."""
+    if not any(tag in ds for tag in PIXEL_TAGS):
+        return "no pixel data: the file has no PixelData element"
+    if not h["rows"] or not h["cols"]:
+        return "bad header: Rows/Columns missing or zero"
+    declared_mb = h["rows"] * h["cols"] * h["frames"] * h["spp"] * max(h["bits"], 8) / 8 / 2**20
+    if declared_mb > max_image_mb:
+        return (f"too large: header declares {h['rows']}x{h['cols']}x{h['frames']} pixels = {declared_mb:,.0f} MB "
+                f"> max_image_mb={max_image_mb:g} (raise max_image_mb if this image is genuine)")
+    element = ds.get_item("PixelData")
+    length, tell = getattr(element, "length", None), getattr(element, "value_tell", None)
+    if length not in (None, 0xFFFFFFFF) and tell is not None and tell + length > os.path.getsize(path):
+        return f"truncated: pixel data needs {length} bytes, the file ends {tell + length - os.path.getsize(path)} early"
+    return codec_problem(h["ts"])
+
+
+def dicom_header(path: str, max_image_mb: float, force: bool = False) -> dict:
+    """Header fields medssl needs, read without decoding pixels (large values are deferred, not read)."""
+    ds = pydicom.dcmread(path, defer_size="64 KB", force=force)
+    meta_class = str(getattr(ds.get("file_meta", {}), "get", lambda *_: "")("MediaStorageSOPClassUID", ""))
+    if meta_class == DICOMDIR_CLASS or "DirectoryRecordSequence" in ds:
+        return {"skip": "not an image: DICOMDIR (directory index)"}
+    if force and "SOPClassUID" not in ds and "Rows" not in ds:
+        return {"skip": "not an image: neither DICOM nor NIfTI"}
+    modality = str(ds.get("Modality", "") or "OT").upper()
+    if modality in NOT_IMAGES:
+        return {"skip": f"not an image: {modality} object"}
+    h = basic_fields(ds, path, modality)
+    reason = _pixels_problem(ds, path, h, max_image_mb)
+    if reason:
+        return {"skip": reason}
+    if h["frames"] > 1 or "PerFrameFunctionalGroupsSequence" in ds:
+        enhanced_geometry(ds, h)
+    return h
+
+
+def _nifti_magic(path: str) -> bool:
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(348)
+    except (OSError, EOFError):
+        return False
+    return head[344:348] in (b"n+1\x00", b"ni1\x00") or head[4:8] == b"n+2\x00"
+
+
+def sniff(path: str) -> str | None:
+    """"dicom" | "dicom-nopreamble" | "nifti" | "empty" | "bad-nifti" | None (not an image file)."""
+    lower = path.lower()
+    if lower.endswith((".nii", ".nii.gz")):
+        return "nifti" if _nifti_magic(path) else "bad-nifti"
+    with open(path, "rb") as f:
+        head = f.read(132)
+    if not head:
+        return "empty"
+    if head[128:132] == b"DICM":
+        return "dicom"
+    # a preamble-less file starts with a (group, element) tag; groups 0002/0008 begin every real one
+    if len(head) >= 8 and head[:2] in (b"\x02\x00", b"\x08\x00"):
+        return "dicom-nopreamble"
+    return None
+
+
+def read_header(rel: str, root: str, max_image_mb: float) -> dict:
+    """Header of one file as a plain dict (picklable), or {"path", "skip": reason}."""
+    path = os.path.join(root, rel)
+    try:
+        kind = sniff(path)
+        if kind is None:
+            return {"path": rel, "skip": "not an image: neither DICOM nor NIfTI"}
+        if kind == "empty":
+            return {"path": rel, "skip": "empty file: 0 bytes"}
+        if kind == "bad-nifti":
+            return {"path": rel, "skip": "unreadable NIfTI: .nii name but no NIfTI header magic"}
+        if kind == "nifti":
+            header = nifti_header(path, max_image_mb)
+        else:
+            header = dicom_header(path, max_image_mb, force=kind == "dicom-nopreamble")
+    except Exception as err:  # one file must never stop the scan; the reason keeps the evidence
+        header = {"skip": f"unreadable: {type(err).__name__}: {err}"}
+    header["path"] = rel
+    return header
+
+
+def _read_chunk(rels: list[str], root: str, max_image_mb: float) -> list[dict]:
+    return [read_header(rel, root, max_image_mb) for rel in rels]
+
+
+class _RateColumn(ProgressColumn):
+    def render(self, task) -> Text:
+        return Text(f"{task.speed or 0:,.0f} files/s", style="progress.data.speed")
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(TextColumn("[bold]indexing"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), disable=not enabled)
+
+
+def scan_folder(folder: Path, *, workers: int | None = None, max_image_mb: float = 4096,
+                progress: bool = True, exclude: set[str] = frozenset()) -> ScanResult:
+    """List `folder` recursively and read every file's header (no pixel data) in `workers` processes.
+
+    `exclude` holds relative paths to ignore silently (e.g. the labels CSV kept next to the images).
+    """
+    folder = Path(folder)
+    rels, skipped = list_files(folder)
+    rels = [r for r in rels if r not in exclude]
+    result = ScanResult(root=folder, skipped=skipped, n_files=len(rels))
+    chunks = [rels[i:i + CHUNK] for i in range(0, len(rels), CHUNK)]
+    workers = workers or os.cpu_count() or 1
+    with _progress(progress) as bar:
+        task = bar.add_task("index", total=len(rels))
+        if workers == 1 or len(rels) < IN_PROCESS_BELOW:
+            for chunk in chunks:
+                _collect(result, _read_chunk(chunk, str(folder), max_image_mb))
+                bar.advance(task, len(chunk))
+        else:
+            with ProcessPoolExecutor(max_workers=min(workers, len(chunks))) as pool:
+                futures = {pool.submit(_read_chunk, c, str(folder), max_image_mb): c for c in chunks}
+                for future in as_completed(futures):
+                    _collect(result, _chunk_result(future, futures[future]))
+                    bar.advance(task, len(futures[future]))
+    result.headers.sort(key=lambda h: h["path"])
+    result.skipped.sort()
+    return result
+
+
+def _chunk_result(future, chunk: list[str]) -> list[dict]:
+    """A worker that died (e.g. killed for memory) loses its chunk, not the scan."""
+    try:
+        return future.result()
+    except Exception as err:
+        return [{"path": rel, "skip": f"worker failed: {type(err).__name__}: {err}"} for rel in chunk]
+
+
+def _collect(result: ScanResult, headers: list[dict]) -> None:
+    for header in headers:
+        if "skip" in header:
+            result.skipped.append((header["path"], header["skip"]))
+        else:
+            result.headers.append(header)
+
