@@ -212,7 +212,12 @@ class _Run:
         return out
 
     def run_probe(self, step: int) -> None:
-        scores = self.probe(self.method.encoder, self.device)
+        # the probe runs after the checkpoint of this step: it must leave the random streams as it found them
+        rng = ckpt.capture_rng()
+        try:
+            scores = self.probe(self.method.encoder, self.device)
+        finally:
+            ckpt.restore_rng(rng)
         self.tracker.log_metrics({f"probe/{k}": v for k, v in scores.items()}, step=step)
         console.print(f"step {step}: probe " + ", ".join(f"{k}={v:.3f}" for k, v in scores.items()))
 

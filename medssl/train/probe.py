@@ -1,0 +1,133 @@
+"""Online "is it learning?" probe: embed a small labelled subset with the frozen encoder, score it.
+
+Every `train.probe_every` steps the loop calls `probe(encoder, device)`; the scores are logged next to the loss:
+kNN on cosine similarity and logistic regression, each as balanced accuracy and AUROC. Without a separate
+validation subset, scores are out-of-fold predictions from stratified cross-validation on the labelled subset.
+The probe reads no global random state (folds use their own seed) so it never changes the training run.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import torch
+from rich.console import Console
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+from sklearn.model_selection import StratifiedKFold
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from torch import nn
+
+console = Console(stderr=True)
+
+
+def knn_proba(train_emb: np.ndarray, train_y: np.ndarray, query: np.ndarray, k: int,
+              n_classes: int) -> np.ndarray:
+    """(n_query, n_classes) class shares among the k most cosine-similar training embeddings, similarity-weighted."""
+    a = train_emb / np.linalg.norm(train_emb, axis=1, keepdims=True).clip(1e-12)
+    b = query / np.linalg.norm(query, axis=1, keepdims=True).clip(1e-12)
+    sim = b @ a.T  # (n_query, n_train)
+    k = min(k, len(train_y))
+    top = np.argpartition(-sim, k - 1, axis=1)[:, :k]  # (n_query, k)
+    weights = np.take_along_axis(sim, top, axis=1) + 1.0  # cosine in [-1, 1] -> non-negative vote
+    votes = np.zeros((len(query), n_classes))
+    np.add.at(votes, (np.repeat(np.arange(len(query)), k), train_y[top].ravel()), weights.ravel())
+    return votes / votes.sum(axis=1, keepdims=True).clip(1e-12)
+
+
+def logreg_proba(train_emb: np.ndarray, train_y: np.ndarray, query: np.ndarray, seed: int = 0) -> np.ndarray:
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=1.0, random_state=seed))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model.fit(train_emb, train_y)
+    proba = np.zeros((len(query), int(train_y.max()) + 1))
+    proba[:, model.classes_] = model.predict_proba(query)
+    return proba
+
+
+def classification_scores(y: np.ndarray, proba: np.ndarray) -> dict[str, float]:
+    """Balanced accuracy and AUROC (one-vs-rest macro for more than two classes); NaN if undefined."""
+    scores = {"bacc": float(balanced_accuracy_score(y, proba.argmax(axis=1)))}
+    try:
+        if proba.shape[1] == 2:
+            scores["auroc"] = float(roc_auc_score(y, proba[:, 1]))
+        else:
+            present = np.unique(y)
+            p = proba[:, present] / proba[:, present].sum(axis=1, keepdims=True).clip(1e-12)
+            scores["auroc"] = float(roc_auc_score(y, p, multi_class="ovr", labels=present))
+    except ValueError:  # one class only in y
+        scores["auroc"] = math.nan
+    return scores
+
+
+def score_embeddings(emb: np.ndarray, y: np.ndarray, k: int = 20, folds: int = 5,
+                     val: tuple[np.ndarray, np.ndarray] | None = None, seed: int = 0) -> dict[str, float]:
+    """{"knn_bacc", "knn_auroc", "logreg_bacc", "logreg_auroc"}: fit on (emb, y), score on `val` if given,
+    else out-of-fold over stratified folds (as many as the rarest class allows, at most `folds`)."""
+    y = np.asarray(y, dtype=int)
+    n_classes = int(max(y.max(), val[1].max() if val is not None else 0)) + 1
+    if val is not None:
+        fits = [(np.arange(len(y)), None)]
+        truth, queries = np.asarray(val[1], dtype=int), [val[0]]
+    else:
+        n_splits = min(folds, int(np.bincount(y)[np.unique(y)].min()))
+        if len(np.unique(y)) < 2 or n_splits < 2:
+            return {}
+        splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        fits = list(splitter.split(emb, y))
+        truth, queries = y[np.concatenate([test for _, test in fits])], [emb[test] for _, test in fits]
+    knn, logreg = [], []
+    for (train_idx, _), query in zip(fits, queries):
+        knn.append(knn_proba(emb[train_idx], y[train_idx], query, k, n_classes))
+        logreg.append(_pad(logreg_proba(emb[train_idx], y[train_idx], query, seed), n_classes))
+    out = {f"knn_{m}": v for m, v in classification_scores(truth, np.concatenate(knn)).items()}
+    out.update({f"logreg_{m}": v for m, v in classification_scores(truth, np.concatenate(logreg)).items()})
+    return out
+
+
+def _pad(proba: np.ndarray, n_classes: int) -> np.ndarray:
+    return np.pad(proba, ((0, 0), (0, n_classes - proba.shape[1])))
+
+
+@torch.no_grad()
+def embed(encoder: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 32) -> np.ndarray:
+    """(N, out_features) float embeddings; eval mode (BatchNorm uses running stats, dropout off), restored after."""
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        chunks = [encoder(images[i: i + batch_size].to(device)).float().flatten(1).cpu()
+                  for i in range(0, len(images), batch_size)]
+    finally:
+        encoder.train(was_training)
+    return torch.cat(chunks).numpy()
+
+
+class OnlineProbe:
+    """`probe(encoder, device) -> scores`, over a labelled subset given as (images (N, C, *size), labels (N,)),
+    optionally with a separate validation subset. Images are kept on the CPU, batches go to the device."""
+
+    def __init__(self, images: torch.Tensor, labels, k: int = 20, folds: int = 5,
+                 val: tuple[torch.Tensor, object] | None = None, batch_size: int = 32, seed: int = 0):
+        self.images, self.labels = images, np.asarray(labels, dtype=int)
+        self.val = (val[0], np.asarray(val[1], dtype=int)) if val is not None else None
+        self.k, self.folds, self.batch_size, self.seed = k, folds, batch_size, seed
+
+    @classmethod
+    def from_dataset(cls, dataset, **kwargs) -> "OnlineProbe":
+        """From a map-style dataset of {"image", "label"} (e.g. medssl.data.loaders.ImageDataset)."""
+        items = [dataset[i] for i in range(len(dataset))]
+        return cls(torch.stack([torch.as_tensor(it["image"]) for it in items]),
+                   [int(it["label"]) for it in items], **kwargs)
+
+    def __call__(self, encoder: nn.Module, device: torch.device) -> dict[str, float]:
+        emb = embed(encoder, self.images, device, self.batch_size)
+        val = None
+        if self.val is not None:
+            val = (embed(encoder, self.val[0], device, self.batch_size), self.val[1])
+        scores = score_embeddings(emb, self.labels, self.k, self.folds, val, self.seed)
+        if not scores:
+            console.print("[yellow]probe skipped:[/] the labelled subset needs two classes with 2+ images each")
+        return {name: value for name, value in scores.items() if not math.isnan(value)}
