@@ -187,3 +187,35 @@ def test_missing_source_is_a_failure_not_a_crash(folder, tmp_path):
     (root / "a.nii").unlink()
     failures = cache.build(df.iloc[:1], root, workers=1)
     assert "missing" in failures["img-a"] and not cache.has("img-a")
+
+
+# ---------------------------------------------------------------------------------------- through io.py
+def test_real_dicom_through_io_ct_window_and_monochrome1_radiograph(tmp_path, monkeypatch):
+    """CT_small (CT, HU = raw - 1024) and RG1_UNCI (CR chest radiograph, MONOCHROME1) decoded by
+    medssl.data.io.load_image inside the cache; values checked against pydicom's own pixels."""
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.data import get_testdata_file
+    import medssl.data.io as io
+    rows = []
+    for image_id, name, modality, photometric in (("img-ct", "CT_small.dcm", "CT", "MONOCHROME2"),
+                                                  ("img-cr", "RG1_UNCI.dcm", "CR", "MONOCHROME1")):
+        source = get_testdata_file(name)
+        if source is None:
+            pytest.skip(f"{name} not installed (pip install pydicom-data)")
+        shutil.copy(source, tmp_path / name)
+        rows.append({"image_id": image_id, "patient_id": "pat-1", "format": "dicom-2d", "paths": name,
+                     "modality": modality, "photometric": photometric, "spatial_dims": 2})
+    decodes = []
+    real_load = io.load_image
+    monkeypatch.setattr(io, "load_image", lambda row, root: decodes.append(row["image_id"]) or real_load(row, root))
+    cfg = PreprocessConfig(spatial_dims=2, ct_window=(-200.0, 300.0))
+    cache = VolumeCache(tmp_path / "cache", cfg)
+    assert cache.build(pd.DataFrame(rows), tmp_path, workers=1) == {} and len(decodes) == 2
+    ds = pydicom.dcmread(tmp_path / "CT_small.dcm")
+    hu = ds.pixel_array.astype(np.float32).T * float(ds.RescaleSlope) + float(ds.RescaleIntercept)   # (X, Y)
+    np.testing.assert_allclose(cache.get("img-ct")[0], np.clip((hu + 200.0) / 500.0, 0, 1), atol=3e-4)
+    raw = pydicom.dcmread(tmp_path / "RG1_UNCI.dcm").pixel_array.astype(np.float32).T
+    expected = 1.0 - (raw - raw.min()) / (raw.max() - raw.min())          # inverted: bone bright
+    np.testing.assert_allclose(cache.get("img-cr")[0], expected, atol=5e-4)
+    VolumeCache(tmp_path / "cache", cfg).build(pd.DataFrame(rows), tmp_path, workers=1)
+    assert len(decodes) == 2                                              # second build: all from cache

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -138,7 +139,7 @@ class ImageDataset(_CachedImages):
             labels = [labels.get(i) for i in self.ids]
         if len(labels) != len(self.ids):
             raise DataError(f"{len(labels)} labels for {len(self.ids)} images", where="ImageDataset labels")
-        missing = [i for i, v in zip(self.ids, labels) if v is None or (isinstance(v, float) and np.isnan(v))]
+        missing = [i for i, v in zip(self.ids, labels) if v is None or pd.isna(v)]
         if missing:
             raise DataError(f"{len(missing)} images have no label (e.g. {missing[0]})", where="ImageDataset",
                             fix="pass labelled images only (medssl.data.splits.labelled_ids)")
