@@ -111,6 +111,7 @@ class Pipeline:
         self._print_plan(plan)
         if dry_run:
             return
+        self.ctx.open_tracker()
         with self.ctx.tracker.run(f"{self.cfg.name}-pipeline", tags=self.ctx.pipeline_tags()) as parent:
             self.ctx.parent_run_id = parent.info.run_id
             self.ctx.tracker.log_params({"pipeline": self.cfg.model_dump(mode="json")})

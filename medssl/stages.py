@@ -39,9 +39,17 @@ class Context:
 
     @classmethod
     def create(cls, cfg: PipelineConfig) -> "Context":
-        from medssl.tracking import Tracker
-        tracker = Tracker(cfg.tracking.experiment or cfg.name, cfg.tracking.tracking_uri)
-        return cls(cfg=cfg, paths=Paths(cfg.workdir / cfg.name), tracker=tracker)
+        return cls(cfg=cfg, paths=Paths(cfg.workdir / cfg.name), tracker=None)
+
+    def open_tracker(self) -> None:
+        """MLflow is opened only when work starts (a dry run touches nothing); under torchrun only rank 0
+        talks to MLflow."""
+        from medssl.tracking import NullTracker, Tracker
+        if int(os.environ.get("RANK", "0")) != 0:
+            self.tracker = NullTracker()
+        else:
+            self.tracker = Tracker(self.cfg.tracking.experiment or self.cfg.name, self.cfg.tracking.tracking_uri,
+                                   outbox_dir=self.paths.root / "mlflow-outbox")
 
     def pipeline_tags(self) -> dict:
         from medssl.tracking import lineage_tags

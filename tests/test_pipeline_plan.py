@@ -1,0 +1,33 @@
+"""`medssl run --dry-run` plans every shipped pipeline without running anything; the CLI fails cleanly."""
+from pathlib import Path
+
+import pytest
+
+from medssl.cli import main
+
+PIPELINES = sorted(Path(__file__).resolve().parents[1].joinpath("pipelines").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.name)
+def test_dry_run_plans_all_stages(path, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    assert main(["run", str(path), "--dry-run", f"workdir={tmp_path}/work"]) == 0
+    err = capsys.readouterr().err
+    for stage in ("manifest", "splits", "cache", "pretrain", "ladder", "report"):
+        assert stage in err
+    assert not (tmp_path / "mlflow.db").exists(), "a dry run must not touch MLflow"
+
+
+def test_bad_config_is_a_message_not_a_traceback(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ndata: {demo: {}}\npretrain: {crop: [32, 32, 32], oops: 1}\n")
+    assert main(["run", str(bad), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "pretrain.oops: unknown key" in err and "Traceback" not in err
+
+
+def test_missing_folder_is_a_message(tmp_path, capsys):
+    code = main(["manifest", "build", str(tmp_path / "nope"), "--out", str(tmp_path / "m.csv")])
+    assert code == 2
+    assert "does not exist" in capsys.readouterr().err
