@@ -25,6 +25,21 @@ def _floats(value, n: int) -> list[float] | None:
     return out if len(out) == n and np.all(np.isfinite(out)) else None
 
 
+def _orientation(value) -> list[float] | None:
+    """IOP only if its two cosines are unit length and orthogonal (a zero or garbled IOP has no geometry)."""
+    iop = _floats(value, 6)
+    if iop is None:
+        return None
+    row, col = np.asarray(iop[:3]), np.asarray(iop[3:])
+    unit = abs(np.linalg.norm(row) - 1) < 1e-2 and abs(np.linalg.norm(col) - 1) < 1e-2
+    return iop if unit and abs(row @ col) < 1e-2 else None
+
+
+def _spacing(value) -> list[float] | None:
+    spacing = _floats(value, 2)
+    return spacing if spacing is not None and min(spacing) > 0 else None
+
+
 def _group_value(item, seq: str, attr: str):
     """Attribute `attr` inside functional group `seq` of one frame item, or None."""
     inner = getattr(item, seq, None) if item is not None else None
@@ -42,8 +57,8 @@ def enhanced_geometry(ds, h: dict) -> None:
         return value if value is not None else _group_value(first, seq, attr)
 
     # functional groups first; top-level attributes (stripped or hybrid files) as the fallback
-    h["iop"] = _floats(pick("PlaneOrientationSequence", "ImageOrientationPatient"), 6) or h["iop"]
-    h["spacing"] = _floats(pick("PixelMeasuresSequence", "PixelSpacing"), 2) or h["spacing"]
+    h["iop"] = _orientation(pick("PlaneOrientationSequence", "ImageOrientationPatient")) or h["iop"]
+    h["spacing"] = _spacing(pick("PixelMeasuresSequence", "PixelSpacing")) or h["spacing"]
     h["thickness"] = (_number(pick("PixelMeasuresSequence", "SpacingBetweenSlices"))
                       or _number(ds.get("SpacingBetweenSlices"))
                       or _number(pick("PixelMeasuresSequence", "SliceThickness")) or h["thickness"])
@@ -71,8 +86,8 @@ def basic_fields(ds, path: str, modality: str) -> dict:
         "frames": int(ds.get("NumberOfFrames", 1) or 1), "spp": int(ds.get("SamplesPerPixel", 1) or 1),
         "bits": int(ds.get("BitsAllocated", 16) or 16),
         "photometric": str(ds.get("PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2"), "ts": str(ts),
-        "iop": _floats(ds.get("ImageOrientationPatient"), 6), "ipp": _floats(ds.get("ImagePositionPatient"), 3),
-        "spacing": _floats(ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing"), 2),
+        "iop": _orientation(ds.get("ImageOrientationPatient")), "ipp": _floats(ds.get("ImagePositionPatient"), 3),
+        "spacing": _spacing(ds.get("PixelSpacing")) or _spacing(ds.get("ImagerPixelSpacing")),
         "thickness": _number(ds.get("SliceThickness")),
     }
 

@@ -38,8 +38,13 @@ RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 
 
 def _ds(values) -> list[str]:
-    """Decimal strings are limited to 16 characters; format each number to fit without losing precision."""
-    return [format_number_as_ds(float(v)) for v in np.atleast_1d(values)]
+    """Decimal strings are limited to 16 characters; format each number to fit (1e-9 mm is plenty).
+    Rounding first also dodges a formatter corner case (9.99999999999999 -> 17 characters)."""
+    out = []
+    for value in np.atleast_1d(values):
+        text = format_number_as_ds(round(float(value), 9))
+        out.append(text if len(text) <= 16 else f"{float(value):.10g}")
+    return out
 
 
 def affine_to_dicom(affine: np.ndarray) -> dict:

@@ -63,6 +63,8 @@ def _nonfinite_problem(data: np.ndarray) -> str | None:
 def nifti_header(path: str, max_image_mb: float) -> dict:
     """What the manifest needs from a NIfTI file; float data is read once to flag NaN / Inf voxels."""
     img = nib.load(path)
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):  # e.g. CIFTI-2 matrices: not voxel grids
+        return {"skip": f"unsupported: {type(img).__name__} is not a NIfTI volume"}
     spatial, channels = _nifti_shape(img.shape)
     dtype = img.header.get_data_dtype()
     declared_mb = int(np.prod(img.shape, dtype=np.int64)) * dtype.itemsize / 2**20
@@ -108,7 +110,7 @@ def _rescale(item) -> tuple[float, float]:
 
 
 def _read_slice(path: Path) -> tuple[np.ndarray, pydicom.Dataset]:
-    ds = pydicom.dcmread(path)
+    ds = pydicom.dcmread(path, force=True)  # preamble-less files were accepted by the scan
     slope, intercept = _rescale(ds)
     return _grey(ds.pixel_array, ds) * np.float32(slope) + np.float32(intercept), ds  # (R, C)
 
@@ -143,7 +145,7 @@ def _frame_rescale(ds, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _load_multiframe(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    ds = pydicom.dcmread(path)
+    ds = pydicom.dcmread(path, force=True)  # preamble-less files were accepted by the scan
     h = basic_fields(ds, str(path), "")
     enhanced_geometry(ds, h)
     frames = _grey(ds.pixel_array, ds).reshape(h["frames"], h["rows"], h["cols"])  # (F, R, C)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,23 +167,28 @@ def sniff(path: str) -> str | None:
     return None
 
 
+def _header(path: str, max_image_mb: float) -> dict:
+    kind = sniff(path)
+    if kind is None:
+        return {"skip": "not an image: neither DICOM nor NIfTI"}
+    if kind == "empty":
+        return {"skip": "empty file: 0 bytes"}
+    if kind == "bad-nifti":
+        return {"skip": "unreadable NIfTI: .nii name but no NIfTI header magic"}
+    if kind == "nifti":
+        return nifti_header(path, max_image_mb)
+    return dicom_header(path, max_image_mb, force=kind == "dicom-nopreamble")
+
+
 def read_header(rel: str, root: str, max_image_mb: float) -> dict:
     """Header of one file as a plain dict (picklable), or {"path", "skip": reason}."""
-    path = os.path.join(root, rel)
     try:
-        kind = sniff(path)
-        if kind is None:
-            return {"path": rel, "skip": "not an image: neither DICOM nor NIfTI"}
-        if kind == "empty":
-            return {"path": rel, "skip": "empty file: 0 bytes"}
-        if kind == "bad-nifti":
-            return {"path": rel, "skip": "unreadable NIfTI: .nii name but no NIfTI header magic"}
-        if kind == "nifti":
-            header = nifti_header(path, max_image_mb)
-        else:
-            header = dicom_header(path, max_image_mb, force=kind == "dicom-nopreamble")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom warns about every oddity; the skip reason says what matters
+            header = _header(os.path.join(root, rel), max_image_mb)
     except Exception as err:  # one file must never stop the scan; the reason keeps the evidence
-        header = {"skip": f"unreadable: {type(err).__name__}: {err}"}
+        message = str(err).splitlines()[0][:200] if str(err) else ""
+        header = {"skip": f"unreadable: {type(err).__name__}: {message}"}
     header["path"] = rel
     return header
 
