@@ -199,3 +199,68 @@ def test_metrics_checkpoints_and_sampler(tmp_path):
 def test_prefixes_from_ddp_and_compile_are_stripped():
     sd = {"module._orig_mod.encoder.weight": 1, "encoder.bias": 2}
     assert ckpt.strip_prefixes(sd) == {"encoder.weight": 1, "encoder.bias": 2}
+
+
+# ----------------------------------------------------------------------- end to end: run_pretraining
+class ArrayCache:
+    """The VolumeCache interface (get/has) over in-memory arrays."""
+
+    def __init__(self, arrays: dict):
+        self.arrays = arrays
+
+    def has(self, image_id):
+        return image_id in self.arrays
+
+    def get(self, image_id):
+        return self.arrays[image_id]
+
+
+class CallRecorder:
+    def __init__(self):
+        self.calls, self.active_run_id = [], "run-123"
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: self.calls.append((name, args, kwargs))
+
+
+def _t1_cohort(n: int) -> ArrayCache:
+    """Pseudo-subjects from a real T1 brain MR (nibabel's anatomical.nii, (33, 41, 25)): flips and contrast."""
+    import nibabel as nib
+    import numpy as np
+    from pathlib import Path
+    path = Path(nib.__file__).parent / "tests" / "data" / "anatomical.nii"
+    volume = np.asarray(nib.load(path).dataobj, dtype=np.float32)
+    volume = (volume - volume.mean()) / volume.std()
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for i in range(n):
+        v = volume[::-1] if i % 2 else volume
+        arrays[f"img-{i:012x}"] = (v * rng.uniform(0.8, 1.2))[None].astype(np.float16)  # (1, X, Y, Z)
+    return ArrayCache(arrays)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_run_pretraining_end_to_end_writes_a_loadable_encoder(tmp_path, spatial_dims):
+    from medssl.config import EncoderConfig, MaskedConfig, PretrainConfig, SSLConfig
+    from medssl.models.encoders import load_encoder
+    from medssl.train.pretrain import run_pretraining
+    cache = _t1_cohort(6)
+    vit = EncoderConfig(name="vit", patch_size=8, hidden_size=16, num_layers=1, num_heads=2, mlp_dim=16)
+    cfg = PretrainConfig(encoder=vit, ssl=SSLConfig(masked=MaskedConfig(decoder_dim=16, decoder_depth=1,
+                                                                         decoder_heads=2)),
+                         crop=[16] * spatial_dims,
+                         train=TrainConfig(steps=3, batch_size=2, warmup_steps=1, checkpoint_every=2, log_every=1))
+    tracker = CallRecorder()
+    path = run_pretraining(cfg, cache, list(cache.arrays), None, tmp_path, tracker, spatial_dims=spatial_dims,
+                           device="cpu")
+    encoder, info = load_encoder(path)
+    assert info["spatial_dims"] == spatial_dims and info["pretrain_run_id"] == "run-123"
+    assert encoder(torch.zeros(1, 1, *cfg.crop)).shape == (1, encoder.out_features)
+    names = [c[0] for c in tracker.calls]
+    assert {"log_params", "log_figure", "log_metrics", "log_artifact"} <= set(names)
+    artifacts = {c[1][1] for c in tracker.calls if c[0] == "log_artifact"}
+    assert artifacts == {"encoder", "checkpoints"}
+    params = next(c[1][0] for c in tracker.calls if c[0] == "log_params")
+    assert params["train"]["steps"] == 3 and params["spatial_dims"] == spatial_dims
+    assert all(math.isfinite(c[1][0]["train/loss"]) for c in tracker.calls
+               if c[0] == "log_metrics" and "train/loss" in c[1][0])

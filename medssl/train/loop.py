@@ -216,6 +216,9 @@ class _Run:
         rng = ckpt.capture_rng()
         try:
             scores = self.probe(self.method.encoder, self.device)
+        except (RuntimeError, ValueError) as err:  # a broken probe must not stop (or lose) the training run
+            console.print(f"[yellow]probe failed at step {step}, training goes on:[/] {err}")
+            return
         finally:
             ckpt.restore_rng(rng)
         self.tracker.log_metrics({f"probe/{k}": v for k, v in scores.items()}, step=step)

@@ -1,0 +1,124 @@
+"""Self-supervised pretraining of one encoder: dataset + method + loop + tracking, ending in an encoder file.
+
+    encoder_path = run_pretraining(cfg, cache, image_ids, groups, out_dir, tracker)
+
+Single process: `make_loader`'s endless, resumable stream. Under torchrun: the sharded per-epoch order of
+`distributed.sharded_loader` (each rank a disjoint share). Re-running with the same out_dir resumes from the
+newest checkpoint in out_dir/checkpoints; a finished run only re-saves and re-logs the encoder.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from medssl.config import PretrainConfig
+from medssl.train import checkpoint as ckpt
+from medssl.train.distributed import barrier, init_distributed, sharded_loader
+from medssl.train.loop import seed_everything, train
+
+# contrastive positives -> the CropDataset pairing that provides them ("views": two views of one crop)
+PAIR_BY = {"views": None, "patient": "patient", "study": "study"}
+
+
+def default_device(local_rank: int = 0) -> torch.device:
+    return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def run_pretraining(cfg: PretrainConfig, cache, image_ids, groups: dict | None, out_dir: Path, tracker,
+                    probe=None, spatial_dims: int = 3, device: torch.device | str | None = None,
+                    keep_checkpoints: int = 2, log_checkpoint: bool = True, view_examples: int = 4) -> Path:
+    """Pretrain cfg.encoder with cfg.ssl on crops of the cached `image_ids`; return the encoder file.
+
+    groups: {image_id: patient (or study) id} for patient/study positives. probe: an OnlineProbe (or any
+    `probe(encoder, device) -> dict`) run every cfg.train.probe_every steps. Only rank 0 logs and writes.
+    """
+    from medssl.data.loaders import CropDataset
+    from medssl.models.encoders import save_encoder
+    from medssl.ssl import build_method, method_name
+
+    info = init_distributed()
+    device = torch.device(device) if device is not None else default_device(info.local_rank)
+    out_dir = Path(out_dir)
+    t = cfg.train
+    positives = cfg.ssl.contrastive.positives if cfg.ssl.contrastive is not None else "views"
+    dataset = CropDataset(cache, list(image_ids), cfg.crop, spatial_dims, seed=t.seed,
+                          pair_by=PAIR_BY[positives], groups=groups if PAIR_BY[positives] else None)
+    seed_everything(t.seed)  # the same initial weights on every rank and every fresh run
+    method = build_method(cfg, spatial_dims)
+    if info.rank == 0:
+        _log_setup(tracker, cfg, dataset, spatial_dims, method_name(cfg), info.world_size)
+        _log_views(tracker, dataset, cfg, view_examples)
+    factory = _loader_factory(dataset, t, info.world_size)
+    config = {"pretrain": cfg.model_dump(mode="json"), "spatial_dims": spatial_dims}
+    result = train(method, factory, t, out_dir, tracker if info.rank == 0 else _Silent(), device,
+                   probe=probe, keep_checkpoints=keep_checkpoints, config=config)
+    path = out_dir / "encoder.pt"
+    if info.rank == 0:
+        save_encoder(path, method.encoder, cfg.encoder, spatial_dims, cfg.crop,
+                     pretrain_run_id=getattr(tracker, "active_run_id", None), method=method_name(cfg),
+                     steps=result["step"])
+        tracker.log_artifact(path, "encoder")
+        if log_checkpoint and result["checkpoint"]:
+            tracker.log_artifact(result["checkpoint"], "checkpoints")
+        tracker.log_metrics({"pretrain/final_loss": result["loss"]} if result["loss"] is not None else {},
+                            step=result["step"])
+    barrier()  # the encoder file exists before any rank returns its path
+    return path
+
+
+class _Silent:
+    """The tracker of ranks other than 0."""
+
+    def log_metrics(self, *args, **kwargs) -> None:
+        return None
+
+
+def _loader_factory(dataset, t, world_size: int):
+    if world_size > 1:
+        return sharded_loader(dataset, t.batch_size, t.seed, t.workers)
+    from medssl.data.loaders import make_loader
+
+    def factory(epoch: int, position: int):
+        # one endless stream (epochs=None): the epoch stays 0 and `position` is the micro-batch to start at
+        return make_loader(dataset, t.batch_size, shuffle=True, seed=t.seed, workers=t.workers,
+                           start_step=position, epochs=None)
+    return factory
+
+
+def _log_setup(tracker, cfg: PretrainConfig, dataset, spatial_dims: int, method: str, world_size: int) -> None:
+    t = cfg.train
+    tracker.log_params({**cfg.model_dump(mode="json"), "spatial_dims": spatial_dims, "method": method,
+                        "images": len(dataset), "world_size": world_size,
+                        "effective_batch": t.batch_size * t.accumulate * world_size})
+    tracker.set_tags({"medssl.method": method})
+
+
+def _log_views(tracker, dataset, cfg: PretrainConfig, n: int) -> None:
+    """A figure of a few crops and two random views of each (middle slice of 3D crops): what the encoder sees.
+    Its own generator: drawing the figure does not move the training random streams."""
+    if n <= 0:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from medssl.views import make_views
+
+    crops = torch.stack([dataset[i]["image"] for i in range(min(n, len(dataset)))])  # (n, C, *crop)
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    columns = {"crop": crops, "view 1": make_views(crops, cfg.views, gen), "view 2": make_views(crops, cfg.views, gen)}
+    fig, axes = plt.subplots(len(crops), 3, figsize=(6, 2 * len(crops)), squeeze=False)
+    for col, (title, images) in enumerate(columns.items()):
+        for row, image in enumerate(images):
+            plane = image[0] if image.ndim == 3 else image[0, ..., image.shape[-1] // 2]  # (X, Y)
+            axes[row, col].imshow(plane.T.float().numpy(), cmap="gray", origin="lower")
+            axes[row, col].set_axis_off()
+        axes[0, col].set_title(title)
+    tracker.log_figure(fig, "views/examples.png")
+    plt.close(fig)
+
+
+def resume_point(out_dir: Path) -> int:
+    """The step a rerun with this out_dir continues from (0: a fresh start)."""
+    last = ckpt.latest_checkpoint(out_dir)
+    return ckpt.load_checkpoint(last)["step"] if last else 0
