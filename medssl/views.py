@@ -31,9 +31,28 @@ def _rotation(angles: torch.Tensor, nd: int) -> torch.Tensor:
     return plane(angles[:, 0], 0, 1) @ plane(angles[:, 1], 0, 2) @ plane(angles[:, 2], 1, 2)
 
 
-def geometry_is_identity(cfg: ViewsConfig) -> bool:
-    return (cfg.flip_prob == 0 and cfg.rotate_degrees == 0 and cfg.crop_jitter == 0
-            and tuple(cfg.scale_range) == (1.0, 1.0))
+def needs_resampling(cfg: ViewsConfig) -> bool:
+    """Rotation, scale or zoom need interpolation; flips alone are exact index reversals."""
+    return cfg.rotate_degrees > 0 or cfg.crop_jitter > 0 or tuple(cfg.scale_range) != (1.0, 1.0)
+
+
+def random_flips(x: torch.Tensor, prob: float, gen: torch.Generator | None = None) -> torch.Tensor:
+    """Per-sample, per-axis flips without interpolation: each of the 2**nd flip patterns is one torch.flip."""
+    b, nd = x.shape[0], x.ndim - 2
+    flips = torch.rand(b, nd, device=x.device, generator=gen) < prob  # (B, nd)
+    code = (flips.long() * (2 ** torch.arange(nd, device=x.device))).sum(1)  # (B,) pattern id
+    patterns = code.unique().tolist()  # at most 4 (2D) or 8 (3D), whatever B is
+    if len(patterns) == 1:  # the whole batch shares one pattern: a single pass, no scatter
+        return x.flip(_axes(patterns[0], nd)) if patterns[0] else x.clone()
+    out = torch.empty_like(x)
+    for pattern in patterns:
+        rows = (code == pattern).nonzero().flatten()
+        out[rows] = x[rows].flip(_axes(pattern, nd)) if pattern else x[rows]
+    return out
+
+
+def _axes(pattern: int, nd: int) -> list[int]:
+    return [2 + a for a in range(nd) if pattern >> a & 1]
 
 
 def random_affine(x: torch.Tensor, cfg: ViewsConfig, gen: torch.Generator | None = None) -> torch.Tensor:
@@ -64,7 +83,9 @@ def apply_affine(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def random_intensity(x: torch.Tensor, cfg: ViewsConfig, gen: torch.Generator | None = None) -> torch.Tensor:
+def random_intensity(x: torch.Tensor, cfg: ViewsConfig, gen: torch.Generator | None = None,
+                     inplace: bool = False) -> torch.Tensor:
+    """Gamma (on the sample's own min-max range), then gain and bias; inplace reuses x's memory."""
     b, nd = x.shape[0], x.ndim - 2
     shape = (b,) + (1,) * (nd + 1)
     if tuple(cfg.gamma_range) != (1.0, 1.0):
@@ -73,11 +94,13 @@ def random_intensity(x: torch.Tensor, cfg: ViewsConfig, gen: torch.Generator | N
         flat = x.flatten(1)
         low, high = flat.min(1).values.view(shape), flat.max(1).values.view(shape)
         span = (high - low).clamp(min=1e-6)  # gamma needs [0, 1]; map back to the sample's own range
-        x = ((x - low) / span).clamp(0, 1).pow(gamma) * span + low
+        x = ((x - low) / span).clamp_(0, 1).pow_(gamma).mul_(span).add_(low)
+        inplace = True  # x is now our own tensor
     if cfg.intensity_scale or cfg.intensity_shift:
         gain = 1 + _uniform(b, -cfg.intensity_scale, cfg.intensity_scale, x, gen).view(shape)
         bias = _uniform(b, -cfg.intensity_shift, cfg.intensity_shift, x, gen).view(shape)
-        x = x * gain + bias
+        # one pass (x * gain + bias); writing into x when allowed saves a 96^3 allocation per sample
+        x = torch.addcmul(bias, x, gain, out=x) if inplace else torch.addcmul(bias, x, gain)
     return x
 
 
@@ -101,19 +124,27 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return out.view(b, c, *spatial)
 
 
-def random_cutout(x: torch.Tensor, fraction: float, gen: torch.Generator | None = None) -> torch.Tensor:
+def random_cutout(x: torch.Tensor, fraction: float, gen: torch.Generator | None = None,
+                  inplace: bool = False) -> torch.Tensor:
     """Zero one box per sample covering `fraction` of the volume (edge = fraction**(1/nd) of each edge)."""
     b, nd = x.shape[0], x.ndim - 2
+    edges = [max(1, round(size * fraction ** (1 / nd))) for size in x.shape[2:]]
+    starts = [(torch.rand(b, device=x.device, generator=gen) * (size - edge + 1)).long()
+              for size, edge in zip(x.shape[2:], edges)]  # nd tensors (B,)
+    if x.device.type == "cpu":  # a slice assignment per sample touches only the box
+        out = x if inplace else x.clone()
+        corners = torch.stack(starts, 1).tolist()
+        for i, corner in enumerate(corners):
+            out[(i, slice(None)) + tuple(slice(c, c + e) for c, e in zip(corner, edges))] = 0
+        return out
     inside = torch.ones(b, *x.shape[2:], dtype=torch.bool, device=x.device)
-    for axis, size in enumerate(x.shape[2:]):
-        edge = max(1, round(size * fraction ** (1 / nd)))
-        start = (torch.rand(b, device=x.device, generator=gen) * (size - edge + 1)).long()  # (B,)
+    for axis, (size, edge, start) in enumerate(zip(x.shape[2:], edges, starts)):
         pos = torch.arange(size, device=x.device)
         hit = (pos >= start[:, None]) & (pos < start[:, None] + edge)  # (B, size)
         view = [b] + [1] * nd
         view[1 + axis] = size
         inside = inside & hit.view(view)
-    return x.masked_fill(inside.unsqueeze(1), 0.0)
+    return x.masked_fill(inside.unsqueeze(1), 0.0)  # on an accelerator: one kernel instead of B
 
 
 def make_views(x: torch.Tensor, cfg: ViewsConfig, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -122,16 +153,21 @@ def make_views(x: torch.Tensor, cfg: ViewsConfig, generator: torch.Generator | N
         raise ValueError(f"make_views expects (B, C, H, W) or (B, C, D, H, W), got shape {tuple(x.shape)}")
     dtype, b = x.dtype, x.shape[0]
     out = x.float()  # fp16 cache crops: do the arithmetic in fp32, hand back the caller's dtype
-    if not geometry_is_identity(cfg):
+    if needs_resampling(cfg):  # flips folded into the same single grid_sample pass
         out = apply_affine(out, random_affine(out, cfg, generator))
-    out = random_intensity(out, cfg, generator)
+    elif cfg.flip_prob > 0:
+        out = random_flips(out, cfg.flip_prob, generator)
+    owned = out is not x  # after the first new tensor, later steps write in place (fewer 96^3 passes)
+    out = random_intensity(out, cfg, generator, inplace=owned)
+    owned = out is not x
     if cfg.blur_sigma[1] > 0:
-        out = gaussian_blur(out, _uniform(b, *cfg.blur_sigma, out, generator))
+        out, owned = gaussian_blur(out, _uniform(b, *cfg.blur_sigma, out, generator)), True
     if cfg.noise_std > 0:
         std = _uniform(b, 0.0, cfg.noise_std, out, generator).view(b, *[1] * (out.ndim - 1))
-        out = out + std * torch.randn(out.shape, device=out.device, generator=generator)
+        noise = torch.randn(out.shape, device=out.device, generator=generator)
+        out, owned = (out.addcmul_(noise, std) if owned else torch.addcmul(out, noise, std)), True
     if cfg.cutout_fraction > 0:
-        out = random_cutout(out, cfg.cutout_fraction, generator)
+        out = random_cutout(out, cfg.cutout_fraction, generator, inplace=owned)
     return out.to(dtype)
 
 
