@@ -51,6 +51,7 @@ def test_crop_shapes_and_determinism(caches, kind, crop, dims):
     ds = CropDataset(caches[kind], IDS, crop, dims, seed=5)
     a, b = ds[3], CropDataset(caches[kind], IDS, crop, dims, seed=5)[3]
     assert a["image"].shape == (1, *crop) and a["image"].dtype == torch.float32 and a["index"] == 3
+    assert a["image"].is_contiguous()
     assert torch.equal(a["image"], b["image"])                                      # same (seed, index)
     assert not torch.equal(a["image"], CropDataset(caches[kind], IDS, crop, dims, seed=6)[3]["image"])
     assert not torch.equal(a["image"], ds[3 + len(ds)]["image"])                     # next epoch: new crop

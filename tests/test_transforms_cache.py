@@ -173,6 +173,7 @@ def test_cached_values_equal_the_chain_within_float16(folder, tmp_path):
     cache = VolumeCache(tmp_path / "cache", cfg, load=nifti_loader)
     assert cache.build(df.iloc[:3], root, workers=2) == {}              # 2 processes; 3D and (X, Y, 1) rows
     assert cache.get("img-a").ndim == 4 and cache.get("img-c").shape == (1, 33, 41)
+    assert cache.get("img-a")[..., 7].flags.f_contiguous          # axial slices stored contiguously
     data, affine = t1()
     expected, _ = run(cfg, data[None], affine)
     assert np.abs(np.asarray(cache.get("img-a"), np.float32) - expected).max() < 5e-4
@@ -219,3 +220,18 @@ def test_real_dicom_through_io_ct_window_and_monochrome1_radiograph(tmp_path, mo
     np.testing.assert_allclose(cache.get("img-cr")[0], expected, atol=5e-4)
     VolumeCache(tmp_path / "cache", cfg).build(pd.DataFrame(rows), tmp_path, workers=1)
     assert len(decodes) == 2                                              # second build: all from cache
+
+
+def crashing_loader(row, root):
+    """A decoder that kills its process (as a segfaulting codec or the OOM killer would) on one image."""
+    if row["image_id"] == "img-bad":
+        os._exit(1)
+    return nifti_loader(row, root)
+
+
+def test_a_dying_worker_loses_only_its_own_image(folder, tmp_path):
+    root, df = folder
+    cache = VolumeCache(tmp_path / "cache", PreprocessConfig(), load=crashing_loader)
+    failures = cache.build(df[df.image_id != "img-c"], root, workers=2)
+    assert list(failures) == ["img-bad"] and "worker process died" in failures["img-bad"]
+    assert cache.has("img-a") and cache.has("img-b")

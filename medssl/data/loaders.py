@@ -107,7 +107,7 @@ class CropDataset(_CachedImages):
                             fix="use the same spatial_dims for preprocessing and pretraining")
         starts = [int(rng.integers(max(s - c, 0) + 1)) for s, c in zip(volume.shape[1:], self.crop)]
         region = volume[(slice(None), *(slice(a, a + c) for a, c in zip(starts, self.crop)))]
-        return torch.from_numpy(_pad_to(np.asarray(region, dtype=np.float32), self.crop))
+        return torch.from_numpy(_pad_to(np.ascontiguousarray(region, dtype=np.float32), self.crop))
 
 
 def _pad_to(array: np.ndarray, size: Sequence[int]) -> np.ndarray:
@@ -150,8 +150,8 @@ class ImageDataset(_CachedImages):
         volume = self._array(index)
         if self.spatial_dims == 2 and volume.ndim == 4:
             volume = volume[..., volume.shape[-1] // 2]
-        return {"image": torch.from_numpy(np.asarray(volume, dtype=np.float32)), "label": self.labels[index],
-                "image_id": self.ids[index]}
+        image = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))     # (C, *size)
+        return {"image": image, "label": self.labels[index], "image_id": self.ids[index]}
 
 
 # ------------------------------------------------------------------------------- resumable loader

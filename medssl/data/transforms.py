@@ -59,7 +59,8 @@ class MatchSpatialDims(Transform):
         if rank == 3 and self.spatial_dims == 2 and img.shape[-1] == 1:
             img, rank = MetaTensor(img.as_tensor()[..., 0], affine=img.affine), 2   # (C, X, Y, 1) -> (C, X, Y)
         if self.spatial_dims == 3 and (rank == 2 or 1 in img.shape[1:]):
-            raise DataError(f"a 2D image {tuple(img.shape[1:])} cannot enter a 3D pipeline", where="preprocess.spatial_dims",
+            raise DataError(f"a 2D image {tuple(img.shape[1:])} cannot enter a 3D pipeline",
+                            where="preprocess.spatial_dims",
                             fix="use a 2D pipeline (spatial_dims: 2) for radiographs and single slices")
         if rank == 3 and self.spatial_dims == 2 and not self.slices_from_3d:
             raise DataError(f"a 3D volume {tuple(img.shape[1:])} cannot enter a 2D pipeline",
