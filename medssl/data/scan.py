@@ -126,8 +126,9 @@ def dicom_header(path: str, max_image_mb: float, force: bool = False) -> dict:
     meta_class = str(getattr(ds.get("file_meta", {}), "get", lambda *_: "")("MediaStorageSOPClassUID", ""))
     if meta_class == DICOMDIR_CLASS or "DirectoryRecordSequence" in ds:
         return {"skip": "not an image: DICOMDIR (directory index)"}
-    if force and "SOPClassUID" not in ds and "Rows" not in ds:
-        return {"skip": "not an image: neither DICOM nor NIfTI"}
+    if "SOPClassUID" not in ds and "Rows" not in ds:  # parsed, but into nothing an image would hold
+        return {"skip": "not an image: neither DICOM nor NIfTI" if force else
+                "unreadable: DICOM header holds neither SOPClassUID nor Rows (corrupt file?)"}
     modality = str(ds.get("Modality", "") or "OT").upper()
     if modality in NOT_IMAGES:
         return {"skip": f"not an image: {modality} object"}
