@@ -124,3 +124,15 @@ def test_classification_metrics_adds_patient_cis():
     m = classification_metrics(y, score, threshold=0.5, groups=groups, n_boot=100, seed=0)
     assert 0 <= m["auroc_ci_low"] <= m["auroc"] <= m["auroc_ci_high"] <= 1
     assert m["boot_skipped"] == 0
+
+
+def test_resample_metrics_equal_scikit_learn_with_ties():
+    from medssl.evaluate.metrics import resample_metrics
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        y = rng.integers(0, 2, 40)
+        y[:2] = [0, 1]
+        p = np.round(rng.random(40), 1)  # many ties
+        fast, full = resample_metrics(y, p, 0.5), binary_metrics(y, p, 0.5)
+        for name, value in fast.items():
+            assert value == pytest.approx(full[name]), name

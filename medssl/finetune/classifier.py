@@ -75,16 +75,17 @@ def check_images(encoder: nn.Module, sample: torch.Tensor, spatial_dims: int, in
                         fix="set preprocess.size to the encoder's input size") from None
 
 
-def check_labels(y_train, y_val, n_classes: int, rung: str, class_names: dict | None = None):
-    """Every class must be in the rung's training subset and in validation (thresholds, early stopping)."""
+def check_labels(splits: dict, n_classes: int, rung: str, class_names: dict | None = None):
+    """Every class must be in the rung's training subset, in validation (thresholds, early stopping) and in
+    test (AUROC). `splits`: {"training subset": labels, "validation split": labels, ...}."""
     names = class_names or {}
     if n_classes < 2:
         raise DataError("fewer than two classes are labelled", where=f"rung {rung}",
                         fix="label at least one image of each class")
-    for split, y in (("training subset", y_train), ("validation split", y_val)):
+    for split, y in splits.items():
         if len(y) == 0:
-            raise DataError(f"the {split} has no labelled images", where=f"rung {rung}",
-                            fix="check the label column and the splits")
+            raise DataError(f"the {split} of rung {rung} has no labelled images", where=f"rung {rung}",
+                            fix="check the label column, the splits and the preprocessing cache")
         missing = sorted(set(range(n_classes)) - set(np.asarray(y, int).tolist()))
         if missing:
             shown = ", ".join(f"{c} ({names[c]})" if c in names else str(c) for c in missing)

@@ -1,0 +1,318 @@
+"""The label ladder: every (rung, seed) x protocol, SSL-initialised and from scratch, as MLflow child runs.
+
+For each rung (a labelled training subset for one seed) and protocol the scratch run goes first, then the
+SSL run on the SAME subset, seed, epochs and validation/test images; the SSL row carries the paired
+SSL - scratch difference (paired patient bootstrap on the same test images). In the linear protocol
+"scratch" is a FROZEN randomly initialised encoder (a random-features baseline, not a trained network).
+
+`out_dir/results.csv` gets one row per finished child, appended (and flushed) the moment it finishes, so an
+interrupted ladder resumes where it stopped: children with status "ok" are never redone, failed ones are
+tried again. A failing child is recorded with its error and the ladder goes on with the others.
+"""
+from __future__ import annotations
+
+import re
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from medssl.config import EncoderConfig, FinetuneConfig
+from medssl.errors import MedsslError
+from medssl.evaluate.bootstrap import paired_bootstrap
+from medssl.evaluate.metrics import classification_metrics, multiclass_metrics, positive_scores, resample_metrics
+from medssl.finetune.classifier import check_images, check_labels, fit
+from medssl.finetune.predict import score_dataset, write_evaluation
+
+INITS = ("scratch", "ssl")  # scratch first: the SSL row then carries the paired difference
+RESULTS = "results.csv"
+PAIRED = ("auroc", "auprc")  # threshold-free, so the two models' own thresholds do not blur the difference
+console = Console(stderr=True)
+
+
+@dataclass
+class LadderContext:
+    """What every child of one ladder shares."""
+    cfg: FinetuneConfig
+    encoder_source: str
+    info: dict
+    encoder_cfg: EncoderConfig
+    spatial_dims: int
+    img_size: list[int]
+    cache: object
+    codes: dict
+    patients: dict
+    val_ids: list[str]
+    test_ids: list[str]
+    n_classes: int
+    out_dir: Path
+    tracker: object
+    log_models: bool
+    class_names: dict
+    monitor: str
+
+
+def run_ladder(cfg: FinetuneConfig, encoder_source, cache, df: pd.DataFrame, label: str, rungs, out_dir,
+               tracker, encoder_cfg: EncoderConfig | None = None, spatial_dims: int | None = None,
+               img_size: list[int] | None = None, *, log_models: bool = True, class_names: dict | None = None,
+               monitor: str = "val_loss", registered_model_prefix: str | None = None) -> pd.DataFrame:
+    """Run (or resume) the ladder; returns one row per (rung, seed, protocol, init), failures included."""
+    ctx = _context(cfg, encoder_source, cache, df, label, out_dir, tracker, encoder_cfg, spatial_dims,
+                   img_size, log_models, class_names or {}, monitor)
+    results_csv = ctx.out_dir / RESULTS
+    done = finished_keys(results_csv)
+    plan = [(rung, protocol, init) for rung in rungs for protocol in cfg.protocols for init in INITS]
+    with _progress() as progress:
+        task = progress.add_task("ladder", total=len(plan), pace="")
+        started, ran = time.monotonic(), 0
+        for rung, protocol, init in plan:
+            key = child_key(rung, protocol, init)
+            if key not in done:
+                progress.update(task, description=f"ladder {key}")
+                append_result(results_csv, _safe_child(ctx, rung, protocol, init))
+                ran += 1
+            progress.update(task, advance=1, pace=f"{(time.monotonic() - started) / max(ran, 1):.1f} s/run")
+    results = read_results(results_csv)
+    _print_failures(results)
+    if cfg.register_model and log_models and getattr(tracker, "experiment", None):
+        register_best(ctx, results, registered_model_prefix or f"{tracker.experiment}-{label}")
+    return results
+
+
+def _context(cfg, encoder_source, cache, df, label, out_dir, tracker, encoder_cfg, spatial_dims, img_size,
+             log_models, class_names, monitor) -> LadderContext:
+    from medssl.data.splits import label_codes, labelled_ids
+    from medssl.models.encoders import load_encoder
+    _, info = load_encoder(encoder_source)  # fails early on a missing or broken encoder file
+    codes = label_codes(df, label)
+    labelled = codes.notna()
+    code_of = dict(zip(df.loc[labelled, "image_id"], codes[labelled].astype(int)))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return LadderContext(
+        cfg=cfg, encoder_source=str(encoder_source), info=info,
+        encoder_cfg=encoder_cfg or EncoderConfig.model_validate(info["encoder"]),
+        spatial_dims=spatial_dims or int(info["spatial_dims"]), img_size=list(img_size or info["img_size"]),
+        cache=cache, codes=code_of, patients=dict(zip(df["image_id"], df["patient_id"])),
+        val_ids=[i for i in labelled_ids(df, label, "val") if cache.has(i)],
+        test_ids=[i for i in labelled_ids(df, label, "test") if cache.has(i)],
+        n_classes=int(max(code_of.values(), default=0)) + 1, out_dir=out_dir, tracker=tracker,
+        log_models=log_models, class_names=class_names, monitor=monitor)
+
+
+# ------------------------------------------------------------------------------------------ one child
+def child_key(rung, protocol: str, init: str) -> str:
+    return f"{rung.name}/seed{rung.seed}/{protocol}/{init}"
+
+
+def _safe_child(ctx: LadderContext, rung, protocol: str, init: str) -> dict:
+    """One child; any failure becomes a 'failed' row (the error's first line) so the other rungs go on."""
+    base = {"key": child_key(rung, protocol, init), "rung": rung.name, "seed": rung.seed, "protocol": protocol,
+            "init": init, "n_labelled": len(rung.image_ids)}
+    try:
+        return {**base, **_run_child(ctx, rung, protocol, init), "status": "ok", "error": ""}
+    except Exception as err:  # noqa: BLE001 — recorded and reported; KeyboardInterrupt still stops
+        console.print(f"[red]failed[/] {base['key']}: {err}")
+        if not isinstance(err, MedsslError):  # a bug or a library error: the trace helps whoever reports it
+            console.print(traceback.format_exc(limit=-3), style="dim")
+        return {**base, "status": "failed", "error": str(err).splitlines()[0][:300]}
+
+
+def _run_child(ctx: LadderContext, rung, protocol: str, init: str) -> dict:
+    cfg, seed = ctx.cfg, ctx.cfg.seed + rung.seed
+    train_ids = [i for i in rung.image_ids if ctx.cache.has(i)]
+    y_train = [ctx.codes[i] for i in train_ids]
+    check_labels({"training subset": y_train, "validation split": [ctx.codes[i] for i in ctx.val_ids],
+                  "test split": [ctx.codes[i] for i in ctx.test_ids]}, ctx.n_classes, rung.name, ctx.class_names)
+    encoder = _encoder(ctx, init, seed)
+    train_ds, val_ds, test_ds = (_dataset(ctx, ids) for ids in (train_ids, ctx.val_ids, ctx.test_ids))
+    sample = train_ds[0]["image"]
+    check_images(encoder, sample, ctx.spatial_dims, ctx.encoder_cfg.in_channels, f"rung {rung.name}")
+    folder = ctx.out_dir / "children" / re.sub(r"[^A-Za-z0-9_.-]+", "__", child_key(rung, protocol, init))
+    with ctx.tracker.run(f"{rung.name} seed{rung.seed} {protocol} {init}", tags=_tags(ctx, rung, protocol, init)) as run:
+        ctx.tracker.log_params(_params(ctx, rung, protocol, init, y_train))
+        result = fit(encoder, train_ds, val_ds, ctx.n_classes, protocol, cfg, seed, ctx.monitor)
+        ids, probs = score_dataset(result.model, test_ds, cfg.batch_size)
+        y = np.array([ctx.codes[i] for i in ids])
+        values = classification_metrics(y, probs, result.threshold, [ctx.patients[i] for i in ids],
+                                        cfg.bootstrap, seed)
+        paths = write_evaluation(folder, ids, y, probs, values, result.threshold)
+        paths.append(_write_subset(folder, train_ids))
+        delta = _paired_delta(ctx, folder, rung, protocol, ids, y, probs, seed) if init == "ssl" else {}
+        _log_child(ctx, result, values, delta, paths, sample)
+        run_id = run.info.run_id
+    return {"run_id": run_id or "", "val_auroc": result.val_auroc, "val_loss": result.val_loss,
+            "epochs_trained": result.epochs, **values, **delta}
+
+
+def _encoder(ctx: LadderContext, init: str, seed: int):
+    from medssl.models.encoders import build_encoder, load_encoder
+    if init == "ssl":
+        return load_encoder(ctx.encoder_source)[0]
+    torch.manual_seed(seed)  # the random initialisation is part of the seed
+    return build_encoder(ctx.encoder_cfg, ctx.spatial_dims, ctx.img_size)
+
+
+def _dataset(ctx: LadderContext, ids: list[str]):
+    from medssl.data.loaders import ImageDataset
+    return ImageDataset(ctx.cache, ids, [ctx.codes[i] for i in ids])
+
+
+def _tags(ctx: LadderContext, rung, protocol: str, init: str) -> dict:
+    return {"medssl.stage": "finetune", "medssl.pretrain_run_id": ctx.info.get("pretrain_run_id") or "",
+            "medssl.manifest_digest": ctx.info.get("manifest_digest") or "", "medssl.rung": rung.name,
+            "medssl.seed": rung.seed, "medssl.init": init, "medssl.protocol": protocol,
+            "medssl.encoder_source": ctx.encoder_source}
+
+
+def _params(ctx: LadderContext, rung, protocol: str, init: str, y_train) -> dict:
+    counts = np.bincount(np.asarray(y_train, int), minlength=ctx.n_classes)
+    return {"rung": rung.name, "seed": rung.seed, "protocol": protocol, "init": init,
+            "n_labelled": len(y_train), "n_val": len(ctx.val_ids), "n_test": len(ctx.test_ids),
+            "train_class_counts": counts.tolist(), "n_classes": ctx.n_classes, "spatial_dims": ctx.spatial_dims,
+            "img_size": ctx.img_size, "encoder": ctx.encoder_cfg.model_dump(), "finetune": ctx.cfg.model_dump(),
+            "monitor": ctx.monitor}
+
+
+def _write_subset(folder: Path, train_ids: list[str]) -> Path:
+    path = folder / "train_subset_ids.txt"
+    path.write_text("\n".join(train_ids) + "\n")
+    return path
+
+
+def _paired_delta(ctx, folder: Path, rung, protocol: str, ids, y, probs, seed: int) -> dict:
+    """SSL - scratch on the same test images and patient resamples (scratch predictions read back)."""
+    scratch_dir = folder.parent / folder.name.replace("__ssl", "__scratch")
+    scratch_csv = scratch_dir / "predictions.csv"
+    if not scratch_csv.is_file():
+        return {}  # the scratch child failed: no pair to compare with
+    scratch = pd.read_csv(scratch_csv).set_index("image_id").loc[list(ids)]
+    cols = ["score"] if "score" in scratch else [f"score_{k}" for k in range(ctx.n_classes)]
+    other = scratch[cols].to_numpy().squeeze(axis=1) if cols == ["score"] else scratch[cols].to_numpy()
+    fn = (lambda a, s: resample_metrics(a, s, 0.5)) if other.ndim == 1 else multiclass_metrics
+    names = PAIRED if other.ndim == 1 else ("auroc",)
+    out, skipped = paired_bootstrap(fn, y, positive_scores(probs), other, [ctx.patients[i] for i in ids],
+                                    ctx.cfg.bootstrap, seed, names=names)
+    delta = {}
+    for name, (diff, low, high) in out.items():
+        delta.update({f"delta_{name}": diff, f"delta_{name}_ci_low": low, f"delta_{name}_ci_high": high})
+    return {**delta, "delta_boot_skipped": float(skipped)}
+
+
+def _log_child(ctx: LadderContext, result, values: dict, delta: dict, paths: list[Path], sample) -> None:
+    tracker = ctx.tracker
+    for row in result.history:
+        tracker.log_metrics({"val_loss": row["val_loss"], "val_auroc": row["val_auroc"]}, step=row["epoch"])
+    tracker.log_metrics({**{f"test_{k}": v for k, v in values.items() if np.isfinite(v)},
+                         **{k: v for k, v in delta.items() if np.isfinite(v)},
+                         "best_val_auroc": result.val_auroc, "best_val_loss": result.val_loss,
+                         "epochs_trained": result.epochs})
+    for path in paths:
+        tracker.log_artifact(path, "evaluation" if path.suffix != ".txt" else "subset")
+    if ctx.log_models and getattr(tracker, "experiment", None):
+        log_model(tracker, result.model, sample)
+
+
+def log_model(tracker, model, sample: torch.Tensor) -> None:
+    """MLflow pytorch flavour under artifact path "model", with signature and a one-image input example.
+
+    Saved locally then sent as artifacts through the tracker (its outbox survives a server outage).
+    pip requirements are given, not inferred: inference loads the model in a subprocess (seconds per child).
+    Pickle serialisation (not torch.export "pt2"): the loaded object is the Classifier itself, with its
+    validation threshold buffer and `.eval()`; loading needs medssl importable.
+    """
+    import monai
+    import mlflow.pytorch
+    from mlflow.models import infer_signature
+    example = sample[None].float().numpy()  # (1, C, *spatial)
+    with torch.no_grad():
+        logits = model.eval()(torch.from_numpy(example)).numpy()  # (1, K)
+    with tempfile.TemporaryDirectory() as tmp:
+        mlflow.pytorch.save_model(model, f"{tmp}/model", signature=infer_signature(example, logits),
+                                  input_example=example, serialization_format="pickle",
+                                  pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                                                    f"monai=={monai.__version__}", "medssl"])
+        tracker.log_artifact(f"{tmp}/model", "model")
+
+
+# ------------------------------------------------------------------------------------- results file
+def finished_keys(results_csv: Path) -> set[str]:
+    results = read_results(results_csv)
+    return set(results.loc[results["status"] == "ok", "key"]) if len(results) else set()
+
+
+def append_result(results_csv: Path, row: dict) -> None:
+    """Append one row; new metric columns widen the file (rewritten), so rows never misalign."""
+    old = read_results(results_csv)
+    new = pd.DataFrame([row])
+    if len(old) and set(new.columns) <= set(old.columns):
+        new[old.columns.difference(new.columns)] = np.nan
+        new[list(old.columns)].to_csv(results_csv, mode="a", header=False, index=False)
+    else:
+        pd.concat([old, new], ignore_index=True).to_csv(results_csv, index=False)
+
+
+def read_results(results_csv: Path) -> pd.DataFrame:
+    """All rows, the latest per child (a failed child that succeeded on a rerun shows as ok)."""
+    results_csv = Path(results_csv)
+    if not results_csv.is_file() or results_csv.stat().st_size == 0:
+        return pd.DataFrame(columns=["key", "status"])
+    results = pd.read_csv(results_csv, keep_default_na=True)
+    return results.drop_duplicates("key", keep="last").reset_index(drop=True)
+
+
+def _print_failures(results: pd.DataFrame) -> None:
+    failed = results[results["status"] != "ok"]
+    if len(failed):
+        console.print(f"[red]{len(failed)} of {len(results)} ladder runs failed[/] (kept in results.csv):")
+        for _, row in failed.iterrows():
+            console.print(f"  {row['key']}: {row['error']}")
+
+
+def _progress() -> Progress:
+    # throughput as seconds per child run (runs take seconds to hours: runs/s would read 0.00)
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[pace]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=console, transient=False)
+
+
+# ------------------------------------------------------------------------------------- model registry
+def register_best(ctx: LadderContext, results: pd.DataFrame, prefix: str) -> dict[str, str]:
+    """Per rung: the child with the best validation AUROC (any seed, init, protocol) -> a model version.
+
+    Idempotent: a run already registered under the rung's name is not registered again (resumed ladders).
+    """
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(ctx.tracker.tracking_uri)
+    registered = {}
+    ok = results[(results["status"] == "ok") & results["run_id"].fillna("").astype(bool)]
+    for rung, part in ok.groupby("rung"):
+        best = part.loc[part["val_auroc"].idxmax()]
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{prefix}-{rung}")
+        try:
+            known = {v.run_id: v.version for v in client.search_model_versions(f"name='{name}'")}
+        except Exception:  # noqa: BLE001 — no such model yet
+            known = {}
+        if best["run_id"] in known:
+            registered[rung] = known[best["run_id"]]
+            continue
+        tags = {**_tags(ctx, _RungRef(rung, int(best["seed"])), best["protocol"], best["init"]),
+                "medssl.val_auroc": f"{best['val_auroc']:.4f}", "medssl.test_auroc": f"{best['auroc']:.4f}"}
+        version = ctx.tracker.register_model("model", name, tags, run_id=best["run_id"])
+        if version:
+            registered[rung] = version
+            console.print(f"registered [bold]{name}[/] v{version} ({best['key']}, val AUROC {best['val_auroc']:.3f})")
+    return registered
+
+
+@dataclass
+class _RungRef:
+    name: str
+    seed: int

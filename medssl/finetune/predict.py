@@ -1,0 +1,163 @@
+"""Score a trained classifier: external validation on another manifest, and plain predictions for new scans.
+
+A model source is an MLflow URI ("runs:/<id>/model", "models:/<name>/<version>"), a local MLflow model
+folder, or a plain-dict classifier file written by `save_classifier`. Binary calls use the operating point
+chosen on the ORIGINAL validation split (stored in the model), never one re-tuned on the data being scored.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from medssl.errors import DataError, TrainingError
+from medssl.evaluate import plots
+from medssl.evaluate.metrics import classification_metrics, confusion_from_metrics, positive_scores
+from medssl.finetune.classifier import Classifier
+
+FORMAT = "medssl-classifier/1"
+
+
+def save_classifier(path: Path, model: Classifier, encoder_info: dict) -> Path:
+    """Plain dict (like the encoder file): loads with torch.load alone, no pickled classes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, "encoder": encoder_info["encoder"], "spatial_dims": encoder_info["spatial_dims"],
+               "img_size": encoder_info["img_size"], "n_classes": model.head.out_features,
+               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    torch.save(payload, path)
+    return path
+
+
+def load_model(source: str | Path, tracking_uri: str | None = None) -> Classifier:
+    """`tracking_uri` (default: $MLFLOW_TRACKING_URI / MLflow's default) resolves runs:/ and models:/ URIs."""
+    text = str(source)
+    try:
+        if text.startswith(("runs:/", "models:/")):
+            text = _download(text, tracking_uri)
+        if Path(text, "MLmodel").is_file():
+            import mlflow.pytorch
+            return mlflow.pytorch.load_model(text, map_location="cpu").eval()
+        payload = torch.load(text, map_location="cpu", weights_only=True)
+    except Exception as err:  # MLflow and torch raise many types; the user needs the source and the reason
+        raise TrainingError(f"cannot load the classifier: {err}", where=text,
+                            fix="give runs:/<run id>/model, models:/<name>/<version> or a classifier file") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise TrainingError(f"not a {FORMAT} file", where=text, fix="use a file written by save_classifier")
+    from medssl.config import EncoderConfig
+    from medssl.models.encoders import build_encoder
+    encoder = build_encoder(EncoderConfig.model_validate(payload["encoder"]), payload["spatial_dims"],
+                            payload["img_size"])
+    model = Classifier(encoder, payload["n_classes"])
+    model.load_state_dict(payload["state_dict"])
+    return model.eval()
+
+
+def _download(uri: str, tracking_uri: str | None) -> str:
+    """runs:/ or models:/<name>/<version> -> local MLflow model folder, against the given tracking store.
+    (MLflow resolves models:/ against the process-wide registry, which a Tracker does not set.)"""
+    import mlflow.artifacts
+    from mlflow.tracking import MlflowClient
+    if uri.startswith("models:/"):
+        name, _, version = uri[len("models:/"):].rstrip("/").rpartition("/")
+        uri = MlflowClient(tracking_uri, tracking_uri).get_model_version_download_uri(name, version)
+    return mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri)
+
+
+@torch.no_grad()
+def score_dataset(model: Classifier, dataset, batch_size: int = 16) -> tuple[list[str], np.ndarray]:
+    """(image ids, class probabilities (N, K)) in dataset order."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = model.to(device).eval()
+    ids, probs = [], []
+    for batch in DataLoader(dataset, batch_size=batch_size):
+        probs.append(torch.softmax(model(batch["image"].float().to(device)), dim=1).cpu())
+        ids.extend(batch["image_id"])
+    model.cpu()
+    return ids, torch.cat(probs).numpy()
+
+
+def prediction_frame(ids, probs: np.ndarray, threshold: float) -> pd.DataFrame:
+    """image_id, score (binary) or score_<k> (multi-class), predicted class."""
+    frame = pd.DataFrame({"image_id": list(ids)})
+    scores = positive_scores(probs)
+    if scores.ndim == 1:
+        frame["score"] = scores
+        frame["predicted"] = (scores >= threshold).astype(int)
+    else:
+        for k in range(scores.shape[1]):
+            frame[f"score_{k}"] = scores[:, k]
+        frame["predicted"] = scores.argmax(axis=1)
+    return frame
+
+
+def predict(model_source, cache, df: pd.DataFrame, out_csv: Path, batch_size: int = 16,
+            tracking_uri: str | None = None) -> pd.DataFrame:
+    """Predictions for every cached image of `df`; images missing from the cache are listed, not fatal."""
+    model = load_model(model_source, tracking_uri)
+    ids, missing = _cached_ids(cache, df["image_id"])
+    ids_scored, probs = score_dataset(model, _dataset(cache, ids, [0] * len(ids)), batch_size)
+    frame = prediction_frame(ids_scored, probs, float(model.threshold))
+    out_csv = Path(out_csv)
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(out_csv, index=False)
+    if missing:
+        pd.DataFrame({"image_id": missing, "reason": "not in the preprocessing cache"}).to_csv(
+            out_csv.with_suffix(".skipped.csv"), index=False)
+    return frame
+
+
+def evaluate_model(model_source, cache, df: pd.DataFrame, label: str, out_dir: Path, tracker=None,
+                   n_boot: int = 1000, seed: int = 0, batch_size: int = 16) -> dict:
+    """External validation: the ladder's metrics (patient-bootstrap CIs) on the labelled images of `df`."""
+    from medssl.data.splits import label_codes
+    out_dir = Path(out_dir)
+    model = load_model(model_source, getattr(tracker, "tracking_uri", None))
+    codes = label_codes(df, label)
+    labelled = df[codes.notna()]
+    ids, _ = _cached_ids(cache, labelled["image_id"])
+    y_by_id = dict(zip(labelled["image_id"], codes[codes.notna()].astype(int)))
+    n_classes = model.head.out_features
+    if not ids or max(y_by_id[i] for i in ids) >= n_classes:
+        raise DataError(f"labels of column '{label}' do not fit the model's {n_classes} classes "
+                        f"(or no labelled image is cached)", where=label, fix="check the label column")
+    ids, probs = score_dataset(model, _dataset(cache, ids, [y_by_id[i] for i in ids]), batch_size)
+    y = np.array([y_by_id[i] for i in ids])
+    groups = labelled.set_index("image_id").loc[ids, "patient_id"].tolist()
+    values = classification_metrics(y, probs, float(model.threshold), groups=groups, n_boot=n_boot, seed=seed)
+    paths = write_evaluation(out_dir, ids, y, probs, values, float(model.threshold))
+    if tracker is not None:  # its own run (a child of whatever run is open), never the training run
+        with tracker.run("external-validation", tags={"medssl.stage": "evaluate", "medssl.model": str(model_source)}):
+            tracker.log_params({"model": str(model_source), "label": label, "images": len(ids), "n_boot": n_boot})
+            tracker.log_metrics({k: v for k, v in values.items() if np.isfinite(v)})
+            for path in paths:
+                tracker.log_artifact(path, "external_validation")
+    return values
+
+
+def write_evaluation(out_dir: Path, ids, y, probs, values: dict, threshold: float) -> list[Path]:
+    """predictions.csv, metrics.json and the ROC / PR / confusion-matrix images of one evaluated model."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    frame = prediction_frame(ids, probs, threshold)
+    frame.insert(1, "label", y)
+    frame.to_csv(out_dir / "predictions.csv", index=False)
+    (out_dir / "metrics.json").write_text(json.dumps(values, indent=1))
+    scores = positive_scores(probs)
+    return [out_dir / "predictions.csv", out_dir / "metrics.json",
+            plots.save(plots.roc_figure(y, scores), out_dir / "roc.png"),
+            plots.save(plots.pr_figure(y, scores), out_dir / "pr.png"),
+            plots.save(plots.confusion_figure(confusion_from_metrics(values)), out_dir / "confusion.png")]
+
+
+def _cached_ids(cache, image_ids) -> tuple[list[str], list[str]]:
+    ids = [str(i) for i in image_ids]
+    return [i for i in ids if cache.has(i)], [i for i in ids if not cache.has(i)]
+
+
+def _dataset(cache, ids, labels):
+    from medssl.data.loaders import ImageDataset
+    return ImageDataset(cache, ids, labels)

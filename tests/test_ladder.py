@@ -1,0 +1,166 @@
+"""A tiny end-to-end ladder on CPU: real anatomy (pydicom CT slice, nibabel T1 volume) made into pseudo-patients,
+a bright blob as the positive finding, a tiny ViT, MLflow in a SQLite store under tmp_path."""
+import os
+import sys
+import types
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from medssl.config import EncoderConfig, FinetuneConfig
+from medssl.data.splits import Rung
+from medssl.models.encoders import build_encoder, save_encoder
+from medssl.tracking import Tracker
+
+EDGE = 16
+
+
+class DictCache:
+    """Stand-in for VolumeCache: preprocessed (C, *spatial) arrays by image id."""
+
+    def __init__(self, arrays: dict):
+        self.arrays = arrays
+
+    def has(self, image_id):
+        return image_id in self.arrays
+
+    def get(self, image_id):
+        return self.arrays[image_id]
+
+
+class _ImageDataset(torch.utils.data.Dataset):
+    """Stand-in with the contract of medssl.data.loaders.ImageDataset (used until that module lands)."""
+
+    def __init__(self, cache, image_ids, labels):
+        self.cache, self.image_ids, self.labels = cache, list(image_ids), list(labels)
+
+    def __len__(self):
+        return len(self.image_ids)
+
+    def __getitem__(self, i):
+        return {"image": torch.as_tensor(np.asarray(self.cache.get(self.image_ids[i]), np.float32)),
+                "label": int(self.labels[i]), "image_id": self.image_ids[i]}
+
+
+@pytest.fixture(autouse=True)
+def image_dataset(monkeypatch):
+    try:
+        import medssl.data.loaders  # noqa: F401
+    except ImportError:
+        module = types.ModuleType("medssl.data.loaders")
+        module.ImageDataset = _ImageDataset
+        monkeypatch.setitem(sys.modules, "medssl.data.loaders", module)
+
+
+def anatomy(spatial_dims: int) -> np.ndarray:
+    """A real image, shrunk to EDGE^d and scaled to [0, 1]."""
+    if spatial_dims == 2:
+        image = pydicom.dcmread(pydicom.data.get_testdata_file("CT_small.dcm")).pixel_array.astype(np.float32)
+    else:
+        path = os.path.join(os.path.dirname(nib.__file__), "tests", "data", "anatomical.nii")
+        image = np.asarray(nib.load(path).dataobj, np.float32)
+    index = np.ix_(*[np.linspace(0, n - 1, EDGE).round().astype(int) for n in image.shape])
+    image = image[index]
+    return (image - image.min()) / (image.max() - image.min())
+
+
+def cohort(spatial_dims: int, n_patients: int = 12, seed: int = 0):
+    """Two images per patient; label 1 = a bright blob. Patients split 6 train / 3 val / 3 test."""
+    rng = np.random.default_rng(seed)
+    base, arrays, rows = anatomy(spatial_dims), {}, []
+    grid = np.stack(np.meshgrid(*[np.arange(EDGE)] * spatial_dims, indexing="ij"))
+    for p in range(n_patients):
+        split = "train" if p < 6 else "val" if p < 9 else "test"
+        for k in range(2):
+            label = (p + k) % 2
+            image = np.roll(base, rng.integers(-2, 3, spatial_dims), axis=tuple(range(spatial_dims)))
+            image = image * rng.uniform(0.8, 1.2) + rng.normal(0, 0.05, image.shape)
+            if label:
+                centre = rng.integers(4, EDGE - 4, spatial_dims).reshape(-1, *[1] * spatial_dims)
+                image = image + 1.5 * np.exp(-((grid - centre) ** 2).sum(0) / 4.0)
+            image_id = f"img-{spatial_dims}d{p:02d}{k}"
+            arrays[image_id] = image[None].astype(np.float32)  # (1, *spatial)
+            rows.append({"image_id": image_id, "patient_id": f"pat-{p:012x}", "split": split, "label": label})
+    return DictCache(arrays), pd.DataFrame(rows)
+
+
+def tiny_encoder_file(tmp_path, spatial_dims: int):
+    cfg = EncoderConfig(name="vit", patch_size=8, hidden_size=16, num_layers=1, num_heads=2, mlp_dim=16)
+    torch.manual_seed(0)
+    encoder = build_encoder(cfg, spatial_dims, [EDGE] * spatial_dims)
+    return save_encoder(tmp_path / f"encoder{spatial_dims}d.pt", encoder, cfg, spatial_dims, [EDGE] * spatial_dims,
+                        pretrain_run_id="pretrain123", manifest_digest="digest456")
+
+
+def rungs_of(df, sizes=(2, 3)):
+    """Nested per-class rungs from the training split, seed 0."""
+    train = df[df["split"] == "train"]
+    by_class = {c: sorted(train.loc[train["label"] == c, "image_id"]) for c in (0, 1)}
+    return [Rung(f"per_class_{n}", 0, tuple(sorted(by_class[0][:n] + by_class[1][:n]))) for n in sizes]
+
+
+def children_of(client, experiment_id, parent_id):
+    return client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_ladder_end_to_end_and_resume(tmp_path, spatial_dims):
+    from medssl.finetune.ladder import run_ladder
+    from medssl.finetune.predict import evaluate_model, predict
+    cache, df = cohort(spatial_dims)
+    encoder = tiny_encoder_file(tmp_path, spatial_dims)
+    train0 = tuple(df.loc[(df["split"] == "train") & (df["label"] == 0), "image_id"][:3])
+    rungs = rungs_of(df) + [Rung("only_negatives", 0, train0)]
+    protocols = ["linear", "finetune"] if spatial_dims == 2 else ["finetune"]
+    cfg = FinetuneConfig(protocols=protocols, epochs=2, batch_size=4, bootstrap=50, patience=1)
+    tracker = Tracker("ladder-test", f"sqlite:///{tmp_path}/mlflow.db", outbox_dir=tmp_path / "outbox")
+    out = tmp_path / "ladder"
+    with tracker.run("ladder") as parent:
+        results = run_ladder(cfg, encoder, cache, df, "label", rungs, out, tracker)
+    n_ok = 2 * len(protocols) * 2  # 2 good rungs x protocols x {scratch, ssl}
+    assert (results["status"] == "ok").sum() == n_ok
+    failed = results[results["status"] == "failed"]
+    assert len(failed) == len(protocols) * 2 and failed["error"].str.contains("lacks class 1").all()
+    assert results.loc[results["status"] == "ok", "auroc"].between(0, 1).all()
+    ssl = results[(results["status"] == "ok") & (results["init"] == "ssl")]
+    assert ssl["delta_auroc"].notna().all() and (ssl["delta_auroc_ci_low"] <= ssl["delta_auroc_ci_high"]).all()
+
+    client = MlflowClient(tracker.tracking_uri)
+    experiment = client.get_experiment_by_name("ladder-test").experiment_id
+    children = children_of(client, experiment, parent.info.run_id)
+    assert len(children) == n_ok  # failed rungs fail their checks before a run is opened
+    for child in children:
+        tags = child.data.tags
+        assert tags["medssl.pretrain_run_id"] == "pretrain123" and tags["medssl.manifest_digest"] == "digest456"
+        assert {"medssl.rung", "medssl.seed", "medssl.init", "medssl.protocol"} <= set(tags)
+        assert "test_auroc" in child.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(children[0].info.run_id, "evaluation")}
+    assert {"evaluation/roc.png", "evaluation/pr.png", "evaluation/confusion.png"} <= artifacts
+    versions = {v.name: v for v in client.search_model_versions("name LIKE 'ladder-test-label-%'")}
+    assert set(versions) == {"ladder-test-label-per_class_2", "ladder-test-label-per_class_3"}
+    version = versions["ladder-test-label-per_class_2"]
+    assert version.tags["medssl.pretrain_run_id"] == "pretrain123" and version.tags["medssl.manifest_digest"] == "digest456"
+
+    # interrupted after all but the last finished child: only that one (and the failed rung) are redone
+    csv = out / "results.csv"
+    lines = csv.read_text().splitlines()
+    last_ok = results[results["status"] == "ok"]["key"].iloc[-1]
+    csv.write_text("\n".join(l for l in lines if not l.startswith(last_ok + ",")) + "\n")
+    with tracker.run("ladder") as parent2:
+        again = run_ladder(cfg, encoder, cache, df, "label", rungs, out, tracker)
+    assert len(children_of(client, experiment, parent2.info.run_id)) == 1
+    assert set(again.loc[again["status"] == "ok", "key"]) == set(results.loc[results["status"] == "ok", "key"])
+    assert len(client.search_model_versions("name LIKE 'ladder-test-label-%'")) <= 3  # no duplicate of unchanged bests
+
+    # external validation and predictions with the registered model
+    model_uri = f"models:/{version.name}/{version.version}"
+    test_df = df[df["split"] == "test"]
+    values = evaluate_model(model_uri, cache, test_df, "label", tmp_path / "external", tracker, n_boot=20)
+    assert 0 <= values["auroc"] <= 1 and (tmp_path / "external" / "roc.png").is_file()
+    frame = predict(model_uri, cache, test_df, tmp_path / "pred.csv", tracking_uri=tracker.tracking_uri)
+    assert list(frame.columns) == ["image_id", "score", "predicted"] and len(frame) == len(test_df)
