@@ -78,3 +78,47 @@ def write_messy_folder(root: Path, rng: np.random.Generator) -> dict:
     (root / "empty.dcm").write_bytes(b"")
     return {"people": people, "study": study, "series": series, "good": good, "scout": scout, "dup": dup,
             "gap": gap, "cr": cr, "nifti": nii}
+
+
+def write_enhanced(vol: np.ndarray, affine: np.ndarray, path: Path, *, patient_id: str, frame_order=None,
+                   rescale=(1.0, 0.0)) -> Path:
+    """An Enhanced MR (multi-frame) object; frames stored in `frame_order` (shuffled tests frame sorting)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+    from medssl.data.dicom_writer import _ds, affine_to_dicom
+    geo, n = affine_to_dicom(affine), vol.shape[2]
+    order = list(range(n)) if frame_order is None else list(frame_order)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4.1"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.PatientName, ds.PatientID, ds.Modality = "Enhanced^Test", patient_id, "MR"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = generate_uid(), generate_uid(), generate_uid()
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NONE"]
+    shared = Dataset()
+    shared.PlaneOrientationSequence = Sequence([Dataset()])
+    shared.PlaneOrientationSequence[0].ImageOrientationPatient = _ds(geo["iop"])
+    shared.PixelMeasuresSequence = Sequence([Dataset()])
+    shared.PixelMeasuresSequence[0].PixelSpacing = _ds(geo["pixel_spacing"])
+    shared.PixelMeasuresSequence[0].SliceThickness = _ds(np.linalg.norm(geo["slice_step"]))[0]
+    shared.PixelValueTransformationSequence = Sequence([Dataset()])
+    shared.PixelValueTransformationSequence[0].RescaleSlope = _ds(rescale[0])[0]
+    shared.PixelValueTransformationSequence[0].RescaleIntercept = _ds(rescale[1])[0]
+    shared.PixelValueTransformationSequence[0].RescaleType = "US"
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    frames = []
+    for k in order:
+        item = Dataset()
+        item.PlanePositionSequence = Sequence([Dataset()])
+        item.PlanePositionSequence[0].ImagePositionPatient = _ds(geo["origin"] + k * geo["slice_step"])
+        frames.append(item)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
+    ds.NumberOfFrames, ds.Rows, ds.Columns = n, vol.shape[1], vol.shape[0]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    pixels = np.stack([vol[:, :, k].T for k in order]).astype("<i2")  # (F, Rows, Columns)
+    ds.PixelData = pixels.tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
