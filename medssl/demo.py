@@ -1,0 +1,287 @@
+"""The embedded demo cohort: pseudo-subjects built offline from a real T1 brain MR, written like users' data.
+
+Source anatomy (see ../shared/DATA.md): the ITK KmeansTest T1 (Debian `insighttoolkit5-examples`, with its
+skull-strip map as brain mask) when installed, else nibabel's `tests/data/anatomical.nii` (always there with
+nibabel; brain mask by thresholding), so the demo runs with pip packages alone.
+
+Layout of `out/`:
+    images/<PatientID>/<StudyDate>_MR_BRAIN/T1_AX_3D/IM*.dcm       DICOM subjects (LPS slice order, shuffled names)
+    images/<PatientID>/ses-<StudyDate>/<PatientID>_ses-<StudyDate>_T1w.nii.gz (+ .json sidecar like dcm2niix -ba n)
+    images/README.txt, images/.DS_Store, one zero-byte .dcm in a DICOM series folder   (junk: must be skipped)
+    labels.csv     patient_id,label — PatientID as in the DICOM header / folder name; 1 = lesion, 0 = normal
+    truth.csv      one row per image: path, format, lesion centre (voxel) and volume; never given to models
+    .medssl-demo.json   the settings it was built with (a rebuild with the same settings is skipped)
+Patient names / ids / birth dates are fake but realistic, so pseudonymisation in the manifest is exercised.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+
+from medssl.config import DemoConfig
+from medssl.errors import DataError
+from medssl.lesions import (Anatomy, Deformation, insert_lesion, lesion_mask, random_pose, random_subject_shape,
+                            scanner_effects)
+
+ITK_T1 = Path("/usr/share/doc/insighttoolkit5-examples/examples/Data/KmeansTest_T1UCharRaw.nii.gz")
+ITK_BRAIN = ITK_T1.with_name("KmeansTest_T1RawSkullStrip.nii.gz")
+FORMAT_VERSION = 1
+SURNAMES = ["SMITH", "GARCIA", "MULLER", "ROSSI", "NOWAK", "TANAKA", "OKAFOR", "DUBOIS", "HANSEN", "SILVA",
+            "KOWALSKI", "NGUYEN", "JOHANSSON", "MARTIN", "BROWN", "FISCHER", "LOPEZ", "WILSON", "KIM", "SINGH"]
+GIVEN = ["ANNA", "JOHN", "MARIA", "PETER", "YUKI", "CHIDI", "CLAIRE", "LARS", "ANA", "PIOTR", "LINH", "ERIK",
+         "SOPHIE", "JAMES", "LENA", "CARLOS", "EMMA", "MIN", "PRIYA", "DAVID"]
+
+
+@dataclass
+class DemoCohort:
+    folder: Path            # the images folder to index (give it to the manifest)
+    labels_csv: Path        # patient_id,label
+    truth_csv: Path         # per image ground truth (lesion location), for tests and inspection
+    n_subjects: int
+    n_positive: int
+    n_images: int
+    n_dicom: int            # subjects written as DICOM series
+    source: str             # which real anatomy the cohort derives from
+
+
+# ------------------------------------------------------------------------------------------ anatomy
+def load_anatomy(source: str = "auto") -> Anatomy:
+    """"itk" | "nibabel" | "auto" (ITK T1 when installed, else nibabel's anatomical.nii)."""
+    if source == "itk" or (source == "auto" and ITK_T1.is_file() and ITK_BRAIN.is_file()):
+        if not ITK_T1.is_file():
+            raise DataError("the ITK T1 example volume is not installed", where=str(ITK_T1),
+                            fix="apt-get install insighttoolkit5-examples, or use source='nibabel'")
+        image = nib.as_closest_canonical(nib.load(ITK_T1))
+        brain = np.asarray(nib.as_closest_canonical(nib.load(ITK_BRAIN)).dataobj) > 0
+        return Anatomy(np.asarray(image.dataobj, np.float32), image.affine, brain, "itk-kmeans-t1")
+    from nibabel.testing import data_path
+    image = nib.as_closest_canonical(nib.load(Path(data_path) / "anatomical.nii"))
+    volume = np.asarray(image.dataobj, np.float32)
+    return Anatomy(volume, image.affine, _threshold_brain(volume), "nibabel-anatomical")
+
+
+def _threshold_brain(volume: np.ndarray) -> np.ndarray:
+    """Head mask without a segmentation: above 1/3 of the robust maximum, largest component, holes filled."""
+    mask = volume > np.percentile(volume, 99) / 3
+    labels, n = ndimage.label(ndimage.binary_opening(mask, iterations=1))
+    if n:
+        mask = labels == 1 + int(np.argmax(ndimage.sum(mask, labels, range(1, n + 1))))
+    return ndimage.binary_fill_holes(mask)
+
+
+def output_grid(anatomy: Anatomy, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(affine (4,4) RAS, points (3, size³) world mm): an isotropic cube over the brain plus 15 % margin."""
+    idx = np.argwhere(anatomy.brain)
+    corners = anatomy.affine[:3, :3] @ np.stack([idx.min(0), idx.max(0)]).T + anatomy.affine[:3, 3:4]
+    centre, edge = corners.mean(1), float(np.ptp(corners, axis=1).max()) * 1.15
+    spacing = round(edge / size, 2)
+    affine = np.diag([spacing, spacing, spacing, 1.0])
+    affine[:3, 3] = centre - spacing * (size - 1) / 2
+    grid = np.stack(np.meshgrid(*[np.arange(size)] * 3, indexing="ij")).reshape(3, -1)
+    return affine, affine[:3, :3] @ grid + affine[:3, 3:4]
+
+
+# ----------------------------------------------------------------------------------------- subjects
+@dataclass
+class Subject:
+    index: int
+    patient_id: str
+    patient_name: str
+    birth_date: str
+    sex: str
+    positive: bool
+    dicom: bool
+    n_studies: int
+
+
+def plan_subjects(cfg: DemoConfig, second_study_fraction: float) -> list[Subject]:
+    """Who is positive, who is DICOM, who has two studies: exact counts, positions shuffled by the seed."""
+    rng = np.random.default_rng([cfg.seed, 0])
+    n = cfg.subjects
+    n_pos = min(n - 1, max(1, round(n * cfg.positive_fraction)))
+    positive = np.zeros(n, bool)
+    positive[rng.permutation(n)[:n_pos]] = True
+    dicom = np.zeros(n, bool)
+    dicom[rng.permutation(n)[:round(n * cfg.dicom_fraction)]] = True
+    two = np.zeros(n, bool)
+    two[rng.permutation(n)[:round(n * second_study_fraction)]] = True
+    ids = rng.choice(9_000_000, size=n, replace=False) + 1_000_000  # unique 7-digit medical record numbers
+    return [Subject(i, f"MRN{ids[i]}", f"{rng.choice(SURNAMES)}^{rng.choice(GIVEN)}",
+                    f"{rng.integers(1940, 2005)}{rng.integers(1, 13):02d}{rng.integers(1, 29):02d}",
+                    str(rng.choice(["F", "M"])), bool(positive[i]), bool(dicom[i]), 1 + int(two[i]))
+            for i in range(n)]
+
+
+def render_subject(anatomy: Anatomy, grid_points: np.ndarray, size: int, seed: int, index: int,
+                   lesion: bool, n_studies: int = 1) -> list[dict]:
+    """Volumes (size³, RAS voxel order, float32) of one subject's studies, with the warped lesion mask.
+
+    Separate random streams for anatomy, lesion and each study: switching the lesion off changes nothing
+    else, which is what lets a test compare the same subject with and without it.
+    """
+    shape_rng = np.random.default_rng([seed, 1, index])
+    linear, elastic = random_subject_shape(shape_rng)
+    volume, soft, centre_mm = anatomy.volume, None, None
+    if lesion:
+        lesion_rng = np.random.default_rng([seed, 2, index])
+        soft_box, box, centre_mm = lesion_mask(anatomy, lesion_rng)
+        volume = insert_lesion(anatomy, soft_box, box, lesion_rng)
+        soft = np.zeros(anatomy.volume.shape, np.float32)
+        soft[box] = soft_box
+    inv = np.linalg.inv(anatomy.affine)
+    studies = []
+    for study in range(n_studies):
+        study_rng = np.random.default_rng([seed, 3, index, study])
+        rot, shift = random_pose(study_rng)
+        warp = Deformation(grid_points.mean(1), linear, elastic, rot, shift)
+        src = inv[:3, :3] @ warp(grid_points) + inv[:3, 3:4]  # (3, N) source voxel coordinates
+        out = ndimage.map_coordinates(volume, src, order=1, mode="constant").reshape((size,) * 3)
+        image = scanner_effects(out, grid_points, study_rng, gain=study_rng.uniform(3.0, 5.0))
+        mask = None if soft is None else ndimage.map_coordinates(soft, src, order=1).reshape((size,) * 3)
+        studies.append({"image": image, "lesion": mask, "centre_mm": centre_mm, "date": 20200101 + 10000 * study
+                        + int(study_rng.integers(1, 12)) * 100 + int(study_rng.integers(1, 28))})
+    return studies
+
+
+# ------------------------------------------------------------------------------------------ writing
+def _to_int16(image: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(image), 0, 32767).astype(np.int16)
+
+
+LPS_FLIP = np.array([[-1, 0, 0, 1], [0, -1, 0, 1], [0, 0, 1, 0], [0, 0, 0, 1]], float)  # column 3 scaled by n-1
+
+
+def write_dicom_study(image: np.ndarray, affine: np.ndarray, folder: Path, subject: Subject, study: int,
+                      date: int, seed: int) -> tuple[Path, np.ndarray]:
+    """Axial series as scanners send it: i runs to the patient's Left, j to Posterior (LPS voxel order)."""
+    from pydicom.uid import generate_uid
+    from medssl.data.dicom_writer import write_series
+    n = image.shape[0]
+    flip = LPS_FLIP.copy()
+    flip[:2, 3] *= n - 1
+    lps_affine = affine @ flip   # same world positions, voxel axes reversed along x and y
+    series_dir = folder / subject.patient_id / f"{date}_MR_BRAIN" / "T1_AX_3D"
+    uid = lambda kind: generate_uid(entropy_srcs=[str(seed), subject.patient_id, str(study), kind])  # noqa: E731
+    write_series(_to_int16(image[::-1, ::-1, :]), lps_affine, series_dir, patient_name=subject.patient_name,
+                 patient_id=subject.patient_id, study_uid=uid("study"), series_uid=uid("series"), modality="MR",
+                 series_description="T1 AX 3D", shuffle_names=True, rng=np.random.default_rng([seed, 4, subject.index]),
+                 extra={"StudyDate": str(date), "SeriesDate": str(date), "PatientBirthDate": subject.birth_date,
+                        "PatientSex": subject.sex, "InstitutionName": "St. Example General Hospital",
+                        "BodyPartExamined": "BRAIN"})
+    return series_dir, lps_affine
+
+
+def write_nifti_study(image: np.ndarray, affine: np.ndarray, folder: Path, subject: Subject, date: int,
+                      radiological: bool) -> tuple[Path, np.ndarray]:
+    """NIfTI with q- and s-form set; `radiological` stores it LAS (x reversed) as many converters do."""
+    data, out_affine = _to_int16(image), affine.copy()
+    if radiological:
+        data = data[::-1]
+        out_affine[:3, 0] *= -1
+        out_affine[:3, 3] = affine[:3, :3] @ [image.shape[0] - 1, 0, 0] + affine[:3, 3]
+    session = f"ses-{date}"
+    path = folder / subject.patient_id / session / f"{subject.patient_id}_{session}_T1w.nii.gz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nii = nib.Nifti1Image(np.ascontiguousarray(data), out_affine)
+    nii.set_qform(out_affine, code=1)
+    nii.set_sform(out_affine, code=1)
+    nii.header.set_xyzt_units("mm", "sec")
+    nib.save(nii, path)
+    # the sidecar dcm2niix writes when asked not to anonymise (-ba n): identifiers a manifest must hash
+    sidecar = {"Modality": "MR", "SeriesDescription": "T1w", "PatientName": subject.patient_name,
+               "PatientID": subject.patient_id, "PatientBirthDate": subject.birth_date, "PatientSex": subject.sex,
+               "AcquisitionDateTime": f"{str(date)[:4]}-{str(date)[4:6]}-{str(date)[6:]}T12:00:00"}
+    path.with_name(path.name.replace(".nii.gz", ".json")).write_text(json.dumps(sidecar, indent=2))
+    return path, out_affine
+
+
+def write_junk(folder: Path, subjects: list[Subject]) -> None:
+    """What real exports carry besides images: every one must be skipped without stopping the indexing."""
+    (folder / "README.txt").write_text("Export from PACS. Demo data generated by medssl; not real patients.\n")
+    (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + bytes(64))
+    dicom = next((s for s in subjects if s.dicom), None)
+    if dicom is not None:
+        series = next((folder / dicom.patient_id).glob("*/T1_AX_3D"))
+        (series / "IM99999.dcm").write_bytes(b"")  # a transfer that never finished
+
+
+def _study_rows(subject: Subject, studies: list[dict], affine: np.ndarray, folder: Path, seed: int) -> list[dict]:
+    rows = []
+    for number, study in enumerate(studies):
+        if subject.dicom:
+            path, out_affine = write_dicom_study(study["image"], affine, folder, subject, number, study["date"], seed)
+        else:
+            path, out_affine = write_nifti_study(study["image"], affine, folder, subject, study["date"],
+                                                 radiological=subject.index % 2 == 1)
+        row = {"path": path.relative_to(folder).as_posix(), "patient_id": subject.patient_id,
+               "format": "dicom-series" if subject.dicom else "nifti", "study": number,
+               "label": int(subject.positive), "lesion_ml": 0.0, "lesion_centre_mm": ""}
+        if study["lesion"] is not None:
+            voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000.0
+            row["lesion_ml"] = round(float(study["lesion"].sum()) * voxel_ml, 3)
+            row["lesion_centre_mm"] = " ".join(f"{v:.1f}" for v in study["centre_mm"])
+        rows.append(row)
+    return rows
+
+
+def _reusable(out: Path, settings: dict) -> bool:
+    marker = out / ".medssl-demo.json"
+    return marker.is_file() and json.loads(marker.read_text()).get("settings") == settings
+
+
+def _prepare(out: Path) -> Path:
+    """Empty `out/images`, but only if medssl wrote it: never delete a user's folder by mistake."""
+    images = out / "images"
+    if out.exists() and any(out.iterdir()) and not (out / ".medssl-demo.json").is_file():
+        raise DataError("the demo output folder exists and was not written by medssl", where=str(out),
+                        fix="choose an empty or new folder for data.demo.out / `medssl demo-data OUT`")
+    shutil.rmtree(images, ignore_errors=True)
+    (out / ".medssl-demo.json").unlink(missing_ok=True)
+    images.mkdir(parents=True)
+    return images
+
+
+def build_demo_cohort(cfg: DemoConfig, out: Path | None = None, *, source: str = "auto",
+                      second_study_fraction: float = 0.2, progress: bool = True) -> DemoCohort:
+    """Write the demo cohort under `out` (default cfg.out); reuse it when built before with the same settings."""
+    out = Path(out or cfg.out)
+    anatomy = load_anatomy(source)
+    settings = {**cfg.model_dump(mode="json", exclude={"out"}), "source": anatomy.name,
+                "second_study_fraction": second_study_fraction, "format_version": FORMAT_VERSION}
+    if not _reusable(out, settings):
+        images = _prepare(out)
+        subjects = plan_subjects(cfg, second_study_fraction)
+        affine, points = output_grid(anatomy, cfg.size)
+        rows = []
+        for subject in _progress(subjects, progress):
+            studies = render_subject(anatomy, points, cfg.size, cfg.seed, subject.index, subject.positive,
+                                     subject.n_studies)
+            rows += _study_rows(subject, studies, affine, images, cfg.seed)
+        write_junk(images, subjects)
+        labels = pd.DataFrame({"patient_id": [s.patient_id for s in subjects],
+                               "label": [int(s.positive) for s in subjects]})
+        labels.to_csv(out / "labels.csv", index=False)
+        pd.DataFrame(rows).to_csv(out / "truth.csv", index=False)
+        (out / ".medssl-demo.json").write_text(json.dumps({"settings": settings}, indent=2))  # last: marks complete
+    truth = pd.read_csv(out / "truth.csv")
+    patients = truth.drop_duplicates("patient_id")
+    return DemoCohort(out / "images", out / "labels.csv", out / "truth.csv", len(patients),
+                      int(patients["label"].sum()), len(truth), int((patients["format"] != "nifti").sum()),
+                      anatomy.name)
+
+
+def _progress(items: list, enabled: bool):
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+    columns = [TextColumn("[bold]demo subjects"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("ETA"), TimeRemainingColumn()]
+    with Progress(*columns, disable=not enabled) as bar:
+        yield from bar.track(items)
