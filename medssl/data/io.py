@@ -12,6 +12,7 @@ Decisions (documented in data_manifests/README.md too):
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -164,27 +165,29 @@ def _load_2d(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
 
 
 # ------------------------------------------------------------------------------------------ entry point
+READERS = {  # format -> reader of its file list
+    "dicom-series": _load_series,
+    "dicom-multiframe": lambda paths: _load_multiframe(paths[0]),
+    "dicom-2d": lambda paths: _load_2d(paths[0]),
+    "nifti": lambda paths: _load_nifti(paths[0]),
+}
+
+
 def load_image(row: Mapping, root: Path) -> LoadedImage:
     """Decode the image of one manifest row. Raises DataError (naming the file) for anything unreadable."""
     fmt = str(row["format"])
     paths = [Path(root) / p for p in str(row["paths"]).split("|")]
-    photometric = str(row.get("photometric") or "MONOCHROME2")
+    if fmt not in READERS:
+        raise DataError(f"unknown image format '{fmt}'", where=f"manifest row {row.get('image_id')}",
+                        fix=f"rebuild the manifest with this medssl version (formats: {', '.join(READERS)})")
     try:
-        if fmt == "dicom-series":
-            array, affine, problems = _load_series(paths)
-        elif fmt == "dicom-multiframe":
-            array, affine, problems = _load_multiframe(paths[0])
-        elif fmt == "dicom-2d":
-            array, affine, problems = _load_2d(paths[0])
-        elif fmt == "nifti":
-            array, affine, problems = _load_nifti(paths[0])
-        else:
-            raise DataError(f"unknown image format '{fmt}'", where=f"manifest row {row.get('image_id')}",
-                            fix="rebuild the manifest with this medssl version")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # pydicom's per-file oddities would drown the log
+            array, affine, problems = READERS[fmt](paths)
     except DataError:
         raise
     except Exception as err:  # pydicom / nibabel / numpy errors: say which file and what to do
         raise DataError(f"cannot decode image {row.get('image_id', '')}: {type(err).__name__}: {err}",
                         where=str(paths[0]), fix="check the file (re-export or remove it) and rebuild the manifest") from err
     return LoadedImage(np.ascontiguousarray(array, dtype=np.float32), affine, str(row.get("modality") or ""),
-                       photometric, tuple(problems))
+                       str(row.get("photometric") or "MONOCHROME2"), tuple(problems))
