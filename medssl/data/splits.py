@@ -11,7 +11,9 @@ Rules (they hold for every pipeline):
   Consequence for readers: rows with split "val"/"test" can be unlabelled; use `labelled_ids` to pick
   evaluation images.
 - Ladders are drawn from the labelled images of the training split only. For one seed each rung is a prefix of
-  one per-class random order, hence nested in the next rung, and every rung holds every class.
+  one per-class random order, hence nested in the next rung, and every rung holds every class. The unit is
+  the labelled image (what an annotator labels). per_class=N means N images of EVERY class (no extra
+  negatives), capped by what the training split holds; fractions are taken per class, at least one each.
 - Everything is a pure function of (manifest rows, settings, seed): row order does not matter.
 """
 from __future__ import annotations
