@@ -5,10 +5,14 @@ skull-strip map as brain mask) when installed, else nibabel's `tests/data/anatom
 nibabel; brain mask by thresholding), so the demo runs with pip packages alone.
 
 Layout of `out/`:
-    images/<PatientID>/<StudyDate>_MR_BRAIN/T1_AX_3D/IM*.dcm       DICOM subjects (LPS slice order, shuffled names)
-    images/<PatientID>/ses-<StudyDate>/<PatientID>_ses-<StudyDate>_T1w.nii.gz (+ .json sidecar like dcm2niix -ba n)
+    images/dicom/PA000001/ST000001/SE000001/IM*.dcm   DICOM subjects, the DICOMDIR-style export layout (LPS slice
+                                                      order, shuffled file names); identifiers only in the headers
+    images/bids/sub-0002/ses-<date>/anat/sub-0002_ses-<date>_T1w.nii.gz   NIfTI subjects, BIDS layout, with the
+                                                      .json sidecar dcm2niix writes with `-ba n` (holds PatientID)
     images/README.txt, images/.DS_Store, one zero-byte .dcm in a DICOM series folder   (junk: must be skipped)
-    labels.csv     patient_id,label — PatientID as in the DICOM header / folder name; 1 = lesion, 0 = normal
+    labels.csv     patient_id,label — 1 = lesion (the rare condition), 0 = normal. patient_id is the DICOM
+                   PatientID for DICOM subjects and the BIDS subject folder ("sub-0002") for NIfTI subjects,
+                   since a NIfTI file carries no patient (the manifest groups NIfTI files by their sub- folder)
     truth.csv      one row per image: path, format, lesion centre (voxel) and volume; never given to models
     .medssl-demo.json   the settings it was built with (a rebuild with the same settings is skipped)
 Patient names / ids / birth dates are fake but realistic, so pseudonymisation in the manifest is exercised.
@@ -101,6 +105,15 @@ class Subject:
     dicom: bool
     n_studies: int
 
+    @property
+    def label_id(self) -> str:
+        """The id a labels CSV uses: PatientID for DICOM, the BIDS subject label for NIfTI."""
+        return self.patient_id if self.dicom else self.bids
+
+    @property
+    def bids(self) -> str:
+        return f"sub-{self.index + 1:04d}"
+
 
 def plan_subjects(cfg: DemoConfig, second_study_fraction: float) -> list[Subject]:
     """Who is positive, who is DICOM, who has two studies: exact counts, positions shuffled by the seed."""
@@ -168,7 +181,7 @@ def write_dicom_study(image: np.ndarray, affine: np.ndarray, folder: Path, subje
     flip = LPS_FLIP.copy()
     flip[:2, 3] *= n - 1
     lps_affine = affine @ flip   # same world positions, voxel axes reversed along x and y
-    series_dir = folder / subject.patient_id / f"{date}_MR_BRAIN" / "T1_AX_3D"
+    series_dir = folder / "dicom" / f"PA{subject.index + 1:06d}" / f"ST{study + 1:06d}" / "SE000001"
     uid = lambda kind: generate_uid(entropy_srcs=[str(seed), subject.patient_id, str(study), kind])  # noqa: E731
     write_series(_to_int16(image[::-1, ::-1, :]), lps_affine, series_dir, patient_name=subject.patient_name,
                  patient_id=subject.patient_id, study_uid=uid("study"), series_uid=uid("series"), modality="MR",
@@ -188,7 +201,7 @@ def write_nifti_study(image: np.ndarray, affine: np.ndarray, folder: Path, subje
         out_affine[:3, 0] *= -1
         out_affine[:3, 3] = affine[:3, :3] @ [image.shape[0] - 1, 0, 0] + affine[:3, 3]
     session = f"ses-{date}"
-    path = folder / subject.patient_id / session / f"{subject.patient_id}_{session}_T1w.nii.gz"
+    path = folder / "bids" / subject.bids / session / "anat" / f"{subject.bids}_{session}_T1w.nii.gz"
     path.parent.mkdir(parents=True, exist_ok=True)
     nii = nib.Nifti1Image(np.ascontiguousarray(data), out_affine)
     nii.set_qform(out_affine, code=1)
@@ -209,7 +222,7 @@ def write_junk(folder: Path, subjects: list[Subject]) -> None:
     (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + bytes(64))
     dicom = next((s for s in subjects if s.dicom), None)
     if dicom is not None:
-        series = next((folder / dicom.patient_id).glob("*/T1_AX_3D"))
+        series = folder / "dicom" / f"PA{dicom.index + 1:06d}" / "ST000001" / "SE000001"
         (series / "IM99999.dcm").write_bytes(b"")  # a transfer that never finished
 
 
@@ -221,7 +234,7 @@ def _study_rows(subject: Subject, studies: list[dict], affine: np.ndarray, folde
         else:
             path, out_affine = write_nifti_study(study["image"], affine, folder, subject, study["date"],
                                                  radiological=subject.index % 2 == 1)
-        row = {"path": path.relative_to(folder).as_posix(), "patient_id": subject.patient_id,
+        row = {"path": path.relative_to(folder).as_posix(), "patient_id": subject.label_id,
                "format": "dicom-series" if subject.dicom else "nifti", "study": number,
                "label": int(subject.positive), "lesion_ml": 0.0, "lesion_centre_mm": ""}
         if study["lesion"] is not None:
@@ -266,7 +279,7 @@ def build_demo_cohort(cfg: DemoConfig, out: Path | None = None, *, source: str =
                                      subject.n_studies)
             rows += _study_rows(subject, studies, affine, images, cfg.seed)
         write_junk(images, subjects)
-        labels = pd.DataFrame({"patient_id": [s.patient_id for s in subjects],
+        labels = pd.DataFrame({"patient_id": [s.label_id for s in subjects],
                                "label": [int(s.positive) for s in subjects]})
         labels.to_csv(out / "labels.csv", index=False)
         pd.DataFrame(rows).to_csv(out / "truth.csv", index=False)

@@ -25,7 +25,7 @@ def cohort(tmp_path_factory):
 
 def rendered(patient_id: str, study: int = 0, lesion: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """What the generator drew for this patient, (int16 image in RAS voxel order, its affine)."""
-    subject = next(s for s in plan_subjects(CFG, 0.2) if s.patient_id == patient_id)
+    subject = next(s for s in plan_subjects(CFG, 0.2) if s.label_id == patient_id)
     anatomy = load_anatomy()
     affine, points = output_grid(anatomy, CFG.size)
     studies = render_subject(anatomy, points, CFG.size, CFG.seed, subject.index,
@@ -46,7 +46,9 @@ def test_labels_counts_and_layout(cohort):
     assert cohort.n_positive == labels["label"].sum() == 2          # round(8 × 0.25), exactly
     assert cohort.n_dicom == 4 and cohort.n_images == len(truth) == 8 + round(8 * 0.2)
     assert (truth.groupby("patient_id")["study"].count() == 2).sum() == 2   # two studies: MICLe pairs
-    assert set(p.name for p in cohort.folder.iterdir() if p.is_dir()) == set(labels["patient_id"])
+    folders = {p.name for p in (cohort.folder / "dicom").iterdir()} | {p.name for p in (cohort.folder / "bids").iterdir()}
+    assert len(folders) == 8 and {i for i in labels["patient_id"] if i.startswith("sub-")} <= folders
+    assert not any("MRN" in str(p) for p in cohort.folder.rglob("*"))  # identifiers live in headers, not paths
     assert (cohort.folder / "README.txt").is_file() and (cohort.folder / ".DS_Store").is_file()
     assert len([p for p in cohort.folder.rglob("*.dcm") if p.stat().st_size == 0]) == 1
 
@@ -69,7 +71,7 @@ def test_same_seed_same_cohort_other_seed_other_cohort(cohort, tmp_path):
 def test_lesion_changes_only_the_lesion_and_by_a_visible_amount(cohort):
     truth = pd.read_csv(cohort.truth_csv)
     patient = truth.loc[truth["label"] == 1, "patient_id"].iloc[0]
-    subject = next(s for s in plan_subjects(CFG, 0.2) if s.patient_id == patient)
+    subject = next(s for s in plan_subjects(CFG, 0.2) if s.label_id == patient)
     anatomy = load_anatomy()
     _, points = output_grid(anatomy, CFG.size)
     with_lesion = render_subject(anatomy, points, CFG.size, CFG.seed, subject.index, True)[0]
