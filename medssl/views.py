@@ -74,12 +74,32 @@ def random_affine(x: torch.Tensor, cfg: ViewsConfig, gen: torch.Generator | None
     return torch.cat([linear, shift.unsqueeze(-1)], dim=-1)
 
 
+def affine_grid(theta: torch.Tensor, spatial: list[int]) -> torch.Tensor:
+    """F.affine_grid for a theta in array-axis order, built by broadcasting (B, *spatial, nd).
+
+    F.affine_grid multiplies a (B, N, nd+1) base grid by theta with a small-k matmul, which on CPU costs as
+    much as the trilinear sampling itself; a voxel's source position is separable in the output axes, so
+    nd broadcast adds per coordinate give the same grid at memory speed.
+    """
+    b, nd = theta.shape[0], len(spatial)
+    coords = [(torch.arange(n, device=theta.device, dtype=theta.dtype) * 2 + 1) / n - 1 for n in spatial]
+    grid = torch.empty(b, *spatial, nd, device=theta.device, dtype=theta.dtype)
+    for row in range(nd):  # source coordinate along array axis `row`
+        acc = theta[:, row, nd].view(b, *[1] * nd)
+        for col in range(nd):
+            shape = [1] * (nd + 1)
+            shape[1 + col] = spatial[col]
+            term = theta[:, row, col].view(b, *[1] * nd) * coords[col].view(shape)
+            if col == nd - 1:  # the one full-size add writes straight into the grid
+                torch.add(acc, term, out=grid[..., nd - 1 - row])  # grid_sample wants (x, y, z): reversed
+            else:
+                acc = acc + term
+    return grid
+
+
 def apply_affine(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    # affine_grid orders coordinates (x, y[, z]) = last spatial axis first; our theta uses array axis order
-    nd = x.ndim - 2
-    rev = torch.arange(nd - 1, -1, -1, device=x.device)
-    theta = theta[:, rev][:, :, torch.cat([rev, rev.new_tensor([nd])])]
-    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    """Trilinear/bilinear resampling of x (B, C, *spatial) by theta (B, nd, nd+1), zeros outside."""
+    grid = affine_grid(theta.to(x.dtype), list(x.shape[2:]))
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
@@ -104,24 +124,33 @@ def random_intensity(x: torch.Tensor, cfg: ViewsConfig, gen: torch.Generator | N
     return x
 
 
+def _blur_matrices(sigma: torch.Tensor, n: int, radius: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, n, n) banded matrices: row i holds sample b's Gaussian taps around i, edges clamped (replicate)."""
+    b = sigma.shape[0]
+    taps = torch.arange(-radius, radius + 1, device=sigma.device)
+    weights = torch.exp(-0.5 * (taps.to(dtype) / sigma.to(dtype).clamp(min=1e-3).view(b, 1)) ** 2)
+    weights = (weights / weights.sum(1, keepdim=True)).unsqueeze(1).expand(b, n, -1)  # (B, n, K)
+    index = (torch.arange(n, device=sigma.device)[:, None] + taps).clamp(0, n - 1).expand(b, n, -1)
+    return torch.zeros(b, n, n, device=sigma.device, dtype=dtype).scatter_add_(2, index, weights.contiguous())
+
+
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Separable blur with a per-sample sigma (B,): one grouped conv per axis over all B*C channels."""
+    """Separable blur with a per-sample sigma (B,), one batched matmul per axis.
+
+    A banded (n, n) matrix per sample turns each 1D pass into a GEMM with no padding copy or permute; on
+    CPU this is ~3x faster than a depthwise grouped convolution, and on GPU it runs on the matmul units.
+    """
     b, c, *spatial = x.shape
-    nd = len(spatial)
     radius = max(1, math.ceil(3 * float(sigma.max())))
-    taps = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)  # (K,)
-    s = sigma.to(x.dtype).clamp(min=1e-3).view(b, 1)
-    kernel = torch.exp(-0.5 * (taps / s) ** 2)
-    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, dim=0)  # (B*C, K)
-    out = x.reshape(1, b * c, *spatial)
-    conv = (F.conv2d, F.conv3d)[nd - 2]
-    for axis in range(nd):
-        shape = [b * c, 1] + [1] * nd
-        shape[2 + axis] = kernel.shape[1]
-        pad = [0] * (2 * nd)
-        pad[2 * (nd - 1 - axis)] = pad[2 * (nd - 1 - axis) + 1] = radius  # F.pad lists the last axis first
-        out = conv(F.pad(out, pad, mode="replicate"), kernel.view(shape), groups=b * c)
-    return out.view(b, c, *spatial)
+    out = x
+    for axis, n in enumerate(spatial):
+        mat = _blur_matrices(sigma, n, radius, x.dtype)  # (B, n, n)
+        before, after = c * math.prod(spatial[:axis]), math.prod(spatial[axis + 1:])
+        if after == 1:  # last axis: contract from the right, (B, rest, n) @ (B, n, n)^T
+            out = torch.matmul(out.reshape(b, before, n), mat.transpose(1, 2))
+        else:  # (B, 1, n, n) @ (B, before, n, after)
+            out = torch.matmul(mat.unsqueeze(1), out.reshape(b, before, n, after))
+    return out.reshape(x.shape)
 
 
 def random_cutout(x: torch.Tensor, fraction: float, gen: torch.Generator | None = None,

@@ -105,3 +105,25 @@ def test_cutout_zeroes_the_configured_share(spatial_dims):
 def test_two_views_are_two_different_views():
     v1, v2 = two_views(anatomy(3), ViewsConfig())
     assert v1.shape == v2.shape and not torch.allclose(v1, v2)
+
+
+@pytest.mark.parametrize("spatial", [[6, 8], [4, 6, 8]])
+def test_broadcast_grid_equals_torch_affine_grid(spatial):
+    from medssl.views import affine_grid
+    nd = len(spatial)
+    theta = torch.randn(3, nd, nd + 1)
+    rev = list(range(nd - 1, -1, -1))  # torch's theta maps (x, y, z) = reversed array axes
+    torch_theta = theta[:, rev][:, :, rev + [nd]]
+    expected = torch.nn.functional.affine_grid(torch_theta, [3, 1, *spatial], align_corners=False)
+    assert torch.allclose(affine_grid(theta, spatial), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_blur_matches_scipy_per_sample(spatial_dims):
+    from scipy.ndimage import gaussian_filter
+    x = anatomy(spatial_dims, batch=2)
+    sigma = torch.tensor([1.0, 0.5])
+    y = gaussian_blur(x, sigma)
+    for b in range(2):  # replicate edges = scipy's "nearest"; radius 3 sigma
+        ref = gaussian_filter(x[b, 0].numpy(), sigma=float(sigma[b]), mode="nearest", truncate=3.0)
+        assert np.allclose(y[b, 0].numpy(), ref, atol=1e-5)
