@@ -9,7 +9,7 @@ from torch import nn
 from medssl.config import TrainConfig
 from medssl.train.distributed import sharded_loader
 from medssl.train.loop import train
-from medssl.train.probe import OnlineProbe, embed, knn_proba, score_embeddings
+from medssl.train.probe import OnlineProbe, centre_crop, embed, knn_proba, score_embeddings
 
 torch.set_num_threads(1)
 
@@ -99,3 +99,13 @@ def test_probe_runs_inside_training_and_is_logged(tmp_path):
     probes = [(s, m) for s, m in logged if any(k.startswith("probe/") for k in m)]
     assert [s for s, _ in probes] == [2, 4]
     assert probes[-1][1]["probe/logreg_bacc"] > 0.9
+
+
+@pytest.mark.parametrize("shape", [(1, 7, 4), (1, 9, 3, 6)])
+def test_centre_crop_crops_and_pads(shape):
+    image = torch.arange(int(np.prod(shape)), dtype=torch.float32).reshape(shape)
+    size = [5, 5] if len(shape) == 3 else [5, 5, 4]
+    out = centre_crop(image, size)
+    assert out.shape == (1, *size)
+    if len(shape) == 3:  # rows 1..5 of 7 kept; 4 columns padded to 5 (0 before, 1 after)
+        assert torch.equal(out[0, :, :4], image[0, 1:6, :]) and out[0, :, 4].abs().sum() == 0

@@ -95,7 +95,7 @@ def _losses(log: Path) -> dict[int, float]:
     return losses
 
 
-def _wait_for_checkpoint(out: Path, min_step: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+def _wait_for_checkpoint(out: Path, min_step: int, proc: subprocess.Popen, timeout: float = 90.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         names = [p.name for p in (out / "checkpoints").glob("step-*.pt")]

@@ -152,6 +152,26 @@ def test_changed_batch_size_refuses_to_resume(tmp_path):
               Recorder(), "cpu")
 
 
+class OutOfMemory(Linear):
+    def forward(self, batch):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_out_of_memory_becomes_a_training_error_naming_the_settings(tmp_path):
+    with pytest.raises(TrainingError) as info:
+        train(OutOfMemory(), sharded_loader(Regression(), 4, seed=0), _cfg(), tmp_path, Recorder(), "cpu")
+    message = str(info.value)
+    assert "out of memory at step 1" in message and "batch_size" in message and "pretrain.crop" in message
+
+
+def test_a_failing_probe_does_not_stop_training(tmp_path):
+    def broken_probe(encoder, device):
+        raise RuntimeError("shape mismatch")
+    result = train(Linear(), sharded_loader(Regression(), 4, seed=0), _cfg(steps=4, probe_every=2), tmp_path,
+                   Recorder(), "cpu", probe=broken_probe)
+    assert result["step"] == 4 and ckpt.latest_checkpoint(tmp_path).name == "step-00000004.pt"
+
+
 # ---------------------------------------------------------------------------------------------- clipping
 def test_gradient_clipping_bounds_the_norm_the_optimizer_sees(tmp_path, monkeypatch):
     seen = []

@@ -162,6 +162,13 @@ def _key_mismatch(have, saved) -> tuple[list, list]:
     return sorted(have - saved), sorted(saved - have)
 
 
+def remove_partial_saves(out_dir: Path) -> None:
+    """Temporary files left by a process killed while saving (the real checkpoints are untouched)."""
+    folder = checkpoint_dir(out_dir)
+    for tmp in folder.glob(".step-*.tmp") if folder.is_dir() else []:
+        tmp.unlink(missing_ok=True)
+
+
 def prune_checkpoints(out_dir: Path, keep: int) -> None:
     """Delete all but the newest `keep` checkpoints (the newest is always the last good state)."""
     for old in list_checkpoints(out_dir)[:-keep] if keep > 0 else []:

@@ -87,6 +87,8 @@ def train(method: nn.Module, loader_factory: Callable, cfg: TrainConfig, out_dir
     method.to(device, memory_format=torch.channels_last) if channels_last else method.to(device)
     optimizer = build_optimizer(method, cfg, device)
     scheduler = warmup_cosine(optimizer, cfg.warmup_steps, cfg.steps)
+    if info.rank == 0:
+        ckpt.remove_partial_saves(out_dir)
     barrier()  # every rank sees the same newest checkpoint (rank 0 may just have written one)
     step, data, resumed = _resume(out_dir, method, optimizer, scheduler, cfg, info)
     model = wrap_model(method, device)
@@ -122,7 +124,7 @@ class _Run:
     def loop(self, stream: BatchStream, step: int, on_step) -> float | None:
         cfg, main, loss = self.cfg, self.info.rank == 0, None
         window = _Window()
-        with TrainProgress(cfg.steps, step, enabled=main) as bar:
+        with TrainProgress(cfg.steps, step, enabled=main, world_size=self.info.world_size) as bar:
             while step < cfg.steps:
                 metrics = self.guarded_step(stream, step + 1, window)
                 step, loss = step + 1, metrics["loss"]

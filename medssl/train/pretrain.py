@@ -27,7 +27,8 @@ def default_device(local_rank: int = 0) -> torch.device:
 
 def run_pretraining(cfg: PretrainConfig, cache, image_ids, groups: dict | None, out_dir: Path, tracker,
                     probe=None, spatial_dims: int = 3, device: torch.device | str | None = None,
-                    keep_checkpoints: int = 2, log_checkpoint: bool = True, view_examples: int = 4) -> Path:
+                    keep_checkpoints: int = 2, log_checkpoint: bool = True, view_examples: int = 4,
+                    manifest_digest: str | None = None) -> Path:
     """Pretrain cfg.encoder with cfg.ssl on crops of the cached `image_ids`; return the encoder file.
 
     groups: {image_id: patient (or study) id} for patient/study positives. probe: an OnlineProbe (or any
@@ -56,7 +57,8 @@ def run_pretraining(cfg: PretrainConfig, cache, image_ids, groups: dict | None, 
     path = out_dir / "encoder.pt"
     if info.rank == 0:
         save_encoder(path, method.encoder, cfg.encoder, spatial_dims, cfg.crop,
-                     pretrain_run_id=getattr(tracker, "active_run_id", None), method=method_name(cfg),
+                     pretrain_run_id=getattr(tracker, "active_run_id", None), manifest_digest=manifest_digest,
+                     method=method_name(cfg),
                      steps=result["step"])
         tracker.log_artifact(path, "encoder")
         if log_checkpoint and result["checkpoint"]:

@@ -105,6 +105,18 @@ def embed(encoder: nn.Module, images: torch.Tensor, device: torch.device, batch_
     return torch.cat(chunks).numpy()
 
 
+def centre_crop(image: torch.Tensor, size: list[int]) -> torch.Tensor:
+    """(C, *spatial) -> (C, *size): the centre, zero-padded where the image is smaller."""
+    for axis, want in enumerate(size, start=1):
+        have = image.shape[axis]
+        if have > want:
+            image = image.narrow(axis, (have - want) // 2, want)
+        elif have < want:
+            pad = [0, 0] * (image.ndim - 1 - axis) + [(want - have) // 2, want - have - (want - have) // 2]
+            image = torch.nn.functional.pad(image, pad)
+    return image
+
+
 class OnlineProbe:
     """`probe(encoder, device) -> scores`, over a labelled subset given as (images (N, C, *size), labels (N,)),
     optionally with a separate validation subset. Images are kept on the CPU, batches go to the device."""
@@ -116,11 +128,14 @@ class OnlineProbe:
         self.k, self.folds, self.batch_size, self.seed = k, folds, batch_size, seed
 
     @classmethod
-    def from_dataset(cls, dataset, **kwargs) -> "OnlineProbe":
-        """From a map-style dataset of {"image", "label"} (e.g. medssl.data.loaders.ImageDataset)."""
+    def from_dataset(cls, dataset, crop: list[int] | None = None, **kwargs) -> "OnlineProbe":
+        """From a map-style dataset of {"image", "label"} (e.g. medssl.data.loaders.ImageDataset). `crop`:
+        centre-crop / zero-pad every image to the pretraining crop (a ViT accepts only the size it was built for)."""
         items = [dataset[i] for i in range(len(dataset))]
-        return cls(torch.stack([torch.as_tensor(it["image"]) for it in items]),
-                   [int(it["label"]) for it in items], **kwargs)
+        images = [torch.as_tensor(it["image"]).float() for it in items]
+        if crop is not None:
+            images = [centre_crop(image, crop) for image in images]
+        return cls(torch.stack(images), [int(it["label"]) for it in items], **kwargs)
 
     def __call__(self, encoder: nn.Module, device: torch.device) -> dict[str, float]:
         emb = embed(encoder, self.images, device, self.batch_size)

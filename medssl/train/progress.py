@@ -9,15 +9,14 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 
 
 class TrainProgress:
-    def __init__(self, total: int, done: int, enabled: bool = True):
-        self.enabled, self.total, self.done = enabled, total, done
+    def __init__(self, total: int, done: int, enabled: bool = True, world_size: int = 1):
+        self.enabled, self.total, self.done, self.world_size = enabled, total, done, world_size
         self._progress = Progress(
             TextColumn("pretrain"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             TextColumn("ETA"), TimeRemainingColumn(),
             TextColumn("{task.fields[rate]:.1f} samples/s  loss {task.fields[loss]}"),
             console=Console(stderr=True), disable=not enabled)
         self._task = None
-        self._samples, self._start = 0, time.perf_counter()
 
     def __enter__(self) -> "TrainProgress":
         self._progress.__enter__()
@@ -32,4 +31,4 @@ class TrainProgress:
         if not self.enabled:
             return
         elapsed = max(time.perf_counter() - window.start, 1e-9)
-        self._progress.update(self._task, advance=1, rate=window.samples / elapsed, loss=f"{loss:.4f}")
+        self._progress.update(self._task, advance=1, rate=window.samples * self.world_size / elapsed, loss=f"{loss:.4f}")
