@@ -62,17 +62,25 @@ def pseudonym(prefix: str, value: str, salt: str) -> str:
 
 # ------------------------------------------------------------------------------------------ images
 def _patient_key(path: str) -> str:
-    """NIfTI carries no patient: a BIDS-like "sub-XX" folder names one, else each file is its own patient."""
+    """NIfTI carries no patient, so the layout names one: a BIDS "sub-XX" folder, else the first folder under
+    the scanned root (`root/<patient>/...`, the usual export layout), else the file itself."""
     parts = path.replace("\\", "/").split("/")
     subject = next((p for p in parts[:-1] if p.startswith("sub-")), None)
-    return subject or parts[-1].removesuffix(".gz").removesuffix(".nii")
+    return subject or (parts[0] if len(parts) > 1 else parts[-1].removesuffix(".gz").removesuffix(".nii"))
+
+
+def _study_key(path: str) -> str:
+    """A BIDS "ses-XX" folder groups a patient's images into one study; else each file is its own study."""
+    parts = path.replace("\\", "/").split("/")
+    session = next((i for i, p in enumerate(parts[:-1]) if p.startswith("ses-")), None)
+    return "/".join(parts[:session + 1]) if session is not None else path
 
 
 def _nifti_record(h: dict, modality: str) -> dict:
     return {"format": "nifti", "modality": modality, "body_part": "", "spatial_dims": h["spatial_dims"],
             "channels": h["channels"], "shape": h["shape"], "spacing": h["spacing"], "affine": h["affine"],
             "photometric": "MONOCHROME2", "paths": [h["path"]], "problems": list(h["problems"]),
-            "patient_key": _patient_key(h["path"]), "study_key": h["path"], "series_key": h["path"]}
+            "patient_key": _patient_key(h["path"]), "study_key": _study_key(h["path"]), "series_key": h["path"]}
 
 
 def _fill_missing_keys(image: dict) -> None:
