@@ -1,0 +1,188 @@
+"""End-to-end 3D pretraining benchmark on one GPU: the MONAI tutorial's recipe vs medssl's MAE.
+
+Both variants train from a cached 180x180x150 volume held in memory, with DataLoader workers, so the figure
+includes feeding the model:
+  tutorial  ViTAutoEnc (ViT-B, 96^3, patch 16), fp32, Adam; its CPU transform chain in the workers
+            (crops + coarse dropout/shuffle, benchmarks/bench_views.py); loss L1(recon(v1), gt) + CL * L1
+  medssl    MAE with a ViT-B encoder (MONAI blocks, SDPA), 4x384 decoder, mask 0.75, bf16 autocast, fused
+            AdamW, optional torch.compile; workers only slice crops; views made batched on the GPU
+Reports samples/s, data-wait share (time blocked on the loader and the host->device copy / step time) and
+MFU (model FLOPs from torch.utils.flop_counter, views excluded, / step time / bf16 peak).
+
+    python benchmarks/bench_pretrain_gpu.py --batch 64 --compile --json pretrain.json   # on a GPU
+    python benchmarks/bench_pretrain_gpu.py --tiny                                     # CPU smoke check
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+# bf16 dense peaks from ../shared/ANCHORS.md (H200 measured there; H100 SXM datasheet)
+PEAKS = {"H100": 989e12, "H200": 790e12}
+
+
+class CachedCrops(Dataset):
+    """Random crops of one in-memory cached volume; `chain` (optional) is the tutorial's CPU transform chain."""
+
+    def __init__(self, volume: np.ndarray, crop: int, length: int, chain=None):
+        self.volume, self.crop, self.length, self.chain = volume, crop, length, chain
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict:
+        if self.chain is not None:  # two crops, each: image (view 1), image_2 (view 2), gt_image
+            return {k: torch.stack([torch.as_tensor(s[k]) for s in self.chain({"image": self.volume})])
+                    for k in ("image", "image_2", "gt_image")}
+        rng = np.random.default_rng(i)
+        x, y, z = (int(rng.integers(0, s - self.crop + 1)) for s in self.volume.shape[1:])
+        return {"image": torch.from_numpy(self.volume[:, x:x + self.crop, y:y + self.crop, z:z + self.crop].copy())}
+
+
+def volume(tiny: bool) -> np.ndarray:
+    shape = (48, 48, 40) if tiny else (180, 180, 150)
+    return np.random.default_rng(0).random((1, *shape), dtype=np.float32)
+
+
+def tutorial_setup(args, device):
+    from monai.losses import ContrastiveLoss
+    from monai.networks.nets import ViTAutoEnc
+    from bench_views import tutorial_chain  # the same chain bench_views.py times (script dir on sys.path)
+    size, width = (32, 96) if args.tiny else (96, 768)
+    model = ViTAutoEnc(in_channels=1, img_size=(size,) * 3, patch_size=(16,) * 3, proj_type="conv",
+                       hidden_size=width, mlp_dim=4 * width, num_heads=4 if args.tiny else 12,
+                       num_layers=2 if args.tiny else 12).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    l1, cl = torch.nn.L1Loss(), ContrastiveLoss(temperature=0.05)
+
+    def loss_fn(batch):
+        v1, v2, gt = (batch[k].flatten(0, 1) for k in ("image", "image_2", "gt_image"))  # (2·B, 1, S, S, S)
+        r1, _ = model(v1)
+        r2, _ = model(v2)
+        recon = l1(r1, gt)
+        return recon + cl(r1.flatten(1), r2.flatten(1)) * recon
+    chain = tutorial_chain(size)
+    return model, opt, loss_fn, CachedCrops(volume(args.tiny), size, 10 ** 6, chain), args.tutorial_batch // 2, False
+
+
+def medssl_setup(args, device):
+    from medssl.config import EncoderConfig, MaskedConfig, PretrainConfig, SSLConfig, ViewsConfig
+    from medssl.ssl import build_method
+    size = 32 if args.tiny else 96
+    enc = (EncoderConfig(name="vit", patch_size=16, hidden_size=96, num_layers=2, num_heads=4, mlp_dim=384)
+           if args.tiny else EncoderConfig(name="vit"))
+    masked = MaskedConfig(mask_ratio=0.75, decoder_dim=64 if args.tiny else 384, decoder_depth=1 if args.tiny else 4,
+                          decoder_heads=2 if args.tiny else 6)
+    cfg = PretrainConfig(encoder=enc, ssl=SSLConfig(masked=masked), views=ViewsConfig(), crop=[size] * 3)
+    method = build_method(cfg, 3).to(device)
+    opt = torch.optim.AdamW(method.parameters(), lr=1.5e-4, weight_decay=0.05, fused=device.type == "cuda")
+    forward = method
+    if args.compile:
+        method.compile()  # in place: state_dict keys stay clean
+
+    def loss_fn(batch):
+        return forward(batch)["loss"]
+    return method, opt, loss_fn, CachedCrops(volume(args.tiny), size, 10 ** 6), args.batch, True
+
+
+def model_flops(model, loss_fn, batch) -> float:
+    """FLOPs of one forward + backward, views switched off (they are not model work)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from medssl.config import ViewsConfig
+    saved = getattr(model, "views", None)
+    if saved is not None:
+        model.views = ViewsConfig(flip_prob=0, rotate_degrees=0, scale_range=(1, 1), crop_jitter=0,
+                                  intensity_scale=0, intensity_shift=0, gamma_range=(1, 1), noise_std=0,
+                                  blur_sigma=(0, 0))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss_fn(batch).backward()
+    if saved is not None:
+        model.views = saved
+    model.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def run_variant(name: str, setup, args, device) -> dict:
+    torch.manual_seed(0)
+    model, opt, loss_fn, dataset, batch, amp = setup(args, device)
+    loader = DataLoader(dataset, batch_size=batch, num_workers=args.workers, pin_memory=device.type == "cuda",
+                        persistent_workers=args.workers > 0, prefetch_factor=4 if args.workers else None)
+    batches = iter(loader)
+    to_device = lambda b: {k: v.to(device, non_blocking=True) for k, v in b.items()}  # noqa: E731
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        flops = model_flops(model, loss_fn, to_device(next(batches)))
+    wait = step_time = 0.0
+    for step in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        data = to_device(next(batches))  # blocked on workers + host->device copy
+        got = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = loss_fn(data)
+        loss.backward()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # step boundaries must be real to split data wait from compute
+        if step >= args.warmup:
+            wait, step_time = wait + got - start, step_time + time.perf_counter() - start
+    samples = args.steps * batch * (2 if name == "tutorial" else 1)  # tutorial: 2 crops per loader item
+    per_step = step_time / args.steps
+    return dict(variant=name, device=device_name(device), batch_crops=samples // args.steps,
+                samples_per_s=round(samples / step_time, 1), step_ms=round(per_step * 1e3, 1),
+                data_wait_share=round(wait / step_time, 3), gflop_per_step=round(flops / 1e9, 1),
+                tflops=round(flops / per_step / 1e12, 2), mfu=round(flops / per_step / args.peak, 4),
+                loss=round(float(loss), 4), amp_bf16=amp, compiled=bool(args.compile and name != "tutorial"),
+                peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if device.type == "cuda" else None)
+
+
+def device_name(device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def default_peak(device) -> float:
+    name = device_name(device)
+    return next((peak for key, peak in PEAKS.items() if key in name), PEAKS["H100"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke check: 32^3 crops, 2-layer ViTs")
+    parser.add_argument("--variants", default="tutorial,medssl")
+    parser.add_argument("--batch", type=int, default=None, help="crops per step (default 64; tiny 2)")
+    parser.add_argument("--tutorial-batch", type=int, default=None,
+                        help="crops per tutorial step (default 8 as in the tutorial: fp32 ViTAutoEnc needs ~92 GiB at 32)")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the medssl method")
+    parser.add_argument("--peak", type=float, default=None, help="bf16 dense peak FLOP/s (H100 989e12, H200 790e12)")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    for key, full, tiny in (("batch", 64, 2), ("tutorial_batch", 8, 2), ("steps", 20, 2), ("warmup", 5, 1), ("workers", 8, 0)):
+        if getattr(args, key) is None:
+            setattr(args, key, tiny if args.tiny else full)
+    args.peak = args.peak or default_peak(device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    setups = {"tutorial": tutorial_setup, "medssl": medssl_setup}
+    results = []
+    for name in args.variants.split(","):
+        try:
+            results.append(run_variant(name, setups[name], args, device))
+        except Exception as err:  # report the failure, go on with the next variant
+            results.append(dict(variant=name, error=repr(err)[:300]))
+        print(json.dumps(results[-1]), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(bench="pretrain_gpu", peak=args.peak, torch=torch.__version__, results=results), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
