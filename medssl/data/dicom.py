@@ -74,14 +74,22 @@ def _number(value) -> float | None:
     return out if np.isfinite(out) and out > 0 else None
 
 
-def basic_fields(ds, path: str, modality: str) -> dict:
-    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None) or pydicom.uid.ImplicitVRLittleEndian
+def _as_list(value) -> list:
+    """Multi-valued attributes: pydicom gives a MultiValue, the fast parser a list or a lone string."""
+    if value is None or value == "":
+        return []
+    return [value] if isinstance(value, (str, bytes)) else list(value)
+
+
+def basic_fields(ds, path: str, modality: str, ts: str | None = None) -> dict:
+    """The header dict from anything with `.get(keyword)`: a pydicom Dataset or dicom_parse's fields."""
+    ts = ts or getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None) or pydicom.uid.ImplicitVRLittleEndian
     return {
         "kind": "dicom", "size": os.path.getsize(path), "modality": modality,
         "sop_uid": str(ds.get("SOPInstanceUID", "") or ""), "series_uid": str(ds.get("SeriesInstanceUID", "") or ""),
         "study_uid": str(ds.get("StudyInstanceUID", "") or ""), "patient_id": str(ds.get("PatientID", "") or ""),
         "body_part": str(ds.get("BodyPartExamined", "") or ""),
-        "image_type": [str(v).upper() for v in (ds.get("ImageType") or [])],
+        "image_type": [str(v).upper() for v in _as_list(ds.get("ImageType"))],
         "rows": int(ds.get("Rows", 0) or 0), "cols": int(ds.get("Columns", 0) or 0),
         "frames": int(ds.get("NumberOfFrames", 1) or 1), "spp": int(ds.get("SamplesPerPixel", 1) or 1),
         "bits": int(ds.get("BitsAllocated", 16) or 16),

@@ -27,6 +27,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
 from rich.text import Text
 
 from medssl.data.dicom import basic_fields, enhanced_geometry
+from medssl.data.dicom_parse import parse
 from medssl.data.io import nifti_header
 
 CHUNK = 256          # files per worker task: big enough to amortise pickling, small enough for a live ETA
@@ -103,9 +104,10 @@ def codec_problem(ts_uid: str) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------ headers
-def _pixels_problem(ds, path: str, h: dict, max_image_mb: float) -> str | None:
-    """Refuse, before any pixel is read, what cannot or must not be decoded."""
-    if not any(tag in ds for tag in PIXEL_TAGS):
+def _pixels_problem(h: dict, span: tuple | None, max_image_mb: float) -> str | None:
+    """Refuse, before any pixel is read, what cannot or must not be decoded. `span` = (offset, length)
+    of the pixel data element, None when there is none."""
+    if span is None:
         return "no pixel data: the file has no PixelData element"
     if not h["rows"] or not h["cols"]:
         return "bad header: Rows/Columns missing or zero"
@@ -113,32 +115,46 @@ def _pixels_problem(ds, path: str, h: dict, max_image_mb: float) -> str | None:
     if declared_mb > max_image_mb:
         return (f"too large: header declares {h['rows']}x{h['cols']}x{h['frames']} pixels = {declared_mb:,.0f} MB "
                 f"> max_image_mb={max_image_mb:g} (raise max_image_mb if this image is genuine)")
-    element = ds.get_item("PixelData")
-    length, tell = getattr(element, "length", None), getattr(element, "value_tell", None)
-    if length not in (None, 0xFFFFFFFF) and tell is not None and tell + length > os.path.getsize(path):
-        return f"truncated: pixel data needs {length} bytes, the file ends {tell + length - os.path.getsize(path)} early"
+    offset, length = span
+    if length not in (None, 0xFFFFFFFF) and offset is not None and offset + length > h["size"]:
+        return f"truncated: pixel data needs {length} bytes, the file ends {offset + length - h['size']} early"
     return codec_problem(h["ts"])
 
 
-def dicom_header(path: str, max_image_mb: float, force: bool = False) -> dict:
-    """Header fields medssl needs, read without decoding pixels (large values are deferred, not read)."""
-    ds = pydicom.dcmread(path, defer_size="64 KB", force=force)
+def _checked(src, path: str, ts: str | None, span: tuple | None, max_image_mb: float, force: bool) -> dict:
+    """Header dict, or {"skip": reason} for what is not a usable image."""
+    if src.get("SOPClassUID") is None and src.get("Rows") is None:  # parsed, but into nothing an image holds
+        return {"skip": "not an image: neither DICOM nor NIfTI" if force else
+                "unreadable: DICOM header holds neither SOPClassUID nor Rows (corrupt file?)"}
+    modality = str(src.get("Modality") or "OT").upper()
+    if modality in NOT_IMAGES:
+        return {"skip": f"not an image: {modality} object"}
+    h = basic_fields(src, path, modality, ts)
+    reason = _pixels_problem(h, span, max_image_mb)
+    return {"skip": reason} if reason else h
+
+
+def _pydicom_header(path: str, max_image_mb: float, force: bool) -> dict:
+    ds = pydicom.dcmread(path, defer_size="64 KB", force=force)  # large values are deferred, not read
     meta_class = str(getattr(ds.get("file_meta", {}), "get", lambda *_: "")("MediaStorageSOPClassUID", ""))
     if meta_class == DICOMDIR_CLASS or "DirectoryRecordSequence" in ds:
         return {"skip": "not an image: DICOMDIR (directory index)"}
-    if "SOPClassUID" not in ds and "Rows" not in ds:  # parsed, but into nothing an image would hold
-        return {"skip": "not an image: neither DICOM nor NIfTI" if force else
-                "unreadable: DICOM header holds neither SOPClassUID nor Rows (corrupt file?)"}
-    modality = str(ds.get("Modality", "") or "OT").upper()
-    if modality in NOT_IMAGES:
-        return {"skip": f"not an image: {modality} object"}
-    h = basic_fields(ds, path, modality)
-    reason = _pixels_problem(ds, path, h, max_image_mb)
-    if reason:
-        return {"skip": reason}
-    if h["frames"] > 1 or "PerFrameFunctionalGroupsSequence" in ds:
+    element = next((ds.get_item(tag) for tag in PIXEL_TAGS if tag in ds), None)
+    span = None if element is None else (getattr(element, "value_tell", None), getattr(element, "length", None))
+    h = _checked(ds, path, None, span, max_image_mb, force)
+    if "skip" not in h and (h["frames"] > 1 or "PerFrameFunctionalGroupsSequence" in ds):
         enhanced_geometry(ds, h)
     return h
+
+
+def dicom_header(path: str, max_image_mb: float, force: bool = False) -> dict:
+    """Header fields medssl needs, without decoding pixels: the fast parser for ordinary uncompressed
+    single-frame files, pydicom for everything else (multi-frame, compressed, big endian, odd layouts)."""
+    fields = None if force else parse(path)
+    if fields is not None and str(fields.get("NumberOfFrames") or "1") == "1":
+        span = (fields["pixel_offset"], fields["pixel_length"])
+        return _checked(fields, path, fields["TransferSyntaxUID"], span, max_image_mb, force)
+    return _pydicom_header(path, max_image_mb, force)
 
 
 def _nifti_magic(path: str) -> bool:

@@ -1,0 +1,137 @@
+"""A small, fast reader for the DICOM attributes medssl needs, in uncompressed little-endian files.
+
+Why: pydicom builds a full Dataset and converts each value on access (~3-5 ms per file); indexing 100,000
+slices that way takes minutes. This reader walks the element stream with `struct`, keeps ~25 tags, skips
+everything else by its length (sequences included) and stops at PixelData, whose offset it records so a
+slice can be read with one `np.fromfile`. It returns None for anything outside its lane (big endian,
+compressed, DICOMDIR, Enhanced multi-frame, odd layouts); callers then use pydicom, so correctness never
+depends on this shortcut.
+"""
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+IMPLICIT_LE, EXPLICIT_LE = "1.2.840.10008.1.2", "1.2.840.10008.1.2.1"
+LONG_VRS = {b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"OD", b"OL", b"OV", b"UC", b"UR", b"SV", b"UV"}
+UNDEFINED = 0xFFFFFFFF
+PIXEL_DATA = 0x7FE00010
+# (group << 16 | element) -> (key, kind): kind "s" = string (multi-valued by "\"), "u" = uint16
+WANTED = {
+    0x00080008: ("ImageType", "s"), 0x00080016: ("SOPClassUID", "s"), 0x00080018: ("SOPInstanceUID", "s"),
+    0x00080060: ("Modality", "s"), 0x00100020: ("PatientID", "s"), 0x00180015: ("BodyPartExamined", "s"),
+    0x00180050: ("SliceThickness", "s"), 0x00180088: ("SpacingBetweenSlices", "s"),
+    0x0020000D: ("StudyInstanceUID", "s"), 0x0020000E: ("SeriesInstanceUID", "s"),
+    0x00200032: ("ImagePositionPatient", "s"), 0x00200037: ("ImageOrientationPatient", "s"),
+    0x00280002: ("SamplesPerPixel", "u"), 0x00280004: ("PhotometricInterpretation", "s"),
+    0x00280008: ("NumberOfFrames", "s"), 0x00280010: ("Rows", "u"), 0x00280011: ("Columns", "u"),
+    0x00280030: ("PixelSpacing", "s"), 0x00181164: ("ImagerPixelSpacing", "s"),
+    0x00280100: ("BitsAllocated", "u"), 0x00280101: ("BitsStored", "u"), 0x00280103: ("PixelRepresentation", "u"),
+    0x00281052: ("RescaleIntercept", "s"), 0x00281053: ("RescaleSlope", "s"),
+}
+HEAD_BYTES = 64 * 1024  # headers of ordinary slices end well before this; longer ones fall back to pydicom
+
+
+class _Outside(Exception):
+    """The file leaves this reader's lane: use pydicom."""
+
+
+def _meta(buf: bytes) -> tuple[str, int]:
+    """Transfer syntax and the offset where the dataset starts, from the explicit-VR group 0002."""
+    if buf[128:132] != b"DICM":
+        raise _Outside
+    pos, syntax = 132, None
+    while pos + 8 <= len(buf):
+        group, element = struct.unpack_from("<HH", buf, pos)
+        if group != 2:
+            break
+        vr = buf[pos + 4:pos + 6]
+        if vr in LONG_VRS:
+            length, start = struct.unpack_from("<I", buf, pos + 8)[0], pos + 12
+        else:
+            length, start = struct.unpack_from("<H", buf, pos + 6)[0], pos + 8
+        if element == 0x0010:
+            syntax = buf[start:start + length].rstrip(b"\0 ").decode("ascii")
+        pos = start + length
+    if syntax not in (IMPLICIT_LE, EXPLICIT_LE):
+        raise _Outside
+    return syntax, pos
+
+
+def _element(buf: bytes, pos: int, explicit: bool) -> tuple[int, bytes | None, int, int]:
+    """(tag, VR or None, value length, value start) of the element at `pos`."""
+    if pos + 8 > len(buf):
+        raise _Outside
+    group, element = struct.unpack_from("<HH", buf, pos)
+    tag = group << 16 | element
+    if not explicit or group == 0xFFFE:  # items and delimiters never carry a VR
+        return tag, None, struct.unpack_from("<I", buf, pos + 4)[0], pos + 8
+    vr = buf[pos + 4:pos + 6]
+    if vr in LONG_VRS:
+        return tag, vr, struct.unpack_from("<I", buf, pos + 8)[0], pos + 12
+    return tag, vr, struct.unpack_from("<H", buf, pos + 6)[0], pos + 8
+
+
+def _skip_undefined(buf: bytes, pos: int, explicit: bool) -> int:
+    """Position after an undefined-length sequence or item that starts at `pos` (its value)."""
+    while True:
+        tag, vr, length, start = _element(buf, pos, explicit)
+        if tag in (0xFFFEE0DD, 0xFFFEE00D):  # sequence / item delimitation
+            return start
+        if length == UNDEFINED:
+            if vr == b"UN":  # its content is implicit VR: not worth the special case
+                raise _Outside
+            pos = _skip_undefined(buf, start, explicit)
+        else:
+            pos = start + length
+
+
+def _value(raw: bytes, kind: str):
+    if kind == "u":
+        return struct.unpack_from("<H", raw)[0] if len(raw) >= 2 else None
+    text = raw.rstrip(b"\0 ").decode("latin-1").strip()
+    return text.split("\\") if "\\" in text else text
+
+
+def parse(path: str) -> dict | None:
+    """{keyword: value} of the WANTED tags plus pixel offset/length and transfer syntax, or None."""
+    try:
+        with open(path, "rb") as f:
+            buf = f.read(HEAD_BYTES)
+        syntax, pos = _meta(buf)
+        explicit, out = syntax == EXPLICIT_LE, {"TransferSyntaxUID": syntax}
+        while True:
+            tag, vr, length, start = _element(buf, pos, explicit)
+            if tag == PIXEL_DATA:
+                if length == UNDEFINED:
+                    raise _Outside
+                out["pixel_offset"], out["pixel_length"] = start, length
+                return out
+            if tag >> 16 in (0x0004, 0x5200) or (tag >> 16) > 0x7FE0:  # DICOMDIR / functional groups / no pixels
+                raise _Outside
+            if tag in WANTED:
+                if start + length > len(buf):
+                    raise _Outside
+                key, kind = WANTED[tag]
+                out[key] = _value(buf[start:start + length], kind)
+            if length == UNDEFINED and vr == b"UN":
+                raise _Outside
+            pos = _skip_undefined(buf, start, explicit) if length == UNDEFINED else start + length
+    except (_Outside, struct.error, UnicodeDecodeError, OSError, RecursionError):
+        return None
+
+
+def read_pixels(path: str, fields: dict) -> np.ndarray | None:
+    """(Rows, Columns) raw stored values with one read, or None when the layout needs pydicom's care
+    (colour, several frames, BitsStored < BitsAllocated, unusual bit depths)."""
+    bits, stored = fields.get("BitsAllocated"), fields.get("BitsStored")
+    if fields.get("SamplesPerPixel", 1) != 1 or str(fields.get("NumberOfFrames") or "1") != "1" \
+            or bits not in (8, 16, 32) or stored != bits:
+        return None
+    dtype = np.dtype(f"<{'i' if fields.get('PixelRepresentation') == 1 else 'u'}{bits // 8}")
+    rows, cols = fields.get("Rows") or 0, fields.get("Columns") or 0
+    if rows * cols * dtype.itemsize > fields["pixel_length"]:
+        return None
+    pixels = np.fromfile(path, dtype=dtype, count=rows * cols, offset=fields["pixel_offset"])
+    return pixels.reshape(rows, cols) if pixels.size == rows * cols else None
