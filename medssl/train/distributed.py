@@ -77,7 +77,7 @@ def wrap_model(model: nn.Module, device: torch.device, find_unused: bool = False
     """DDP around the method when several processes train; the method itself otherwise."""
     if not current().enabled:
         return model
-    ids = [device.index] if device.type == "cuda" else None
+    ids = [device.index] if device.type == "cuda" and device.index is not None else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
 
 
@@ -145,6 +145,8 @@ def sharded_loader(dataset, batch_size: int, seed: int, workers: int = 0, shuffl
                             fix="lower train.batch_size or add images")
 
     def factory(epoch: int, position: int):
+        if hasattr(dataset, "set_epoch"):  # CropDataset: new crop positions every epoch, same on resume
+            dataset.set_epoch(epoch)
         sampler = ResumableBatchSampler(len(dataset), batch_size, seed, epoch, position, info.rank,
                                         info.world_size, shuffle)
         # an explicit generator keeps DataLoader from drawing its worker seed from the global RNG

@@ -38,10 +38,8 @@ def run_pretraining(cfg: PretrainConfig, cache, image_ids, groups: dict | None, 
     from medssl.models.encoders import save_encoder
     from medssl.ssl import build_method, method_name
 
-    info = init_distributed()
+    info, out_dir, t = init_distributed(), Path(out_dir), cfg.train
     device = torch.device(device) if device is not None else default_device(info.local_rank)
-    out_dir = Path(out_dir)
-    t = cfg.train
     positives = cfg.ssl.contrastive.positives if cfg.ssl.contrastive is not None else "views"
     dataset = CropDataset(cache, list(image_ids), cfg.crop, spatial_dims, seed=t.seed,
                           pair_by=PAIR_BY[positives], groups=groups if PAIR_BY[positives] else None)
@@ -58,15 +56,20 @@ def run_pretraining(cfg: PretrainConfig, cache, image_ids, groups: dict | None, 
     if info.rank == 0:
         save_encoder(path, method.encoder, cfg.encoder, spatial_dims, cfg.crop,
                      pretrain_run_id=getattr(tracker, "active_run_id", None), manifest_digest=manifest_digest,
-                     method=method_name(cfg),
-                     steps=result["step"])
-        tracker.log_artifact(path, "encoder")
-        if log_checkpoint and result["checkpoint"]:
-            tracker.log_artifact(result["checkpoint"], "checkpoints")
-        tracker.log_metrics({"pretrain/final_loss": result["loss"]} if result["loss"] is not None else {},
-                            step=result["step"])
+                     method=method_name(cfg), steps=result["step"])
+        _log_outputs(tracker, path, result, log_checkpoint)
     barrier()  # the encoder file exists before any rank returns its path
     return path
+
+
+def _log_outputs(tracker, encoder_path: Path, result: dict, log_checkpoint: bool) -> None:
+    """The encoder as artifact "encoder/encoder.pt" (what load_encoder("runs:/<id>/encoder/encoder.pt") reads)
+    and the final checkpoint (weights + optimizer state: large, hence optional)."""
+    tracker.log_artifact(encoder_path, "encoder")
+    if log_checkpoint and result["checkpoint"]:
+        tracker.log_artifact(result["checkpoint"], "checkpoints")
+    if result["loss"] is not None:
+        tracker.log_metrics({"pretrain/final_loss": result["loss"]}, step=result["step"])
 
 
 class _Silent:
