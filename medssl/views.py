@@ -37,15 +37,26 @@ def needs_resampling(cfg: ViewsConfig) -> bool:
 
 
 def random_flips(x: torch.Tensor, prob: float, gen: torch.Generator | None = None) -> torch.Tensor:
-    """Per-sample, per-axis flips without interpolation: each of the 2**nd flip patterns is one torch.flip."""
+    """Per-sample, per-axis flips without interpolation (exact index reversal)."""
     b, nd = x.shape[0], x.ndim - 2
     flips = torch.rand(b, nd, device=x.device, generator=gen) < prob  # (B, nd)
     code = (flips.long() * (2 ** torch.arange(nd, device=x.device))).sum(1)  # (B,) pattern id
-    patterns = code.unique().tolist()  # at most 4 (2D) or 8 (3D), whatever B is
-    if len(patterns) == 1:  # the whole batch shares one pattern: a single pass, no scatter
-        return x.flip(_axes(patterns[0], nd)) if patterns[0] else x.clone()
+    return flip_by_pattern(x, code, per_sample=x.device.type == "cpu")
+
+
+def flip_by_pattern(x: torch.Tensor, code: torch.Tensor, per_sample: bool) -> torch.Tensor:
+    """Flip sample i along the axes whose bits are set in code[i].
+
+    per_sample (CPU): one flip + copy per sample, two passes over memory. Otherwise one flip per distinct
+    pattern (at most 4 in 2D, 8 in 3D, whatever B is): few kernel launches on an accelerator.
+    """
+    nd = x.ndim - 2
     out = torch.empty_like(x)
-    for pattern in patterns:
+    if per_sample:
+        for i, pattern in enumerate(code.tolist()):
+            out[i] = x[i].flip([a - 1 for a in _axes(pattern, nd)]) if pattern else x[i]
+        return out
+    for pattern in code.unique().tolist():
         rows = (code == pattern).nonzero().flatten()
         out[rows] = x[rows].flip(_axes(pattern, nd)) if pattern else x[rows]
     return out

@@ -127,3 +127,13 @@ def test_blur_matches_scipy_per_sample(spatial_dims):
     for b in range(2):  # replicate edges = scipy's "nearest"; radius 3 sigma
         ref = gaussian_filter(x[b, 0].numpy(), sigma=float(sigma[b]), mode="nearest", truncate=3.0)
         assert np.allclose(y[b, 0].numpy(), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_flip_paths_agree(spatial_dims):
+    from medssl.views import flip_by_pattern
+    x = anatomy(spatial_dims, batch=5)
+    code = torch.tensor([0, 1, 2, 3, 2 ** spatial_dims - 1])
+    grouped, looped = flip_by_pattern(x, code, per_sample=False), flip_by_pattern(x, code, per_sample=True)
+    assert torch.equal(grouped, looped)
+    assert torch.equal(looped[1], x[1].flip([1])) and torch.equal(looped[0], x[0])  # bit 0 = first spatial axis
