@@ -109,3 +109,18 @@ def test_centre_crop_crops_and_pads(shape):
     assert out.shape == (1, *size)
     if len(shape) == 3:  # rows 1..5 of 7 kept; 4 columns padded to 5 (0 before, 1 after)
         assert torch.equal(out[0, :, :4], image[0, 1:6, :]) and out[0, :, 4].abs().sum() == 0
+
+
+def test_make_probe_from_a_cache_samples_stratified_and_centre_crops():
+    from medssl.train.probe import make_probe
+
+    class Cache:  # the VolumeCache interface over arrays of different sizes
+        def get(self, image_id):
+            i = int(image_id[-2:])
+            return np.full((1, 10 + i % 3, 12), float(i % 2), dtype=np.float16)  # (C, X, Y)
+
+    ids = [f"img-0000000000{i:02d}" for i in range(40)]
+    labels = [int(i % 4 == 0) for i in range(40)]  # 10 positives
+    probe = make_probe(Cache(), ids, labels, crop=[8, 8], spatial_dims=2, k=3, max_images=20)
+    assert probe.images.shape == (20, 1, 8, 8) and 4 <= probe.labels.sum() <= 6
+    assert make_probe(Cache(), ids[:3], [0, 0, 1], crop=[8, 8], spatial_dims=2) is None

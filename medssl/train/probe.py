@@ -146,3 +146,32 @@ class OnlineProbe:
         if not scores:
             console.print("[yellow]probe skipped:[/] the labelled subset needs two classes with 2+ images each")
         return {name: value for name, value in scores.items() if not math.isnan(value)}
+
+
+def make_probe(cache, image_ids, labels, crop: list[int], spatial_dims: int, k: int = 20, folds: int = 5,
+               max_images: int = 256, seed: int = 0) -> OnlineProbe | None:
+    """An OnlineProbe over at most `max_images` labelled cached images (a class-stratified sample), centre-cropped
+    to the pretraining crop; None (no probe) when fewer than two classes have two images each.
+    Use labelled images of the training split only: val/test stay unseen until evaluation."""
+    from medssl.data.loaders import ImageDataset
+    ids, y = _stratified_sample(list(image_ids), np.asarray(labels, dtype=int), max_images, seed)
+    counts = np.bincount(y) if len(y) else np.array([])
+    if (counts >= 2).sum() < 2:
+        console.print("[yellow]no online probe:[/] it needs two classes with 2+ labelled images each")
+        return None
+    dataset = ImageDataset(cache, ids, [int(v) for v in y], spatial_dims=spatial_dims)
+    return OnlineProbe.from_dataset(dataset, crop=crop, k=k, folds=folds, seed=seed)
+
+
+def _stratified_sample(ids: list, y: np.ndarray, limit: int, seed: int) -> tuple[list, np.ndarray]:
+    """Up to `limit` items keeping class shares (each present class keeps at least 2, where it has them)."""
+    if len(ids) <= limit:
+        return ids, y
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c in np.unique(y):
+        members = np.flatnonzero(y == c)
+        n = max(min(2, len(members)), round(limit * len(members) / len(y)))
+        keep.extend(rng.choice(members, size=min(n, len(members)), replace=False).tolist())
+    keep = sorted(keep)
+    return [ids[i] for i in keep], y[keep]
