@@ -77,6 +77,9 @@ def label_efficiency_figure(summary: pd.DataFrame, metric: str = "auroc") -> Fig
                 ax.fill_between(part["n_labelled"], part[f"{metric}_ci_low"], part[f"{metric}_ci_high"],
                                 color=colour, alpha=0.2, lw=0)
         ax.set_xscale("log")
+        ticks = sorted(summary.loc[summary["protocol"] == protocol, "n_labelled"].unique())
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])  # the rungs themselves, not powers of ten
+        ax.minorticks_off()
         ax.set(xlabel="labelled training images", ylabel=f"test {metric.upper()}", title=protocol)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
