@@ -32,6 +32,7 @@ class TinyContrastive(nn.Module):
     def __init__(self):
         super().__init__()
         self.encoder = nn.Sequential(nn.Flatten(), nn.Linear(36, 16), nn.ReLU(), nn.Linear(16, 8))
+        self.unused = nn.LayerNorm(8)  # never in the graph, like MONAI ViT's norm_cross_attn
         self.seen: list[int] = []
 
     def forward(self, batch):

@@ -73,8 +73,12 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
-def wrap_model(model: nn.Module, device: torch.device, find_unused: bool = False) -> nn.Module:
-    """DDP around the method when several processes train; the method itself otherwise."""
+def wrap_model(model: nn.Module, device: torch.device, find_unused: bool = True) -> nn.Module:
+    """DDP around the method when several processes train; the method itself otherwise.
+
+    find_unused=True by default: methods may own parameters that get no gradient (MONAI's ViT blocks create
+    `norm_cross_attn` even without cross-attention), and DDP without it fails on the second step. It costs
+    one walk of the autograd graph per step; freeze such parameters (requires_grad=False) to go without."""
     if not current().enabled:
         return model
     ids = [device.index] if device.type == "cuda" and device.index is not None else None
