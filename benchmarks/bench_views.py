@@ -96,9 +96,20 @@ def medssl_rate(vol: np.ndarray, cfg: ViewsConfig, threads: int, batch: int, bat
     return batch * batches / (time.perf_counter() - start)
 
 
+def pick_rate(vol: np.ndarray, batch: int, batches: int) -> float:
+    """The CPU work left in medssl's design when the views run on the accelerator: slicing crops."""
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    start = time.perf_counter()
+    for _ in range(batches):
+        pick_crops(vol, batch, rng)
+    return batch * batches / (time.perf_counter() - start)
+
+
 def variants(args) -> dict:
     vol = cached_volume()
     out = {f"tutorial MONAI chain, {w} proc": (lambda w=w: tutorial_rate(w, args.calls)) for w in (1, 2)}
+    out["medssl crop pick only (views on GPU), 1 thr"] = lambda: pick_rate(vol, args.batch, 4 * args.batches)
     for name, cfg in (("light", LIGHT), ("default", ViewsConfig()), ("ct", CT)):
         for threads in (1, 2):
             out[f"medssl views '{name}', {threads} thr"] = (
@@ -127,7 +138,9 @@ def report(rates: dict[str, list[float]], args) -> None:
     from rich.table import Table
     base = max(rates["tutorial MONAI chain, 1 proc"])
     base2 = max(rates["tutorial MONAI chain, 2 proc"])
-    table = Table(title=f"cached {VOLUME} -> two views of {CROP}^3 crops, {os.cpu_count()} CPU cores")
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    table = Table(title=f"cached {VOLUME} -> two views of {CROP}^3 crops, {os.cpu_count()} CPU cores "
+                        f"(load average {load})")
     for col in ("variant", "best crops/s", "median crops/s", "x tutorial 1 proc", "x tutorial 2 proc"):
         table.add_column(col, justify="right" if col != "variant" else "left")
     rows = []
@@ -137,7 +150,7 @@ def report(rates: dict[str, list[float]], args) -> None:
                          vs_tutorial_1proc=round(best / base, 2), vs_tutorial_2proc=round(best / base2, 2)))
         table.add_row(name, f"{best:.1f}", f"{median:.1f}", f"{best / base:.2f}", f"{best / base2:.2f}")
     Console().print(table)
-    result = dict(bench="views", cpus=os.cpu_count(), torch=torch.__version__, volume=VOLUME, crop=CROP,
+    result = dict(bench="views", cpus=os.cpu_count(), load_average=os.getloadavg(), torch=torch.__version__, volume=VOLUME, crop=CROP,
                   batch=args.batch, rows=rows)
     print(json.dumps(result))
     if args.json:

@@ -118,3 +118,13 @@ def test_invalid_combinations_are_config_errors(kwargs, size, match):
 def test_heads():
     assert projection_head(32, 16)(torch.randn(4, 32)).shape == (4, 16)
     assert linear_head(32, 3)(torch.randn(4, 32)).shape == (4, 3)
+
+
+def test_file_with_broken_settings_is_a_training_error(tmp_path):
+    enc = build_encoder(cfg_for("vit"), 2, [8, 8])
+    path = save_encoder(tmp_path / "enc.pt", enc, cfg_for("vit"), 2, [8, 8])
+    payload = torch.load(path, weights_only=True)
+    payload["encoder"]["name"] = "resnet999"
+    torch.save(payload, path)
+    with pytest.raises(TrainingError, match="invalid settings"):
+        load_encoder(path)

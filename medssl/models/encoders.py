@@ -122,8 +122,12 @@ def load_encoder(source: str | Path) -> tuple[nn.Module, dict]:
     """File path or MLflow URI -> (encoder with the saved weights, info dict without the state_dict)."""
     path = _local_file(source)
     payload = _read_payload(path)
-    cfg = EncoderConfig.model_validate(payload["encoder"])
-    encoder = build_encoder(cfg, payload["spatial_dims"], payload["img_size"])
+    try:
+        cfg = EncoderConfig.model_validate(payload["encoder"])
+        encoder = build_encoder(cfg, int(payload["spatial_dims"]), list(payload["img_size"]))
+    except (KeyError, TypeError, ValueError, ConfigError) as err:  # pydantic's ValidationError is a ValueError
+        raise TrainingError(f"encoder file has invalid settings: {err}", where=str(source),
+                            fix="re-save it with medssl.models.encoders.save_encoder") from None
     load_state_strict(encoder, payload["state_dict"], where=str(source))
     info = {k: v for k, v in payload.items() if k != "state_dict"}
     return encoder, info

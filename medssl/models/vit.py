@@ -6,6 +6,8 @@ autocast (../../shared/ANCHORS.md); this small module keeps MONAI's PatchEmbeddi
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from monai.networks.blocks import PatchEmbeddingBlock, TransformerBlock
 from torch import nn
@@ -46,7 +48,7 @@ class ViTEncoder(nn.Module):
 
     @property
     def num_patches(self) -> int:
-        return int(torch.tensor(self.grid).prod())
+        return math.prod(self.grid)
 
     def forward_tokens(self, x: torch.Tensor, keep_idx: torch.Tensor | None = None) -> torch.Tensor:
         """(B, C, *spatial) -> (B, L_keep, hidden); keep_idx (B, L_keep) selects visible patches."""
