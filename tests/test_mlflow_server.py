@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -11,7 +14,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from medssl.tracking import Tracker
+from medssl.reviewer import check_experiment, screenshot, ui_url
+from medssl.tracking import Tracker, lineage_tags
 
 pytestmark = pytest.mark.slow
 
@@ -46,22 +50,22 @@ class Server:
                 time.sleep(0.3)
         raise RuntimeError("mlflow server did not answer /health in time")
 
-    def stop(self) -> None:
-        import os
-        import signal
+    def stop(self, crash: bool = False) -> None:
+        """SIGKILL (`crash`, the harsh outage: requests in flight die) or SIGTERM, to the server's own process
+        group so its uvicorn worker goes too."""
         if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)  # its own session: the uvicorn workers go too
+            os.killpg(self.proc.pid, signal.SIGKILL if crash else signal.SIGTERM)
             try:
-                self.proc.wait(timeout=15)
+                self.proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.log.close()
 
 
-@pytest.fixture
-def server(tmp_path):
-    srv = Server(tmp_path, free_port())
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = Server(tmp_path_factory.mktemp("server"), free_port())  # one server for the module: starts cost seconds
     srv.start()
     yield srv
     srv.stop()
@@ -79,7 +83,7 @@ def test_outage_mid_run_loses_no_metric(server, tmp_path):
     with tracker.run("pipeline") as parent, tracker.run("pretrain") as child:
         for step in range(5):
             tracker.log_metrics({"loss": 1.0 / (step + 1), "lr": 0.1 * step}, step=step)
-        server.stop()
+        server.stop(crash=True)
         durations = [timed(tracker.log_metrics, {"loss": 1.0 / (step + 1), "lr": 0.1 * step}, step=step)
                      for step in range(5, 15)]
         artifact.write_text("written during the outage")
@@ -113,3 +117,46 @@ def test_outage_mid_run_loses_no_metric(server, tmp_path):
     assert got.text == "written during the outage"
     assert json.loads(requests.get(f"{api}/runs/get", params={"run_id": parent.info.run_id},
                                    timeout=10).text)["run"]["info"]["status"] == "FINISHED"
+
+
+def test_reviewer_sees_parent_children_model_and_report(server, tmp_path):
+    tracker = Tracker("review", tracking_uri=server.url, outbox_dir=tmp_path / "outbox")
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "curve.png").write_bytes(b"\x89PNG fake")
+    (tmp_path / "report" / "table.csv").write_text("rung,auroc\n5,0.7\n")
+    (tmp_path / "encoder.pt").write_bytes(b"weights")
+    with tracker.run("demo-pipeline", tags=lineage_tags()) as parent:
+        with tracker.run("pretrain") as pretrain:
+            tracker.log_metrics({"loss": 1.0}, step=0)
+            tracker.log_artifact(tmp_path / "encoder.pt", "encoder")
+            version = tracker.register_model("encoder", "demo-encoder",
+                                             tags={"medssl.pretrain_run_id": pretrain.info.run_id})
+        with tracker.run("ladder"):
+            with tracker.run("rung-5-seed-0"):
+                tracker.log_metrics({"test_auroc": 0.7})
+        tracker.log_artifacts(tmp_path / "report", "report")
+    assert version == "1"
+
+    seen = check_experiment(server.url, "review")
+    assert seen["ok"], seen["problems"]
+    assert seen["parent"]["run_id"] == parent.info.run_id
+    assert [(c["name"], c["depth"]) for c in seen["children"]] == [("pretrain", 1), ("ladder", 1),
+                                                                   ("rung-5-seed-0", 2)]
+    assert seen["children"][2]["metrics"]["test_auroc"] == 0.7
+    assert [(m["name"], m["version"], m["run_id"]) for m in seen["registered_models"]] == [
+        ("demo-encoder", "1", pretrain.info.run_id)]
+    assert sorted(seen["report"]["files"]) == ["report/curve.png", "report/table.csv"]
+    missing = check_experiment(server.url, "no-such-experiment")
+    assert not missing["ok"] and "no experiment" in missing["problems"][0]
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None or not os.environ.get("MEDSSL_TEST_SCREENSHOT"),
+                    reason="chromium takes a minute on a loaded CPU: set MEDSSL_TEST_SCREENSHOT=1 (needs chromium)")
+def test_screenshot_of_the_mlflow_ui(server, tmp_path):
+    tracker = Tracker("shot", tracking_uri=server.url, outbox_dir=tmp_path / "outbox")
+    with tracker.run("pipeline"):
+        tracker.log_metrics({"loss": 0.5})
+    experiment = requests.get(f"{server.url}/api/2.0/mlflow/experiments/get-by-name",
+                              params={"experiment_name": "shot"}, timeout=10).json()["experiment"]
+    png = screenshot(ui_url(server.url, experiment["experiment_id"]), tmp_path / "ui.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

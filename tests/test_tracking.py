@@ -189,3 +189,20 @@ def test_outbox_left_by_a_dead_process_is_replayed(tracker, tmp_path):
     assert [(m.step, m.value, m.timestamp) for m in history] == [(s, 2.0 - s, 1000 + s) for s in range(3)]
     assert not list((tmp_path / "outbox").glob("*.jsonl"))
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]  # low retries so an outage costs seconds
+
+
+def test_reviewer_check_on_a_local_store_names_what_is_missing(tracker, store, tmp_path):
+    from medssl.reviewer import check_experiment
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "table.csv").write_text("rung,auroc\n")
+    with tracker.run("pipeline") as parent:
+        with tracker.run("pretrain"):
+            pass
+        with tracker.run("ladder"):
+            pass
+        tracker.log_artifacts(tmp_path / "report", "report")
+    seen = check_experiment(store, tracker.experiment)
+    assert seen["parent"]["run_id"] == parent.info.run_id
+    assert [c["name"] for c in seen["children"]] == ["pretrain", "ladder"]
+    assert seen["report"]["files"] == ["report/table.csv"]
+    assert seen["problems"] == ["no registered model comes from this experiment's runs"] and not seen["ok"]

@@ -1,0 +1,206 @@
+"""What a reviewer sees in MLflow: check one experiment's story through the REST API, and screenshot the UI.
+
+`check_experiment` asks the tracking server what a person opening the experiment would find: the latest
+parent (pipeline) run, its child runs (stages, rungs, seeds) with status and metrics, the registered models
+made from this experiment's runs, and the report artifact on the parent. It uses the REST endpoints the UI
+uses, so a green check means the UI shows it too. A non-HTTP tracking URI (local `mlflow.db`) has no REST
+API; then the same questions go through `MlflowClient`.
+
+    python -m medssl.reviewer http://127.0.0.1:5000 demo [--screenshot out.png]
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import requests
+
+from medssl.errors import TrackingError
+
+API = "/api/2.0/mlflow"
+PARENT_TAG = "mlflow.parentRunId"
+
+
+class _Rest:
+    """The few MLflow REST calls the check needs, answered as plain JSON dicts."""
+
+    def __init__(self, uri: str, timeout: float = 10.0):
+        self.base, self.timeout = uri.rstrip("/"), timeout
+
+    def _call(self, method: str, endpoint: str, **kwargs) -> dict:
+        try:
+            response = requests.request(method, f"{self.base}{API}/{endpoint}", timeout=self.timeout, **kwargs)
+        except requests.RequestException as err:
+            raise TrackingError(f"MLflow server not reachable: {err}", where=self.base,
+                                fix="start it (mlflow server ...) or check the tracking URI") from None
+        if response.status_code == 404 and endpoint.startswith("experiments/"):
+            return {}
+        if not response.ok:
+            raise TrackingError(f"MLflow answered {response.status_code} to {endpoint}: {response.text[:300]}",
+                                where=self.base)
+        return response.json()
+
+    def experiment(self, name: str) -> dict | None:
+        return self._call("GET", "experiments/get-by-name", params={"experiment_name": name}).get("experiment")
+
+    def runs(self, experiment_id: str) -> list[dict]:
+        runs, token = [], None
+        while True:
+            body = {"experiment_ids": [experiment_id], "max_results": 1000, **({"page_token": token} if token else {})}
+            page = self._call("POST", "runs/search", json=body)
+            runs += page.get("runs", [])
+            token = page.get("next_page_token")
+            if not token:
+                return [_flat_run(r) for r in runs]
+
+    def model_versions(self) -> list[dict]:
+        versions, token = [], None
+        while True:
+            page = self._call("GET", "registered-models/search",
+                              params={"max_results": 1000, **({"page_token": token} if token else {})})
+            for model in page.get("registered_models", []):
+                versions += self._call("GET", "model-versions/search",
+                                       params={"filter": f"name='{model['name']}'"}).get("model_versions", [])
+            token = page.get("next_page_token")
+            if not token:
+                return versions
+
+    def artifacts(self, run_id: str, path: str) -> list[str]:
+        listed = self._call("GET", "artifacts/list", params={"run_id": run_id, "path": path})
+        files = []
+        for entry in listed.get("files", []):
+            files += self.artifacts(run_id, entry["path"]) if entry.get("is_dir") else [entry["path"]]
+        return files
+
+
+class _Client(_Rest):
+    """The same answers from a local store through MlflowClient (no server, no REST)."""
+
+    def __init__(self, uri: str):
+        from mlflow.tracking import MlflowClient
+        self.base, self.client = uri, MlflowClient(uri)
+
+    def experiment(self, name: str) -> dict | None:
+        found = self.client.get_experiment_by_name(name)
+        return None if found is None else {"experiment_id": found.experiment_id, "name": found.name,
+                                           "lifecycle_stage": found.lifecycle_stage}
+
+    def runs(self, experiment_id: str) -> list[dict]:
+        found = self.client.search_runs([experiment_id], max_results=50000)
+        return [_flat_run(r.to_dictionary()) for r in found]
+
+    def model_versions(self) -> list[dict]:
+        return [dict(v) for m in self.client.search_registered_models()
+                for v in self.client.search_model_versions(f"name='{m.name}'")]
+
+    def artifacts(self, run_id: str, path: str) -> list[str]:
+        files = []
+        for entry in self.client.list_artifacts(run_id, path):
+            files += self.artifacts(run_id, entry.path) if entry.is_dir else [entry.path]
+        return files
+
+
+def _flat_run(run: dict) -> dict:
+    """REST run JSON (lists of key/value) or MlflowClient dict -> {run_id, name, status, start, tags, metrics}."""
+    info, data = run["info"], run.get("data", {})
+    as_map = lambda items: {i["key"]: i["value"] for i in items} if isinstance(items, list) else dict(items or {})  # noqa: E731
+    return {"run_id": info["run_id"], "name": info.get("run_name", ""), "status": info.get("status", ""),
+            "start_time": int(info.get("start_time") or 0), "tags": as_map(data.get("tags")),
+            "metrics": as_map(data.get("metrics")), "n_params": len(data.get("params") or [])}
+
+
+def check_experiment(tracking_uri: str, experiment: str, report_path: str = "report") -> dict:
+    """Parent run, child runs, registered models and report artifact of `experiment`, with a problem list."""
+    api = _Rest(tracking_uri) if tracking_uri.startswith(("http://", "https://")) else _Client(tracking_uri)
+    found = api.experiment(experiment)
+    if not found:
+        return {"ok": False, "experiment": None, "problems": [f"no experiment named '{experiment}'"]}
+    runs = api.runs(found["experiment_id"])
+    parents = sorted((r for r in runs if PARENT_TAG not in r["tags"]), key=lambda r: r["start_time"])
+    parent = parents[-1] if parents else None
+    children = _descendants(runs, parent["run_id"]) if parent else []
+    run_ids = {r["run_id"] for r in runs}
+    models = [{"name": v["name"], "version": str(v["version"]), "run_id": v.get("run_id"), "source": v.get("source"),
+               "status": v.get("status")} for v in api.model_versions() if v.get("run_id") in run_ids]
+    report = api.artifacts(parent["run_id"], report_path) if parent else []
+    problems = _problems(parent, children, models, report, report_path)
+    return {"ok": not problems, "tracking_uri": tracking_uri,
+            "experiment": {"id": found["experiment_id"], "name": experiment}, "parent": parent,
+            "parent_runs": len(parents), "children": children, "registered_models": models,
+            "report": {"run_id": parent["run_id"] if parent else None, "files": report}, "problems": problems}
+
+
+def _descendants(runs: list[dict], root: str, depth: int = 1) -> list[dict]:
+    """Children of `root`, each followed by its own children (depth-first, in start order)."""
+    out = []
+    for run in sorted((r for r in runs if r["tags"].get(PARENT_TAG) == root), key=lambda r: r["start_time"]):
+        out.append({**run, "depth": depth})
+        out += _descendants(runs, run["run_id"], depth + 1)
+    return out
+
+
+def _problems(parent, children, models, report, report_path) -> list[str]:
+    problems = []
+    if parent is None:
+        return ["no parent (pipeline) run in the experiment"]
+    if parent["status"] != "FINISHED":
+        problems.append(f"parent run {parent['run_id']} is {parent['status']}")
+    if not children:
+        problems.append("the parent run has no child runs")
+    problems += [f"child run '{c['name']}' ({c['run_id']}) is {c['status']}" for c in children
+                 if c["status"] != "FINISHED"]
+    if not models:
+        problems.append("no registered model comes from this experiment's runs")
+    if not report:
+        problems.append(f"no '{report_path}' artifact on the parent run")
+    return problems
+
+
+def ui_url(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow UI page of an experiment (or of one run) on a tracking server."""
+    base = tracking_uri.rstrip("/")
+    return f"{base}/#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+
+
+def screenshot(url: str, out_png: Path | str, wait_ms: int = 8000, timeout_s: float = 90.0) -> Path:
+    """PNG of `url` from headless Debian chromium (`apt-get install chromium`); the UI is a JavaScript page,
+    so chromium is given `wait_ms` of virtual time to render it first."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        raise TrackingError("chromium is not installed, so no screenshot can be taken", where="medssl.reviewer",
+                            fix="apt-get install chromium (Debian), or open the URL in a browser: " + url)
+    out_png = Path(out_png).resolve()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as profile:
+        cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1600,1000",
+               "--hide-scrollbars", f"--virtual-time-budget={wait_ms}", f"--screenshot={out_png}", url]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise TrackingError(f"chromium took over {timeout_s:.0f} s for {url}", where=browser) from None
+    if not out_png.is_file() or out_png.stat().st_size == 0:
+        raise TrackingError(f"chromium wrote no screenshot (exit {done.returncode}): {done.stderr[-500:]}",
+                            where=browser, fix="check that the URL opens: " + url)
+    return out_png
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 2:
+        print(__doc__.strip().splitlines()[-1].strip())
+        return 2
+    result = check_experiment(argv[0], argv[1])
+    print(json.dumps(result, indent=2, default=str))
+    if "--screenshot" in argv and result.get("experiment"):
+        path = argv[argv.index("--screenshot") + 1]
+        print("screenshot:", screenshot(ui_url(argv[0], result["experiment"]["id"]), path))
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
