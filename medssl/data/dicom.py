@@ -8,6 +8,7 @@ never by InstanceNumber or file name. Affines returned here map (i, j, k) to RAS
 """
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -22,7 +23,7 @@ def _floats(value, n: int) -> list[float] | None:
         out = [float(v) for v in value]
     except (TypeError, ValueError):
         return None
-    return out if len(out) == n and np.all(np.isfinite(out)) else None
+    return out if len(out) == n and all(math.isfinite(v) for v in out) else None
 
 
 def _orientation(value) -> list[float] | None:
@@ -30,9 +31,9 @@ def _orientation(value) -> list[float] | None:
     iop = _floats(value, 6)
     if iop is None:
         return None
-    row, col = np.asarray(iop[:3]), np.asarray(iop[3:])
-    unit = abs(np.linalg.norm(row) - 1) < 1e-2 and abs(np.linalg.norm(col) - 1) < 1e-2
-    return iop if unit and abs(row @ col) < 1e-2 else None
+    row, col = iop[:3], iop[3:]
+    unit = abs(math.hypot(*row) - 1) < 1e-2 and abs(math.hypot(*col) - 1) < 1e-2
+    return iop if unit and abs(sum(a * b for a, b in zip(row, col))) < 1e-2 else None
 
 
 def _spacing(value) -> list[float] | None:

@@ -3,7 +3,7 @@
 Why: pydicom builds a full Dataset and converts each value on access (~3-5 ms per file); indexing 100,000
 slices that way takes minutes. This reader walks the element stream with `struct`, keeps ~25 tags, skips
 everything else by its length (sequences included) and stops at PixelData, whose offset it records so a
-slice can be read with one `np.fromfile`. It returns None for anything outside its lane (big endian,
+slice is decoded from one read of its file. It returns None for anything outside its lane (big endian,
 compressed, DICOMDIR, Enhanced multi-frame, odd layouts); callers then use pydicom, so correctness never
 depends on this shortcut.
 """
@@ -30,7 +30,10 @@ WANTED = {
     0x00280100: ("BitsAllocated", "u"), 0x00280101: ("BitsStored", "u"), 0x00280103: ("PixelRepresentation", "u"),
     0x00281052: ("RescaleIntercept", "s"), 0x00281053: ("RescaleSlope", "s"),
 }
-HEAD_BYTES = 64 * 1024  # headers of ordinary slices end well before this; longer ones fall back to pydicom
+HEAD_BYTES = 64 * 1024
+_TAG_VR_SHORT = struct.Struct("<HH2sH")   # explicit VR: group, element, VR, 16-bit length
+_TAG_LONG = struct.Struct("<HHI")         # implicit VR, items and delimiters: group, element, 32-bit length
+_U32 = struct.Struct("<I")  # headers of ordinary slices end well before this; longer ones fall back to pydicom
 
 
 class _Outside(Exception):
@@ -63,14 +66,14 @@ def _element(buf: bytes, pos: int, explicit: bool) -> tuple[int, bytes | None, i
     """(tag, VR or None, value length, value start) of the element at `pos`."""
     if pos + 8 > len(buf):
         raise _Outside
-    group, element = struct.unpack_from("<HH", buf, pos)
-    tag = group << 16 | element
-    if not explicit or group == 0xFFFE:  # items and delimiters never carry a VR
-        return tag, None, struct.unpack_from("<I", buf, pos + 4)[0], pos + 8
-    vr = buf[pos + 4:pos + 6]
-    if vr in LONG_VRS:
-        return tag, vr, struct.unpack_from("<I", buf, pos + 8)[0], pos + 12
-    return tag, vr, struct.unpack_from("<H", buf, pos + 6)[0], pos + 8
+    if explicit:
+        group, element, vr, length = _TAG_VR_SHORT.unpack_from(buf, pos)
+        if group != 0xFFFE:  # items and delimiters never carry a VR
+            if vr in LONG_VRS:
+                return group << 16 | element, vr, _U32.unpack_from(buf, pos + 8)[0], pos + 12
+            return group << 16 | element, vr, length, pos + 8
+    group, element, length = _TAG_LONG.unpack_from(buf, pos)
+    return group << 16 | element, None, length, pos + 8
 
 
 def _skip_undefined(buf: bytes, pos: int, explicit: bool) -> int:
@@ -94,11 +97,9 @@ def _value(raw: bytes, kind: str):
     return text.split("\\") if "\\" in text else text
 
 
-def parse(path: str) -> dict | None:
+def parse_buffer(buf: bytes) -> dict | None:
     """{keyword: value} of the WANTED tags plus pixel offset/length and transfer syntax, or None."""
     try:
-        with open(path, "rb") as f:
-            buf = f.read(HEAD_BYTES)
         syntax, pos = _meta(buf)
         explicit, out = syntax == EXPLICIT_LE, {"TransferSyntaxUID": syntax}
         while True:
@@ -118,20 +119,41 @@ def parse(path: str) -> dict | None:
             if length == UNDEFINED and vr == b"UN":
                 raise _Outside
             pos = _skip_undefined(buf, start, explicit) if length == UNDEFINED else start + length
-    except (_Outside, struct.error, UnicodeDecodeError, OSError, RecursionError):
+    except (_Outside, struct.error, UnicodeDecodeError, RecursionError):
         return None
 
 
-def read_pixels(path: str, fields: dict) -> np.ndarray | None:
-    """(Rows, Columns) raw stored values with one read, or None when the layout needs pydicom's care
-    (colour, several frames, BitsStored < BitsAllocated, unusual bit depths)."""
+def parse(path: str) -> dict | None:
+    """Header fields from the first HEAD_BYTES of a file (the scan never reads pixel bytes)."""
+    try:
+        with open(path, "rb") as f:
+            return parse_buffer(f.read(HEAD_BYTES))
+    except OSError:
+        return None
+
+
+def read_slice(path: str) -> tuple[np.ndarray, dict] | None:
+    """(pixels (Rows, Columns) as stored, fields) with one read of the whole file, or None (use pydicom)."""
+    try:
+        with open(path, "rb") as f:
+            buf = f.read()
+    except OSError:
+        return None
+    fields = parse_buffer(buf)
+    pixels = _pixels(buf, fields) if fields is not None else None
+    return None if pixels is None else (pixels, fields)
+
+
+def _pixels(buf: bytes, fields: dict) -> np.ndarray | None:
+    """(Rows, Columns) raw stored values, or None when the layout needs pydicom's care
+    (colour, several frames, BitsStored < BitsAllocated, unusual bit depths, short pixel data)."""
     bits, stored = fields.get("BitsAllocated"), fields.get("BitsStored")
     if fields.get("SamplesPerPixel", 1) != 1 or str(fields.get("NumberOfFrames") or "1") != "1" \
             or bits not in (8, 16, 32) or stored != bits:
         return None
     dtype = np.dtype(f"<{'i' if fields.get('PixelRepresentation') == 1 else 'u'}{bits // 8}")
     rows, cols = fields.get("Rows") or 0, fields.get("Columns") or 0
-    if rows * cols * dtype.itemsize > fields["pixel_length"]:
+    offset, need = fields["pixel_offset"], rows * cols * dtype.itemsize
+    if need == 0 or need > fields["pixel_length"] or offset + need > len(buf):
         return None
-    pixels = np.fromfile(path, dtype=dtype, count=rows * cols, offset=fields["pixel_offset"])
-    return pixels.reshape(rows, cols) if pixels.size == rows * cols else None
+    return np.frombuffer(buf, dtype=dtype, count=rows * cols, offset=offset).reshape(rows, cols)

@@ -22,7 +22,7 @@ import numpy as np
 import pydicom
 
 from medssl.data.dicom import basic_fields, enhanced_geometry, multiframe_geometry, plane_affine, stack_affine
-from medssl.data.dicom_parse import parse, read_pixels
+from medssl.data.dicom_parse import read_slice
 from medssl.errors import DataError
 
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -113,9 +113,9 @@ def _rescale(item) -> tuple[float, float]:
 
 def _read_slice(path: Path) -> tuple[np.ndarray, Mapping]:
     """(R, C) float32 in modality units, and the header it came with (fast path: one read, no pydicom)."""
-    fields = parse(str(path))
-    pixels = read_pixels(str(path), fields) if fields is not None else None
-    if pixels is not None:
+    fast = read_slice(str(path))
+    if fast is not None:
+        pixels, fields = fast
         slope, intercept = _rescale(fields)
         return pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept), fields
     ds = pydicom.dcmread(path, force=True)  # preamble-less files were accepted by the scan

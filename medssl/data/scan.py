@@ -27,7 +27,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
 from rich.text import Text
 
 from medssl.data.dicom import basic_fields, enhanced_geometry
-from medssl.data.dicom_parse import parse
+from medssl.data.dicom_parse import HEAD_BYTES, parse, parse_buffer
 from medssl.data.io import nifti_header
 
 CHUNK = 256          # files per worker task: big enough to amortise pickling, small enough for a live ETA
@@ -80,6 +80,7 @@ CODEC_PACKAGES = {  # transfer-syntax family -> what to pip install
     "JPEG": "pylibjpeg pylibjpeg-libjpeg",
     "RLE": "pylibjpeg pylibjpeg-rle",
 }
+NATIVE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}  # implicit LE, explicit LE / BE
 PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
@@ -90,6 +91,8 @@ def _decoder_available(ts: UID) -> bool:
 
 def codec_problem(ts_uid: str) -> str | None:
     """None if pixels in this transfer syntax can be decoded here, else a reason naming what to install."""
+    if ts_uid in NATIVE:  # asked once per file: skip the UID machinery for the common case
+        return None
     ts = UID(ts_uid)
     if not ts.is_compressed:
         return None
@@ -147,10 +150,10 @@ def _pydicom_header(path: str, max_image_mb: float, force: bool) -> dict:
     return h
 
 
-def dicom_header(path: str, max_image_mb: float, force: bool = False) -> dict:
+def dicom_header(path: str, max_image_mb: float, force: bool = False, head: bytes | None = None) -> dict:
     """Header fields medssl needs, without decoding pixels: the fast parser for ordinary uncompressed
     single-frame files, pydicom for everything else (multi-frame, compressed, big endian, odd layouts)."""
-    fields = None if force else parse(path)
+    fields = None if force else (parse_buffer(head) if head is not None else parse(path))
     if fields is not None and str(fields.get("NumberOfFrames") or "1") == "1":
         span = (fields["pixel_offset"], fields["pixel_length"])
         return _checked(fields, path, fields["TransferSyntaxUID"], span, max_image_mb, force)
@@ -167,13 +170,11 @@ def _nifti_magic(path: str) -> bool:
     return head[344:348] in (b"n+1\x00", b"ni1\x00") or head[4:8] == b"n+2\x00"
 
 
-def sniff(path: str) -> str | None:
-    """"dicom" | "dicom-nopreamble" | "nifti" | "empty" | "bad-nifti" | None (not an image file)."""
-    lower = path.lower()
-    if lower.endswith((".nii", ".nii.gz")):
+def sniff(path: str, head: bytes) -> str | None:
+    """"dicom" | "dicom-nopreamble" | "nifti" | "empty" | "bad-nifti" | None (not an image file),
+    from the name and the first bytes of the file."""
+    if path.lower().endswith((".nii", ".nii.gz")):
         return "nifti" if _nifti_magic(path) else "bad-nifti"
-    with open(path, "rb") as f:
-        head = f.read(132)
     if not head:
         return "empty"
     if head[128:132] == b"DICM":
@@ -185,7 +186,9 @@ def sniff(path: str) -> str | None:
 
 
 def _header(path: str, max_image_mb: float) -> dict:
-    kind = sniff(path)
+    with open(path, "rb") as f:
+        head = f.read(HEAD_BYTES)  # one read serves sniffing and, for ordinary slices, the whole header
+    kind = sniff(path, head)
     if kind is None:
         return {"skip": "not an image: neither DICOM nor NIfTI"}
     if kind == "empty":
@@ -194,7 +197,7 @@ def _header(path: str, max_image_mb: float) -> dict:
         return {"skip": "unreadable NIfTI: .nii name but no NIfTI header magic"}
     if kind == "nifti":
         return nifti_header(path, max_image_mb)
-    return dicom_header(path, max_image_mb, force=kind == "dicom-nopreamble")
+    return dicom_header(path, max_image_mb, force=kind == "dicom-nopreamble", head=head)
 
 
 def read_header(rel: str, root: str, max_image_mb: float) -> dict:
