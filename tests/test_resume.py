@@ -136,3 +136,4 @@ def test_sigkilled_run_resumes_to_identical_weights_and_losses(tmp_path):
         torch.testing.assert_close(b[name], a[name], rtol=1e-6, atol=1e-7)
     # the uninterrupted run really moved the weights (the comparison is not trivially of initial weights)
     assert result["loss"] != pytest.approx(expected[1])
+

@@ -284,3 +284,27 @@ def test_run_pretraining_end_to_end_writes_a_loadable_encoder(tmp_path, spatial_
     assert params["train"]["steps"] == 3 and params["spatial_dims"] == spatial_dims
     assert all(math.isfinite(c[1][0]["train/loss"]) for c in tracker.calls
                if c[0] == "log_metrics" and "train/loss" in c[1][0])
+
+
+def test_run_pretraining_resumes_exactly_through_the_real_loader_and_method(tmp_path):
+    """The real stack (CropDataset + make_loader + SimCLR with on-device views + BatchNorm ResNet): a rerun
+    from the step-2 checkpoint ends with the weights of the uninterrupted 4-step run."""
+    from medssl.config import EncoderConfig, PretrainConfig
+    from medssl.models.encoders import load_encoder
+    from medssl.tracking import NullTracker
+    from medssl.train import checkpoint as ckpt
+    from medssl.train.pretrain import run_pretraining
+    cache = _t1_cohort(5)
+    cfg = PretrainConfig(encoder=EncoderConfig(name="resnet10"), crop=[16, 16],
+                         train=TrainConfig(steps=4, batch_size=2, warmup_steps=1, checkpoint_every=2, seed=3))
+    path = run_pretraining(cfg, cache, list(cache.arrays), None, tmp_path, NullTracker(), spatial_dims=2,
+                           device="cpu")
+    uninterrupted = load_encoder(path)[0].state_dict()
+    ckpt.checkpoint_path(tmp_path, 4).unlink()  # as if the run had died between steps 2 and 4
+    path.unlink()
+    run_pretraining(cfg, cache, list(cache.arrays), None, tmp_path, NullTracker(), spatial_dims=2, device="cpu")
+    resumed = load_encoder(path)[0].state_dict()
+    at_step_2 = ckpt.load_checkpoint(ckpt.checkpoint_path(tmp_path, 2))["model"]
+    assert not torch.equal(at_step_2["encoder.conv1.weight"], uninterrupted["conv1.weight"])  # steps 3-4 moved it
+    for name, value in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], value, rtol=1e-5, atol=1e-6)
