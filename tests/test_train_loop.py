@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -214,6 +215,29 @@ def test_metrics_checkpoints_and_sampler(tmp_path):
     full = list(ResumableBatchSampler(32, 4, seed=3, epoch=1))
     assert list(ResumableBatchSampler(32, 4, seed=3, epoch=1, start=3)) == full[3:]
     assert full != list(ResumableBatchSampler(32, 4, seed=3, epoch=2))
+
+
+class SlowCounting(Regression):
+    """Counts reads and makes the loader the bottleneck (sleeps per sample)."""
+
+    def __init__(self, delay: float = 0.0):
+        super().__init__()
+        self.reads, self.delay = [], delay
+
+    def __getitem__(self, i):
+        self.reads.append(i)
+        time.sleep(self.delay)
+        return super().__getitem__(i)
+
+
+def test_resume_reads_no_skipped_sample_and_data_wait_is_measured(tmp_path):
+    data = SlowCounting()
+    train(Linear(), sharded_loader(data, 4, seed=0), _cfg(steps=3), tmp_path, Recorder(), "cpu")
+    later = SlowCounting(delay=0.01)
+    recorder = Recorder()
+    train(Linear(), sharded_loader(later, 4, seed=0), _cfg(steps=5), tmp_path, recorder, "cpu")
+    assert len(later.reads) == 2 * 4 and set(later.reads).isdisjoint(data.reads)  # steps 4-5 only
+    assert recorder.metrics[-1][1]["train/data_wait"] > 0.5  # the sleeping loader dominates each step
 
 
 def test_prefixes_from_ddp_and_compile_are_stripped():
