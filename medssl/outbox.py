@@ -68,11 +68,13 @@ SENDERS = {"batch": _send_batch, "inputs": _send_inputs, "artifact": _send_artif
 class Outbox:
     """Ordered queue of logging operations (plain JSON dicts with a "kind" and a "run_id")."""
 
-    def __init__(self, client, folder: Path, retry_interval: float = 1.0):
-        self.client, self.folder, self.retry_interval = client, Path(folder), retry_interval
+    def __init__(self, client, folder: Path, retry_interval: float = 1.0, max_interval: float = 30.0):
+        self.client, self.folder = client, Path(folder)
+        self.retry_interval, self.max_interval = retry_interval, max_interval
         self.path = self.folder / f"outbox-{os.getpid()}-{uuid.uuid4().hex[:6]}.jsonl"
         self.ops: list[dict] = []
         self._last_failure = 0.0
+        self._failures = 0  # consecutive: the wait between retries doubles, so a hung server costs little
         self.warned = False
 
     def __len__(self) -> int:
@@ -86,7 +88,7 @@ class Outbox:
         if op["kind"] == "artifact" and files_copy and not self._is_own_file(op["local"]):
             op = {**op, "local": self._keep_copy(op["local"])}  # the file may change before the replay
         self.ops.append(op)
-        self._rewrite()
+        self._append(op)
         self.flush()
         return False
 
@@ -94,7 +96,8 @@ class Outbox:
         """Replay queued operations in order; stop at the first that fails. True when the queue is empty."""
         if not self.ops:
             return True
-        if not force and time.monotonic() - self._last_failure < self.retry_interval:
+        wait = min(self.max_interval, self.retry_interval * 2 ** max(0, self._failures - 1))
+        if not force and time.monotonic() - self._last_failure < wait:
             return False
         sent = 0
         for op in self.ops:
@@ -114,6 +117,7 @@ class Outbox:
     def _send(self, op: dict) -> bool:
         try:
             SENDERS[op["kind"]](self.client, op)
+            self._failures = 0
             return True
         except Exception as err:  # noqa: BLE001 — an outage shows up as many exception types
             if is_permanent(err):
@@ -121,6 +125,7 @@ class Outbox:
                               f"(dropped, training goes on): {err}")
                 return True
             self._last_failure = time.monotonic()
+            self._failures += 1
             if not self.warned:
                 console.print(f"[yellow]MLflow unreachable[/] ({type(err).__name__}); training goes on, "
                               f"logging is queued in {self.path} and sent when the server is back")
@@ -128,6 +133,12 @@ class Outbox:
             return False
 
     # ------------------------------------------------------------------------------------- on disk
+    def _append(self, op: dict) -> None:
+        """One line per queued call: a long outage costs one small write per call, not a rewrite."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as spool:
+            spool.write(json.dumps(op) + "\n")
+
     def _rewrite(self) -> None:
         if not self.ops:
             self.path.unlink(missing_ok=True)
@@ -169,13 +180,24 @@ def recover(client, folder: Path) -> int:
             continue
         box = Outbox(client, folder)
         box.path = claimed
-        box.ops = [json.loads(line) for line in claimed.read_text().splitlines() if line.strip()]
+        box.ops = _read_ops(claimed)
         total = len(box.ops)
         box.flush(force=True)
         sent += total - len(box.ops)
         if box.ops:  # still unreachable: hand the file back under an outbox name for the next try
             os.rename(claimed, path)
     return sent
+
+
+def _read_ops(path: Path) -> list[dict]:
+    """Queued calls of a spool file; a line cut short by a crash mid-write is the only one skipped."""
+    ops = []
+    for line in path.read_text().splitlines():
+        try:
+            ops.append(json.loads(line))
+        except json.JSONDecodeError:
+            console.print(f"[yellow]skipped a truncated line in {path}[/]")
+    return ops
 
 
 def _alive(pid: int) -> bool:

@@ -163,7 +163,7 @@ def _problems(parent, children, models, report, report_path) -> list[str]:
 def ui_url(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str:
     """The MLflow UI page of an experiment (or of one run) on a tracking server."""
     base = tracking_uri.rstrip("/")
-    return f"{base}/#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{base}/#/experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "")
 
 
 def screenshot(url: str, out_png: Path | str, wait_ms: int = 8000, timeout_s: float = 90.0) -> Path:

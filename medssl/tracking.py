@@ -33,7 +33,8 @@ MAX_TAG_CHARS = 8000
 # An outage must cost a training step about a second, not MLflow's default minutes of retries.
 # setdefault: a user who sets these deliberately keeps their values.
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 PSEUDONYM = {"patient_id": r"pat-[0-9a-f]{12}", "study_id": r"stu-[0-9a-f]{12}", "series_id": r"ser-[0-9a-f]{12}"}
 
 
@@ -57,7 +58,8 @@ def lineage_tags() -> dict[str, str]:
     """What produced a run: medssl version and git commit of the code (no host or user names)."""
     import platform
     import torch
-    tags = {"medssl.version": medssl.__version__, "medssl.python": platform.python_version(),
+    tags = {"mlflow.source.name": "medssl", "medssl.version": medssl.__version__,
+            "medssl.python": platform.python_version(),
             "medssl.torch": torch.__version__, "medssl.mlflow": mlflow.__version__}
     repo = Path(medssl.__file__).resolve().parent.parent
     sha = _git(repo, "rev-parse", "HEAD")
@@ -148,6 +150,9 @@ class Tracker:
                                     fix=f"restore it (mlflow experiments restore --experiment-id "
                                         f"{found.experiment_id}) or choose another tracking.experiment")
             self._experiment_id = found.experiment_id if found else self.client.create_experiment(self.experiment)
+            if found is None or EXPERIMENT_KIND[0] not in found.tags:
+                # MLflow 3's UI opens untagged experiments on its GenAI page; this shows the runs table
+                self.client.set_experiment_tag(self._experiment_id, *EXPERIMENT_KIND)
         return self._experiment_id
 
     def _drain(self) -> None:

@@ -182,7 +182,7 @@ def test_outbox_left_by_a_dead_process_is_replayed(tracker, tmp_path):
     ops = [{"kind": "batch", "run_id": run.info.run_id, "metrics": [["loss", 2.0 - s, 1000 + s, s]]} for s in range(3)]
     left = tmp_path / "outbox" / f"outbox-{dead.pid}-abc123.jsonl"
     left.parent.mkdir(exist_ok=True)
-    left.write_text("".join(json.dumps(op) + "\n" for op in ops))
+    left.write_text("".join(json.dumps(op) + "\n" for op in ops) + '{"kind": "batch", "run_')  # died mid-write
     with tracker.run("next"):
         pass
     history = tracker.client.get_metric_history(run.info.run_id, "loss")
