@@ -7,9 +7,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
-from medssl.data.dicom_writer import write_image_2d, write_series
+from medssl.data.dicom_writer import affine_to_dicom, format_ds, write_image_2d, write_series
 
 NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
 ITK_T1 = Path("/usr/share/doc/insighttoolkit5-examples/examples/Data/KmeansTest_T1UCharRaw.nii.gz")
@@ -68,9 +70,9 @@ def write_messy_folder(root: Path, rng: np.random.Generator) -> dict:
     gap = write_series(vol, affine, root / "p3" / "mr", patient_name=people["gap"][0], patient_id=people["gap"][1],
                        study_uid=study["gap"], series_uid=series["gap"])
     gap[6].unlink()
-    cr = write_image_2d(np.clip(vol[:, :, 6], 0, None).astype(np.uint16), root / "p4" / "chest.dcm", patient_name=people["cr"][0],
-                        patient_id=people["cr"][1], study_uid=study["cr"], series_uid=series["cr"], modality="CR",
-                        photometric="MONOCHROME1")
+    radiograph = np.clip(vol[:, :, 6], 0, None).astype(np.uint16)
+    cr = write_image_2d(radiograph, root / "p4" / "chest.dcm", patient_name=people["cr"][0], patient_id=people["cr"][1],
+                        study_uid=study["cr"], series_uid=series["cr"], modality="CR", photometric="MONOCHROME1")
     nii = root / "nifti" / "sub-07" / "anat.nii.gz"
     nii.parent.mkdir(parents=True)
     nib.save(nib.Nifti1Image(vol.astype(np.float32), affine), nii)
@@ -83,9 +85,6 @@ def write_messy_folder(root: Path, rng: np.random.Generator) -> dict:
 def write_enhanced(vol: np.ndarray, affine: np.ndarray, path: Path, *, patient_id: str, frame_order=None,
                    rescale=(1.0, 0.0)) -> Path:
     """An Enhanced MR (multi-frame) object; frames stored in `frame_order` (shuffled tests frame sorting)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.sequence import Sequence
-    from medssl.data.dicom_writer import _ds, affine_to_dicom
     geo, n = affine_to_dicom(affine), vol.shape[2]
     order = list(range(n)) if frame_order is None else list(frame_order)
     ds = Dataset()
@@ -96,22 +95,12 @@ def write_enhanced(vol: np.ndarray, affine: np.ndarray, path: Path, *, patient_i
     ds.PatientName, ds.PatientID, ds.Modality = "Enhanced^Test", patient_id, "MR"
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = generate_uid(), generate_uid(), generate_uid()
     ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NONE"]
-    shared = Dataset()
-    shared.PlaneOrientationSequence = Sequence([Dataset()])
-    shared.PlaneOrientationSequence[0].ImageOrientationPatient = _ds(geo["iop"])
-    shared.PixelMeasuresSequence = Sequence([Dataset()])
-    shared.PixelMeasuresSequence[0].PixelSpacing = _ds(geo["pixel_spacing"])
-    shared.PixelMeasuresSequence[0].SliceThickness = _ds(np.linalg.norm(geo["slice_step"]))[0]
-    shared.PixelValueTransformationSequence = Sequence([Dataset()])
-    shared.PixelValueTransformationSequence[0].RescaleSlope = _ds(rescale[0])[0]
-    shared.PixelValueTransformationSequence[0].RescaleIntercept = _ds(rescale[1])[0]
-    shared.PixelValueTransformationSequence[0].RescaleType = "US"
-    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    ds.SharedFunctionalGroupsSequence = Sequence([_shared_groups(geo, rescale)])
     frames = []
     for k in order:
         item = Dataset()
         item.PlanePositionSequence = Sequence([Dataset()])
-        item.PlanePositionSequence[0].ImagePositionPatient = _ds(geo["origin"] + k * geo["slice_step"])
+        item.PlanePositionSequence[0].ImagePositionPatient = format_ds(geo["origin"] + k * geo["slice_step"])
         frames.append(item)
     ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
     ds.NumberOfFrames, ds.Rows, ds.Columns = n, vol.shape[1], vol.shape[0]
@@ -122,3 +111,18 @@ def write_enhanced(vol: np.ndarray, affine: np.ndarray, path: Path, *, patient_i
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def _shared_groups(geo: dict, rescale) -> Dataset:
+    """Orientation, pixel measures and rescale shared by every frame of an Enhanced object."""
+    shared = Dataset()
+    shared.PlaneOrientationSequence = Sequence([Dataset()])
+    shared.PlaneOrientationSequence[0].ImageOrientationPatient = format_ds(geo["iop"])
+    shared.PixelMeasuresSequence = Sequence([Dataset()])
+    shared.PixelMeasuresSequence[0].PixelSpacing = format_ds(geo["pixel_spacing"])
+    shared.PixelMeasuresSequence[0].SliceThickness = format_ds(np.linalg.norm(geo["slice_step"]))[0]
+    shared.PixelValueTransformationSequence = Sequence([Dataset()])
+    shared.PixelValueTransformationSequence[0].RescaleSlope = format_ds(rescale[0])[0]
+    shared.PixelValueTransformationSequence[0].RescaleIntercept = format_ds(rescale[1])[0]
+    shared.PixelValueTransformationSequence[0].RescaleType = "US"
+    return shared

@@ -263,9 +263,10 @@ def assemble_series(hs: list[dict]) -> tuple[list[dict], list[tuple[str, str]]]:
     first = stack[0]
     ipps = np.asarray([h["ipp"] for h in stack], dtype=float)
     problems += spacing_problems(first["iop"], ipps)
-    affine = stack_affine(first["iop"], ipps[0], first["spacing"] or [1.0, 1.0], (ipps[-1] - ipps[0]) / (len(stack) - 1))
     spacing = first["spacing"] or [1.0, 1.0]
-    image = _record(first, "dicom-series", [h["path"] for h in stack], affine, [first["cols"], first["rows"], len(stack)],
+    affine = stack_affine(first["iop"], ipps[0], spacing, (ipps[-1] - ipps[0]) / (len(stack) - 1))
+    shape = [first["cols"], first["rows"], len(stack)]
+    image = _record(first, "dicom-series", [h["path"] for h in stack], affine, shape,
                     [spacing[1], spacing[0], float(np.linalg.norm(affine[:3, 2]))], problems)
     return [image], skipped
 

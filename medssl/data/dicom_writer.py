@@ -37,7 +37,7 @@ SOP_CLASS = {
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 
 
-def _ds(values) -> list[str]:
+def format_ds(values) -> list[str]:
     """Decimal strings are limited to 16 characters; format each number to fit (1e-9 mm is plenty).
     Rounding first also dodges a formatter corner case (9.99999999999999 -> 17 characters)."""
     out = []
@@ -147,16 +147,16 @@ def _slice_dataset(base: Dataset, plane: np.ndarray, geo: dict, k: int, modality
     ds.InstanceNumber = k + 1
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
     position = geo["origin"] + k * geo["slice_step"]
-    ds.ImagePositionPatient = _ds(position)
-    ds.ImageOrientationPatient = _ds(geo["iop"])
-    ds.PixelSpacing = _ds(geo["pixel_spacing"])
+    ds.ImagePositionPatient = format_ds(position)
+    ds.ImageOrientationPatient = format_ds(geo["iop"])
+    ds.PixelSpacing = format_ds(geo["pixel_spacing"])
     thickness = float(np.linalg.norm(geo["slice_step"])) or 1.0
-    ds.SliceThickness = ds.SpacingBetweenSlices = _ds(thickness)[0]
+    ds.SliceThickness = ds.SpacingBetweenSlices = format_ds(thickness)[0]
     normal = np.cross(geo["iop"][:3], geo["iop"][3:])
-    ds.SliceLocation = _ds(position @ normal)[0]
+    ds.SliceLocation = format_ds(position @ normal)[0]
     if rescale is not None or modality == "CT":
         slope, intercept = rescale or (1.0, 0.0)
-        ds.RescaleSlope, ds.RescaleIntercept = _ds(slope)[0], _ds(intercept)[0]
+        ds.RescaleSlope, ds.RescaleIntercept = format_ds(slope)[0], format_ds(intercept)[0]
         ds.RescaleType = "HU" if modality == "CT" else "US"
     _set_pixels(ds, np.asarray(plane, dtype=np.int16).T, "MONOCHROME2")  # (Rows=Y, Columns=X)
     return ds
@@ -181,7 +181,7 @@ def write_image_2d(image: np.ndarray, out_path: Path, *, patient_name: str, pati
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.InstanceNumber = 1
     ds.ImageType = ["ORIGINAL", "PRIMARY"]
-    ds.PixelSpacing = ds.ImagerPixelSpacing = _ds(pixel_spacing)
+    ds.PixelSpacing = ds.ImagerPixelSpacing = format_ds(pixel_spacing)
     pixels = np.swapaxes(image, 0, 1)  # (X, Y[, 3]) -> (Rows=Y, Columns=X[, 3])
     _set_pixels(ds, pixels, "RGB" if image.ndim == 3 else photometric)
     for keyword, value in (extra or {}).items():

@@ -195,6 +195,7 @@ def load_image(row: Mapping, root: Path) -> LoadedImage:
         raise
     except Exception as err:  # pydicom / nibabel / numpy errors: say which file and what to do
         raise DataError(f"cannot decode image {row.get('image_id', '')}: {type(err).__name__}: {err}",
-                        where=str(paths[0]), fix="check the file (re-export or remove it) and rebuild the manifest") from err
+                        where=str(paths[0]),
+                        fix="check the file (re-export or remove it) and rebuild the manifest") from err
     return LoadedImage(np.ascontiguousarray(array, dtype=np.float32), affine, str(row.get("modality") or ""),
                        str(row.get("photometric") or "MONOCHROME2"), tuple(problems))

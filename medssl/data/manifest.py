@@ -1,4 +1,5 @@
-"""Folder of DICOM / NIfTI (+ labels CSV) -> manifest CSV, skipped report and metadata (schema: data_manifests/README.md).
+"""Folder of DICOM / NIfTI (+ labels CSV) -> manifest CSV, skipped report and metadata.
+Schema: data_manifests/README.md.
 
 Pseudonymisation happens here: patient / study / series ids and image ids are salted SHA-256 digests; patient
 names, birth dates and raw ids never reach the files written. Relative paths are kept (the loader needs
@@ -45,7 +46,8 @@ class ManifestSummary:
         lines = [f"manifest {self.out_csv}: {self.n_images} images from {self.n_files} files",
                  f"  kept with problems: {self.n_with_problems} (see the 'problems' column)"]
         skipped = sum(self.skipped_by_reason.values())
-        lines.append(f"  skipped: {skipped}" + (f" (see {self.out_csv.with_suffix('.skipped.csv')})" if skipped else ""))
+        where = f" (see {self.out_csv.with_suffix('.skipped.csv')})" if skipped else ""
+        lines.append(f"  skipped: {skipped}{where}")
         lines += [f"    {count:>6}  {reason}" for reason, count in sorted(self.skipped_by_reason.items())]
         if self.label_columns:
             lines.append(f"  labels {self.label_columns}: {self.n_labelled} labelled, {self.n_unlabelled} unlabelled, "
