@@ -1,9 +1,6 @@
 """A tiny end-to-end ladder on CPU: real anatomy (pydicom CT slice, nibabel T1 volume) made into pseudo-patients,
 a bright blob as the positive finding, a tiny ViT, MLflow in a SQLite store under tmp_path."""
 import os
-import sys
-import types
-
 import nibabel as nib
 import numpy as np
 import pandas as pd
@@ -18,10 +15,17 @@ from medssl.models.encoders import build_encoder, save_encoder
 from medssl.tracking import Tracker
 
 EDGE = 16
+torch.set_num_threads(1)  # tiny models: threads only contend with the other tests on a shared CPU
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One SQLite MLflow store for the module (creating its tables costs seconds)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
 
 
 class DictCache:
-    """Stand-in for VolumeCache: preprocessed (C, *spatial) arrays by image id."""
+    """Stand-in for VolumeCache (same has/get contract): preprocessed (C, *spatial) arrays by image id."""
 
     def __init__(self, arrays: dict):
         self.arrays = arrays
@@ -31,30 +35,6 @@ class DictCache:
 
     def get(self, image_id):
         return self.arrays[image_id]
-
-
-class _ImageDataset(torch.utils.data.Dataset):
-    """Stand-in with the contract of medssl.data.loaders.ImageDataset (used until that module lands)."""
-
-    def __init__(self, cache, image_ids, labels):
-        self.cache, self.image_ids, self.labels = cache, list(image_ids), list(labels)
-
-    def __len__(self):
-        return len(self.image_ids)
-
-    def __getitem__(self, i):
-        return {"image": torch.as_tensor(np.asarray(self.cache.get(self.image_ids[i]), np.float32)),
-                "label": int(self.labels[i]), "image_id": self.image_ids[i]}
-
-
-@pytest.fixture(autouse=True)
-def image_dataset(monkeypatch):
-    try:
-        import medssl.data.loaders  # noqa: F401
-    except ImportError:
-        module = types.ModuleType("medssl.data.loaders")
-        module.ImageDataset = _ImageDataset
-        monkeypatch.setitem(sys.modules, "medssl.data.loaders", module)
 
 
 def anatomy(spatial_dims: int) -> np.ndarray:
@@ -109,7 +89,7 @@ def children_of(client, experiment_id, parent_id):
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
-def test_ladder_end_to_end_and_resume(tmp_path, spatial_dims):
+def test_ladder_end_to_end_and_resume(tmp_path, store, spatial_dims):
     from medssl.finetune.ladder import run_ladder
     from medssl.finetune.predict import evaluate_model, predict
     cache, df = cohort(spatial_dims)
@@ -118,7 +98,8 @@ def test_ladder_end_to_end_and_resume(tmp_path, spatial_dims):
     rungs = rungs_of(df) + [Rung("only_negatives", 0, train0)]
     protocols = ["linear", "finetune"] if spatial_dims == 2 else ["finetune"]
     cfg = FinetuneConfig(protocols=protocols, epochs=2, batch_size=4, bootstrap=50, patience=1)
-    tracker = Tracker("ladder-test", f"sqlite:///{tmp_path}/mlflow.db", outbox_dir=tmp_path / "outbox")
+    experiment = f"ladder-test{spatial_dims}d"
+    tracker = Tracker(experiment, store, outbox_dir=tmp_path / "outbox")
     out = tmp_path / "ladder"
     with tracker.run("ladder") as parent:
         results = run_ladder(cfg, encoder, cache, df, "label", rungs, out, tracker)
@@ -131,8 +112,8 @@ def test_ladder_end_to_end_and_resume(tmp_path, spatial_dims):
     assert ssl["delta_auroc"].notna().all() and (ssl["delta_auroc_ci_low"] <= ssl["delta_auroc_ci_high"]).all()
 
     client = MlflowClient(tracker.tracking_uri)
-    experiment = client.get_experiment_by_name("ladder-test").experiment_id
-    children = children_of(client, experiment, parent.info.run_id)
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    children = children_of(client, experiment_id, parent.info.run_id)
     assert len(children) == n_ok  # failed rungs fail their checks before a run is opened
     for child in children:
         tags = child.data.tags
@@ -141,9 +122,9 @@ def test_ladder_end_to_end_and_resume(tmp_path, spatial_dims):
         assert "test_auroc" in child.data.metrics
     artifacts = {a.path for a in client.list_artifacts(children[0].info.run_id, "evaluation")}
     assert {"evaluation/roc.png", "evaluation/pr.png", "evaluation/confusion.png"} <= artifacts
-    versions = {v.name: v for v in client.search_model_versions("name LIKE 'ladder-test-label-%'")}
-    assert set(versions) == {"ladder-test-label-per_class_2", "ladder-test-label-per_class_3"}
-    version = versions["ladder-test-label-per_class_2"]
+    versions = {v.name: v for v in client.search_model_versions(f"name LIKE '{experiment}-label-%'")}
+    assert set(versions) == {f"{experiment}-label-per_class_2", f"{experiment}-label-per_class_3"}
+    version = versions[f"{experiment}-label-per_class_2"]
     assert version.tags["medssl.pretrain_run_id"] == "pretrain123" and version.tags["medssl.manifest_digest"] == "digest456"
 
     # interrupted after all but the last finished child: only that one (and the failed rung) are redone
@@ -153,9 +134,9 @@ def test_ladder_end_to_end_and_resume(tmp_path, spatial_dims):
     csv.write_text("\n".join(l for l in lines if not l.startswith(last_ok + ",")) + "\n")
     with tracker.run("ladder") as parent2:
         again = run_ladder(cfg, encoder, cache, df, "label", rungs, out, tracker)
-    assert len(children_of(client, experiment, parent2.info.run_id)) == 1
+    assert len(children_of(client, experiment_id, parent2.info.run_id)) == 1
     assert set(again.loc[again["status"] == "ok", "key"]) == set(results.loc[results["status"] == "ok", "key"])
-    assert len(client.search_model_versions("name LIKE 'ladder-test-label-%'")) <= 3  # no duplicate of unchanged bests
+    assert len(client.search_model_versions(f"name LIKE '{experiment}-label-%'")) <= 3  # no duplicate of unchanged bests
 
     # external validation and predictions with the registered model
     model_uri = f"models:/{version.name}/{version.version}"
@@ -164,3 +145,48 @@ def test_ladder_end_to_end_and_resume(tmp_path, spatial_dims):
     assert 0 <= values["auroc"] <= 1 and (tmp_path / "external" / "roc.png").is_file()
     frame = predict(model_uri, cache, test_df, tmp_path / "pred.csv", tracking_uri=tracker.tracking_uri)
     assert list(frame.columns) == ["image_id", "score", "predicted"] and len(frame) == len(test_df)
+
+
+def test_mismatches_fail_before_training_and_name_the_problem(tmp_path):
+    from medssl.finetune.ladder import run_ladder
+    from medssl.tracking import NullTracker
+    cache, df = cohort(2)
+    cfg = FinetuneConfig(protocols=["finetune"], epochs=1, batch_size=4, bootstrap=10)
+    three_d = tiny_encoder_file(tmp_path, 3)  # a 3D encoder given 2D images
+    results = run_ladder(cfg, three_d, cache, df, "label", rungs_of(df, (2,)), tmp_path / "a", NullTracker())
+    assert (results["status"] == "failed").all() and results["error"].str.contains("encoder is 3D").all()
+
+    cfg2 = EncoderConfig(name="vit", in_channels=2, patch_size=8, hidden_size=16, num_layers=1, num_heads=2, mlp_dim=16)
+    two_channel = save_encoder(tmp_path / "two.pt", build_encoder(cfg2, 2, [EDGE] * 2), cfg2, 2, [EDGE] * 2)
+    results = run_ladder(cfg, two_channel, cache, df, "label", rungs_of(df, (2,)), tmp_path / "b", NullTracker())
+    assert results["error"].str.contains("expects 2 channel").all()
+
+    unlabelled = df.assign(label=np.where(df["split"] == "val", np.nan, df["label"]))
+    results = run_ladder(cfg, tiny_encoder_file(tmp_path, 2), cache, unlabelled, "label", rungs_of(df, (2,)),
+                         tmp_path / "c", NullTracker())
+    assert results["error"].str.contains("validation split of rung per_class_2 has no labelled images").all()
+
+
+def test_multiclass_ladder_without_mlflow(tmp_path):
+    from medssl.finetune.ladder import run_ladder
+    from medssl.finetune.predict import load_model, predict, save_classifier
+    from medssl.tracking import NullTracker
+    cache, df = cohort(2)
+    df["label"] = [i % 3 for i in range(len(df))]  # three classes in every split
+    train = df[df["split"] == "train"]
+    rung = Rung("all", 0, tuple(train["image_id"]))
+    cfg = FinetuneConfig(protocols=["linear"], epochs=2, batch_size=4, bootstrap=20)
+    encoder = tiny_encoder_file(tmp_path, 2)
+    results = run_ladder(cfg, encoder, cache, df, "label", [rung], tmp_path / "ladder", NullTracker())
+    assert (results["status"] == "ok").all(), results["error"].tolist()
+    assert {"cm_2_2", "delta_auroc"} <= set(results.columns) and results["auroc"].between(0, 1).all()
+
+    # a plain-dict classifier file round-trips and predicts one score per class
+    from medssl.finetune.classifier import Classifier
+    from medssl.models.encoders import load_encoder
+    enc, info = load_encoder(encoder)
+    path = save_classifier(tmp_path / "clf.pt", Classifier(enc, 3, spatial_dims=2), info)
+    assert load_model(path).head.out_features == 3
+    frame = predict(path, cache, df, tmp_path / "p.csv")
+    assert list(frame.columns) == ["image_id", "score_0", "score_1", "score_2", "predicted"]
+    assert np.allclose(frame[["score_0", "score_1", "score_2"]].sum(axis=1), 1, atol=1e-5)

@@ -31,9 +31,10 @@ PROTOCOLS = ("linear", "finetune")
 class Classifier(nn.Module):
     """Per-image (2D) or per-volume (3D) classifier; K = 2 logits for binary problems."""
 
-    def __init__(self, encoder: nn.Module, n_classes: int, threshold: float = 0.5):
+    def __init__(self, encoder: nn.Module, n_classes: int, threshold: float = 0.5, spatial_dims: int | None = None):
         super().__init__()
         self.encoder = encoder
+        self.spatial_dims = spatial_dims  # kept so prediction feeds the same 2D slices / 3D volumes
         self.head = nn.Linear(encoder.out_features, n_classes)
         # a buffer, so the validation-chosen operating point travels with the saved / logged model
         self.register_buffer("threshold", torch.tensor(float(threshold)))
@@ -95,7 +96,8 @@ def check_labels(splits: dict, n_classes: int, rung: str, class_names: dict | No
 
 # ---------------------------------------------------------------------------------------- training
 def fit(encoder: nn.Module, train_ds: Dataset, val_ds: Dataset, n_classes: int, protocol: str,
-        cfg: FinetuneConfig, seed: int, monitor: str = "val_loss", device: str | None = None) -> FitResult:
+        cfg: FinetuneConfig, seed: int, monitor: str = "val_loss", device: str | None = None,
+        spatial_dims: int | None = None) -> FitResult:
     """Train a Classifier on `train_ds`, early-stopped and thresholded on `val_ds` (datasets yield dicts)."""
     if protocol not in PROTOCOLS:
         raise ConfigError(f"unknown protocol {protocol!r}", where="finetune.protocols", fix=f"one of {PROTOCOLS}")
@@ -103,7 +105,7 @@ def fit(encoder: nn.Module, train_ds: Dataset, val_ds: Dataset, n_classes: int, 
         raise ConfigError(f"unknown early-stopping monitor {monitor!r}", fix="val_loss or val_auroc")
     torch.manual_seed(seed)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = Classifier(encoder, n_classes).to(device)
+    model = Classifier(encoder, n_classes, spatial_dims=spatial_dims).to(device)
     if protocol == "linear":
         for p in model.encoder.parameters():
             p.requires_grad_(False)

@@ -138,7 +138,8 @@ def _run_child(ctx: LadderContext, rung, protocol: str, init: str) -> dict:
     folder = ctx.out_dir / "children" / re.sub(r"[^A-Za-z0-9_.-]+", "__", child_key(rung, protocol, init))
     with ctx.tracker.run(f"{rung.name} seed{rung.seed} {protocol} {init}", tags=_tags(ctx, rung, protocol, init)) as run:
         ctx.tracker.log_params(_params(ctx, rung, protocol, init, y_train))
-        result = fit(encoder, train_ds, val_ds, ctx.n_classes, protocol, cfg, seed, ctx.monitor)
+        result = fit(encoder, train_ds, val_ds, ctx.n_classes, protocol, cfg, seed, ctx.monitor,
+                     spatial_dims=ctx.spatial_dims)
         ids, probs = score_dataset(result.model, test_ds, cfg.batch_size)
         y = np.array([ctx.codes[i] for i in ids])
         values = classification_metrics(y, probs, result.threshold, [ctx.patients[i] for i in ids],
@@ -162,7 +163,8 @@ def _encoder(ctx: LadderContext, init: str, seed: int):
 
 def _dataset(ctx: LadderContext, ids: list[str]):
     from medssl.data.loaders import ImageDataset
-    return ImageDataset(ctx.cache, ids, [ctx.codes[i] for i in ids])
+    # spatial_dims: a 2D encoder on 3D cached volumes sees their central axial slice (the loader's rule)
+    return ImageDataset(ctx.cache, ids, [ctx.codes[i] for i in ids], spatial_dims=ctx.spatial_dims)
 
 
 def _tags(ctx: LadderContext, rung, protocol: str, init: str) -> dict:

@@ -52,7 +52,7 @@ def load_model(source: str | Path, tracking_uri: str | None = None) -> Classifie
     from medssl.models.encoders import build_encoder
     encoder = build_encoder(EncoderConfig.model_validate(payload["encoder"]), payload["spatial_dims"],
                             payload["img_size"])
-    model = Classifier(encoder, payload["n_classes"])
+    model = Classifier(encoder, payload["n_classes"], spatial_dims=payload["spatial_dims"])
     model.load_state_dict(payload["state_dict"])
     return model.eval()
 
@@ -100,7 +100,8 @@ def predict(model_source, cache, df: pd.DataFrame, out_csv: Path, batch_size: in
     """Predictions for every cached image of `df`; images missing from the cache are listed, not fatal."""
     model = load_model(model_source, tracking_uri)
     ids, missing = _cached_ids(cache, df["image_id"])
-    ids_scored, probs = score_dataset(model, _dataset(cache, ids, [0] * len(ids)), batch_size)
+    # labels are unused when predicting; ImageDataset wants one per image
+    ids_scored, probs = score_dataset(model, _dataset(cache, ids, [0] * len(ids), model), batch_size)
     frame = prediction_frame(ids_scored, probs, float(model.threshold))
     out_csv = Path(out_csv)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
@@ -125,7 +126,7 @@ def evaluate_model(model_source, cache, df: pd.DataFrame, label: str, out_dir: P
     if not ids or max(y_by_id[i] for i in ids) >= n_classes:
         raise DataError(f"labels of column '{label}' do not fit the model's {n_classes} classes "
                         f"(or no labelled image is cached)", where=label, fix="check the label column")
-    ids, probs = score_dataset(model, _dataset(cache, ids, [y_by_id[i] for i in ids]), batch_size)
+    ids, probs = score_dataset(model, _dataset(cache, ids, [y_by_id[i] for i in ids], model), batch_size)
     y = np.array([y_by_id[i] for i in ids])
     groups = labelled.set_index("image_id").loc[ids, "patient_id"].tolist()
     values = classification_metrics(y, probs, float(model.threshold), groups=groups, n_boot=n_boot, seed=seed)
@@ -158,6 +159,6 @@ def _cached_ids(cache, image_ids) -> tuple[list[str], list[str]]:
     return [i for i in ids if cache.has(i)], [i for i in ids if not cache.has(i)]
 
 
-def _dataset(cache, ids, labels):
+def _dataset(cache, ids, labels, model: Classifier):
     from medssl.data.loaders import ImageDataset
-    return ImageDataset(cache, ids, labels)
+    return ImageDataset(cache, ids, labels, spatial_dims=getattr(model, "spatial_dims", None))
