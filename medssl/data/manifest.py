@@ -171,10 +171,19 @@ def _excluded(folder: Path, *paths: Path | None) -> set[str]:
     return out
 
 
+def _sidecars(nifti_paths: list[str]) -> set[str]:
+    """BIDS / dcm2niix JSON sidecars of the NIfTI files: part of their image, not skipped junk (never read:
+    they may hold PatientName / PatientID)."""
+    return {p.removesuffix(".gz").removesuffix(".nii") + ".json" for p in nifti_paths}
+
+
 def _collect_images(scan, nifti_modality: str) -> tuple[list[dict], list[tuple[str, str]]]:
     images, skipped = assemble([h for h in scan.headers if h["kind"] == "dicom"])
-    images += [_nifti_record(h, nifti_modality) for h in scan.headers if h["kind"] == "nifti"]
-    return sorted(images, key=lambda im: im["paths"][0]), scan.skipped + skipped
+    nifti = [h for h in scan.headers if h["kind"] == "nifti"]
+    images += [_nifti_record(h, nifti_modality) for h in nifti]
+    sidecars = _sidecars([h["path"] for h in nifti])
+    skipped = [entry for entry in scan.skipped if entry[0] not in sidecars] + skipped
+    return sorted(images, key=lambda im: im["paths"][0]), skipped
 
 
 def _join(images: list[dict], labels: Path | None, join_on: str, salt: str):
