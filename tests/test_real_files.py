@@ -109,6 +109,24 @@ def _check_known(name: str, df, skipped) -> None:
             assert skipped[path].startswith(outcome), (path, skipped[path])
 
 
+@pytest.mark.parametrize("name", ["pydicom", "pydicom-data"])
+def test_fast_reader_agrees_with_pydicom(name: str):
+    """Every real file the fast reader accepts gives the header (and pixels) pydicom gives."""
+    import pydicom
+    from medssl.data.dicom_parse import parse, read_slice
+    from medssl.data.scan import _pydicom_header, dicom_header
+    accepted = 0
+    for path in sorted(p for p in SOURCES[name]().rglob("*") if p.is_file()):
+        if parse(str(path)) is None:
+            continue
+        accepted += 1
+        assert dicom_header(str(path), 4096) == _pydicom_header(str(path), 4096, False), path
+        fast = read_slice(str(path))
+        if fast is not None:
+            np.testing.assert_array_equal(fast[0], pydicom.dcmread(path).pixel_array, err_msg=str(path))
+    assert accepted >= 10
+
+
 @pytest.mark.parametrize("name", list(SOURCES))
 def test_package_files(name: str, tmp_path: Path):
     df, meta, skipped = _index(SOURCES[name](), tmp_path)

@@ -123,6 +123,18 @@ def test_join_on_path(messy, tmp_path):
     assert df["label"].notna().sum() == 3
 
 
+def test_join_on_series_uid(messy, tmp_path):
+    root, expected = messy
+    gap = pseudonym("ser-", expected["series"]["gap"], SALT)
+    (tmp_path / "by_series.csv").write_text(f"series_uid,label,grade\n{expected['series']['good']},1,\n{gap},0,2\n")
+    summary = build_manifest(root, tmp_path / "m.csv", labels=tmp_path / "by_series.csv", salt=SALT, workers=1,
+                             progress=False)
+    df, meta = read_manifest(tmp_path / "m.csv")
+    assert meta["label_columns"] == ["label", "grade"] and summary.n_labelled == 2
+    assert (_row(df, "p1/t1/")["label"], _row(df, "p3/mr/")["label"], _row(df, "p3/mr/")["grade"]) == (1, 0, 2)
+    assert pd.isna(_row(df, "p1/t1/")["grade"])
+
+
 def test_no_phi_in_outputs(manifest, messy):
     _, _, _, out = manifest
     _, expected = messy

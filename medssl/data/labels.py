@@ -52,11 +52,13 @@ def _read_csv(source: Path) -> pd.DataFrame:
         raise DataError(f"labels file not found: {source}", where="data.labels / --labels",
                         fix="give the path of the labels CSV, or leave it out to build an unlabelled manifest")
     try:
-        frame = pd.read_csv(source, dtype=str, keep_default_na=False, skipinitialspace=True)
+        # utf-8-sig: spreadsheets often save a byte-order mark that would glue itself to the first column name
+        frame = pd.read_csv(source, dtype=str, keep_default_na=False, skipinitialspace=True, encoding="utf-8-sig")
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as err:
         raise DataError(f"labels file cannot be read as CSV: {err}", where=str(source),
                         fix="save it as comma-separated UTF-8 text with a header line") from err
-    frame.columns = [str(c).strip() for c in frame.columns]
+    names = [str(c).strip() for c in frame.columns]
+    frame.columns = [n.lower() if n.lower() in ID_COLUMNS else n for n in names]  # "Patient_ID" is patient_id
     return frame.apply(lambda col: col.str.strip())
 
 
