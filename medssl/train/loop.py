@@ -74,15 +74,18 @@ def _has_conv2d(model: nn.Module) -> bool:
 
 def train(method: nn.Module, loader_factory: Callable, cfg: TrainConfig, out_dir: Path, tracker,
           device: torch.device | str, on_step: Callable[[int, dict], None] | None = None, probe=None,
-          keep_checkpoints: int = 2, config: dict | None = None) -> dict:
+          keep_checkpoints: int = 2, config: dict | None = None, sync_batchnorm: bool = False) -> dict:
     """Train `method` for cfg.steps optimizer steps, resuming from the newest checkpoint in out_dir/checkpoints.
 
     on_step(step, metrics) runs on every rank after every step (metrics: loss, lr, grad_norm); `probe(encoder,
-    device) -> dict` runs on rank 0 every cfg.probe_every steps; `config` is stored in each checkpoint.
+    device) -> dict` runs on rank 0 every cfg.probe_every steps; `config` is stored in each checkpoint;
+    sync_batchnorm: BatchNorm statistics over all GPUs under DDP (CUDA only; PyTorch has no CPU kernel).
     Returns {"step", "loss", "checkpoint", "resumed_from"}.
     """
     device, out_dir, info = torch.device(device), Path(out_dir), current()
     seed_everything(cfg.seed + 1000 * info.rank)
+    if sync_batchnorm and info.enabled and device.type == "cuda":
+        nn.SyncBatchNorm.convert_sync_batchnorm(method)  # in place below the root; same Parameter objects
     channels_last = device.type == "cuda" and _has_conv2d(method)
     method.to(device, memory_format=torch.channels_last) if channels_last else method.to(device)
     optimizer = build_optimizer(method, cfg, device)
