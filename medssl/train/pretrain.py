@@ -28,7 +28,7 @@ def default_device(local_rank: int = 0) -> torch.device:
 def run_pretraining(cfg: PretrainConfig, cache, image_ids, groups: dict | None, out_dir: Path, tracker,
                     probe=None, spatial_dims: int = 3, device: torch.device | str | None = None,
                     keep_checkpoints: int = 2, log_checkpoint: bool = True, view_examples: int = 4,
-                    manifest_digest: str | None = None) -> Path:
+                    manifest_digest: str | None = None, sync_batchnorm: bool = False) -> Path:
     """Pretrain cfg.encoder with cfg.ssl on crops of the cached `image_ids`; return the encoder file.
 
     groups: {image_id: patient (or study) id} for patient/study positives. probe: an OnlineProbe (or any
@@ -51,7 +51,7 @@ def run_pretraining(cfg: PretrainConfig, cache, image_ids, groups: dict | None, 
     factory = _loader_factory(dataset, t, info.world_size)
     config = {"pretrain": cfg.model_dump(mode="json"), "spatial_dims": spatial_dims}
     result = train(method, factory, t, out_dir, tracker if info.rank == 0 else _Silent(), device,
-                   probe=probe, keep_checkpoints=keep_checkpoints, config=config)
+                   probe=probe, keep_checkpoints=keep_checkpoints, config=config, sync_batchnorm=sync_batchnorm)
     path = out_dir / "encoder.pt"
     if info.rank == 0:
         save_encoder(path, method.encoder, cfg.encoder, spatial_dims, cfg.crop,
