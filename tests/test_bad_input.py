@@ -116,6 +116,18 @@ def test_unreadable_directory(tmp_path: Path, monkeypatch):
     assert len(read_manifest(tmp_path / "m.csv")[0]) == 1
 
 
+def test_symlink_loop_and_odd_names(tmp_path: Path):
+    """A folder linking to its parent is listed once, not forever; '|' in a name cannot enter `paths`."""
+    root = tmp_path / "data"
+    _good_series(root / "good")
+    (root / "good" / "loop").symlink_to(root, target_is_directory=True)
+    (root / "a|b.dcm").write_bytes(b"")
+    build_manifest(root, tmp_path / "m.csv", salt="s", workers=1, progress=False)
+    df, _ = read_manifest(tmp_path / "m.csv")
+    assert len(df) == 1 and df["n_files"].item() == 4
+    assert _skipped(tmp_path / "m.csv")["a|b.dcm"].startswith("unsupported")
+
+
 def test_missing_codec_names_the_package(tmp_path: Path, monkeypatch):
     root = tmp_path / "data"
     _good_series(root / "good")

@@ -48,10 +48,23 @@ def _list_dir(path: str) -> list[os.DirEntry]:
         return list(it)
 
 
+def _entry(entry: os.DirEntry, rel: str, seen: set, stack: list, files: list, skipped: list) -> None:
+    if entry.is_dir():  # symlinked folders are followed (datasets are often linked in), each real one once
+        real = os.path.realpath(entry.path)
+        if real not in seen:
+            seen.add(real)
+            stack.append(entry.path)
+    elif entry.is_file():
+        if "|" in rel:
+            skipped.append((rel, "unsupported: '|' in the path (it separates paths in the manifest)"))
+        else:
+            files.append(rel)
+
+
 def list_files(folder: Path) -> tuple[list[str], list[tuple[str, str]]]:
-    """Relative paths of all regular files under `folder` (sorted), and directories that could not be read."""
+    """Relative paths of all regular files under `folder` (sorted), and what could not be listed."""
     root = str(folder)
-    files, skipped, stack = [], [], [root]
+    files, skipped, stack, seen = [], [], [root], {os.path.realpath(root)}
     while stack:
         current = stack.pop()
         try:
@@ -60,13 +73,11 @@ def list_files(folder: Path) -> tuple[list[str], list[tuple[str, str]]]:
             skipped.append((os.path.relpath(current, root), f"unreadable directory: {err.strerror or err}"))
             continue
         for entry in entries:
+            rel = os.path.relpath(entry.path, root)
             try:
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(entry.path)
-                elif entry.is_file():
-                    files.append(os.path.relpath(entry.path, root))
+                _entry(entry, rel, seen, stack, files, skipped)
             except OSError as err:
-                skipped.append((os.path.relpath(entry.path, root), f"unreadable: {err.strerror or err}"))
+                skipped.append((rel, f"unreadable: {err.strerror or err}"))
     return sorted(files), skipped
 
 
