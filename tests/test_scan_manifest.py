@@ -185,3 +185,23 @@ def test_write_manifest_round_trip(manifest, tmp_path):
     back, back_meta = read_manifest(tmp_path / "again.csv")
     assert back_meta["digest"] == new_meta["digest"] != meta["digest"]
     pd.testing.assert_frame_equal(back, df)
+
+
+def test_uneven_spacing_and_mixed_matrix(tmp_path):
+    """One slice 0.7 mm off its place -> 'uneven slice spacing'; two slices of another matrix size in the
+    same series -> set aside as 'mixed series', the main stack kept."""
+    import pydicom
+    vol, affine = real_volume()
+    root = tmp_path / "data"
+    uid = pydicom.uid.generate_uid()
+    paths = write_series(vol[:, :, :8], affine, root / "a", patient_name="A^B", patient_id="X", series_uid=uid)
+    ds = pydicom.dcmread(paths[3])
+    ds.ImagePositionPatient = [float(v) for v in ds.ImagePositionPatient[:2]] + [float(ds.ImagePositionPatient[2]) + 0.7]
+    ds.save_as(paths[3], enforce_file_format=True)
+    write_series(vol[:20, :, 8:10], affine, root / "b", patient_name="A^B", patient_id="X", series_uid=uid)
+    build_manifest(root, tmp_path / "m.csv", salt=SALT, workers=1, progress=False)
+    df, _ = read_manifest(tmp_path / "m.csv")
+    assert len(df) == 1 and df["n_files"].item() == 8 and df["shape"].item() == "33x41x8"
+    assert "uneven slice spacing" in df["problems"].item()
+    skipped = pd.read_csv(tmp_path / "m.skipped.csv", dtype=str)
+    assert (skipped["reason"].str.startswith("mixed series")).sum() == 2
