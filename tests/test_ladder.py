@@ -190,3 +190,15 @@ def test_multiclass_ladder_without_mlflow(tmp_path):
     frame = predict(path, cache, df, tmp_path / "p.csv")
     assert list(frame.columns) == ["image_id", "score_0", "score_1", "score_2", "predicted"]
     assert np.allclose(frame[["score_0", "score_1", "score_2"]].sum(axis=1), 1, atol=1e-5)
+
+
+def test_predict_refuses_images_of_the_wrong_dimension(tmp_path):
+    from medssl.errors import DataError
+    from medssl.finetune.classifier import Classifier
+    from medssl.finetune.predict import predict, save_classifier
+    from medssl.models.encoders import load_encoder
+    enc, info = load_encoder(tiny_encoder_file(tmp_path, 3))
+    path = save_classifier(tmp_path / "clf3d.pt", Classifier(enc, 2, spatial_dims=3), info)
+    cache, df = cohort(2, n_patients=2)
+    with pytest.raises(DataError, match="model is 3D but the images are 2D"):
+        predict(path, cache, df, tmp_path / "p.csv")

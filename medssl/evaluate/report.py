@@ -53,6 +53,8 @@ def build_report(results: pd.DataFrame, out_dir, tracker=None, metric: str = "au
     open run (the ladder's parent) when given. Returns {name: path}."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if "key" in results:  # a raw results.csv: the latest row per child (a failure later redone counts once)
+        results = results.drop_duplicates("key", keep="last").reset_index(drop=True)
     summary = summarise(results)
     failed = results[results["status"] != "ok"] if "status" in results else results.iloc[0:0]
     cells = formatted(summary)

@@ -30,6 +30,7 @@ from medssl.evaluate.bootstrap import paired_bootstrap
 from medssl.evaluate.metrics import classification_metrics, multiclass_metrics, positive_scores, resample_metrics
 from medssl.finetune.classifier import check_images, check_labels, fit
 from medssl.finetune.predict import score_dataset, write_evaluation
+from medssl.finetune.results import append_result, finished_keys, read_results
 
 INITS = ("scratch", "ssl")  # scratch first: the SSL row then carries the paired difference
 RESULTS = "results.csv"
@@ -83,6 +84,10 @@ def run_ladder(cfg: FinetuneConfig, encoder_source, cache, df: pd.DataFrame, lab
     _print_failures(results)
     if cfg.register_model and log_models and getattr(tracker, "experiment", None):
         register_best(ctx, results, registered_model_prefix or f"{tracker.experiment}-{label}")
+    if getattr(tracker, "active_run_id", None):  # the ladder's own run, when the caller opened one
+        failed = int((results["status"] != "ok").sum())
+        tracker.log_metrics({"children_ok": len(results) - failed, "children_failed": failed})
+        tracker.log_artifact(results_csv, "ladder")
     return results
 
 
@@ -242,32 +247,6 @@ def log_model(tracker, model, sample: torch.Tensor) -> None:
                                   pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
                                                     f"monai=={monai.__version__}", "medssl"])
         tracker.log_artifact(f"{tmp}/model", "model")
-
-
-# ------------------------------------------------------------------------------------- results file
-def finished_keys(results_csv: Path) -> set[str]:
-    results = read_results(results_csv)
-    return set(results.loc[results["status"] == "ok", "key"]) if len(results) else set()
-
-
-def append_result(results_csv: Path, row: dict) -> None:
-    """Append one row; new metric columns widen the file (rewritten), so rows never misalign."""
-    old = read_results(results_csv)
-    new = pd.DataFrame([row])
-    if len(old) and set(new.columns) <= set(old.columns):
-        new[old.columns.difference(new.columns)] = np.nan
-        new[list(old.columns)].to_csv(results_csv, mode="a", header=False, index=False)
-    else:
-        pd.concat([old, new], ignore_index=True).to_csv(results_csv, index=False)
-
-
-def read_results(results_csv: Path) -> pd.DataFrame:
-    """All rows, the latest per child (a failed child that succeeded on a rerun shows as ok)."""
-    results_csv = Path(results_csv)
-    if not results_csv.is_file() or results_csv.stat().st_size == 0:
-        return pd.DataFrame(columns=["key", "status"])
-    results = pd.read_csv(results_csv, keep_default_na=True)
-    return results.drop_duplicates("key", keep="last").reset_index(drop=True)
 
 
 def _print_failures(results: pd.DataFrame) -> None:

@@ -73,12 +73,26 @@ def score_dataset(model: Classifier, dataset, batch_size: int = 16) -> tuple[lis
     """(image ids, class probabilities (N, K)) in dataset order."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device).eval()
+    check_input(model, dataset[0]["image"], device)
     ids, probs = [], []
     for batch in DataLoader(dataset, batch_size=batch_size):
         probs.append(torch.softmax(model(batch["image"].float().to(device)), dim=1).cpu())
         ids.extend(batch["image_id"])
     model.cpu()
     return ids, torch.cat(probs).numpy()
+
+
+def check_input(model: Classifier, sample: torch.Tensor, device) -> None:
+    """DataError (not a shape trace from deep inside the network) when images do not fit the model."""
+    dims = getattr(model, "spatial_dims", None)
+    if dims is not None and sample.ndim - 1 != dims:
+        raise DataError(f"the model is {dims}D but the images are {sample.ndim - 1}D (shape {tuple(sample.shape)})",
+                        where="model input", fix="preprocess the images with the settings the model was trained on")
+    try:
+        model(sample[None].float().to(device))  # (1, C, *spatial)
+    except RuntimeError as err:
+        raise DataError(f"the model cannot take images of shape {tuple(sample.shape)}: {err}", where="model input",
+                        fix="preprocess the images with the settings the model was trained on") from None
 
 
 def prediction_frame(ids, probs: np.ndarray, threshold: float) -> pd.DataFrame:

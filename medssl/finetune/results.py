@@ -1,0 +1,37 @@
+"""The ladder's results file: one row per finished child run, appended the moment it finishes.
+
+Append-only so a crash loses at most the child that was running; the latest row per child wins when read
+back, so a child that failed and later succeeded reads as succeeded. Consumers (report, resume) read it with
+`read_results`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+def finished_keys(results_csv: Path) -> set[str]:
+    results = read_results(results_csv)
+    return set(results.loc[results["status"] == "ok", "key"]) if len(results) else set()
+
+
+def append_result(results_csv: Path, row: dict) -> None:
+    """Append one row; new metric columns widen the file (rewritten), so rows never misalign."""
+    old = read_results(results_csv)
+    new = pd.DataFrame([row])
+    if len(old) and set(new.columns) <= set(old.columns):
+        new[old.columns.difference(new.columns)] = np.nan
+        new[list(old.columns)].to_csv(results_csv, mode="a", header=False, index=False)
+    else:
+        pd.concat([old, new], ignore_index=True).to_csv(results_csv, index=False)
+
+
+def read_results(results_csv: Path) -> pd.DataFrame:
+    """All rows, the latest per child (a failed child that succeeded on a rerun shows as ok)."""
+    results_csv = Path(results_csv)
+    if not results_csv.is_file() or results_csv.stat().st_size == 0:
+        return pd.DataFrame(columns=["key", "status"])
+    results = pd.read_csv(results_csv, keep_default_na=True)
+    return results.drop_duplicates("key", keep="last").reset_index(drop=True)
