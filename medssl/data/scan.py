@@ -230,7 +230,10 @@ def _read_chunk(rels: list[str], root: str, max_image_mb: float) -> list[dict]:
 
 class _RateColumn(ProgressColumn):
     def render(self, task) -> Text:
-        return Text(f"{task.speed or 0:,.0f} files/s", style="progress.data.speed")
+        speed = task.speed  # rich's windowed rate is empty for short scans: fall back to the overall rate
+        if not speed and task.elapsed:
+            speed = task.completed / task.elapsed
+        return Text(f"{speed or 0:,.0f} files/s", style="progress.data.speed")
 
 
 def _progress(enabled: bool) -> Progress:
