@@ -116,7 +116,8 @@ def _log_views(tracker, dataset, cfg: PretrainConfig, n: int) -> None:
     for col, (title, images) in enumerate(columns.items()):
         for row, image in enumerate(images):
             plane = image[0] if image.ndim == 3 else image[0, ..., image.shape[-1] // 2]  # (X, Y)
-            axes[row, col].imshow(plane.T.float().numpy(), cmap="gray", origin="lower")
+            lo, hi = float(crops[row].min()), float(crops[row].max())  # the crop's range: shows intensity changes
+            axes[row, col].imshow(plane.T.float().numpy(), cmap="gray", origin="lower", vmin=lo, vmax=hi)
             axes[row, col].set_axis_off()
         axes[0, col].set_title(title)
     tracker.log_figure(fig, "views/examples.png")
