@@ -202,3 +202,40 @@ def test_predict_refuses_images_of_the_wrong_dimension(tmp_path):
     cache, df = cohort(2, n_patients=2)
     with pytest.raises(DataError, match="model is 3D but the images are 2D"):
         predict(path, cache, df, tmp_path / "p.csv")
+
+
+# ----------------------------------------------------------------------------- classifier pieces
+def _datasets(spatial_dims=2):
+    from medssl.data.loaders import ImageDataset
+    cache, df = cohort(spatial_dims)
+    part = {s: df[df["split"] == s] for s in ("train", "val")}
+    return [ImageDataset(cache, list(p["image_id"]), list(p["label"])) for p in part.values()]
+
+
+def test_class_weights_and_balanced_sampler():
+    from medssl.finetune.classifier import class_weights, train_loader
+    y = [0] * 9 + [1] * 3
+    # N / (K * n_k): 12 / (2 * 9) and 12 / (2 * 3)
+    assert class_weights(y, 2, "weighted_loss").tolist() == pytest.approx([12 / 18, 2.0])
+    assert class_weights(y, 2, "none").tolist() == [1.0, 1.0]
+    data = [{"image": torch.zeros(1), "label": v} for v in y * 50]
+    loader = train_loader(data, y * 50, FinetuneConfig(imbalance="balanced_sampler", batch_size=30), seed=0)
+    drawn = torch.cat([b["label"] for b in loader])
+    assert abs(drawn.float().mean().item() - 0.5) < 0.05  # classes drawn equally often, not 3:1
+
+
+def test_early_stopping_and_validation_threshold():
+    from medssl.evaluate.metrics import choose_threshold
+    from medssl.finetune.classifier import fit
+    from medssl.finetune.predict import score_dataset
+    train, val = _datasets()
+    cfg = EncoderConfig(name="vit", patch_size=8, hidden_size=16, num_layers=1, num_heads=2, mlp_dim=16)
+    torch.manual_seed(0)
+    encoder = build_encoder(cfg, 2, [EDGE, EDGE])
+    # a vanishing learning rate cannot improve the validation loss: patience 2 stops after 1 + 2 epochs
+    result = fit(encoder, train, val, 2, "finetune", FinetuneConfig(epochs=10, lr=1e-12, patience=2), seed=0)
+    assert result.epochs == 1 and len(result.history) == 3
+    ids, probs = score_dataset(result.model, val)
+    y_val = [int(val[i]["label"]) for i in range(len(val))]
+    assert result.threshold == pytest.approx(choose_threshold(y_val, probs[:, 1]))
+    assert float(result.model.threshold) == pytest.approx(result.threshold)
