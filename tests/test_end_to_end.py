@@ -1,0 +1,69 @@
+"""The demo pipeline end to end, tiny, against a real `mlflow server`: what a reviewer opens is all there.
+
+Runs `medssl run pipelines/demo.yaml` as a user would (a subprocess, the README's command with smaller
+settings), checks the experiment through MLflow's REST API, then reruns the same command: every stage is
+skipped.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from medssl.reviewer import check_experiment
+from test_mlflow_server import Server, free_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+DEMO = Path(__file__).resolve().parents[1] / "pipelines" / "demo.yaml"
+TINY = ["data.demo.subjects=28", "data.demo.size=24", "data.demo.positive_fraction=0.3",
+        "preprocess.size=[24,24,24]", "pretrain.crop=[16,16,16]", "pretrain.train.steps=4",
+        "pretrain.train.batch_size=4", "pretrain.train.warmup_steps=1", "pretrain.train.log_every=1",
+        "pretrain.train.probe_every=2", "pretrain.train.checkpoint_every=2", "split.ladder.per_class=[2]",
+        "split.ladder.seeds=[0]", "finetune.epochs=1", "finetune.bootstrap=20", "finetune.batch_size=4"]
+
+
+def medssl(args: list[str], cwd: Path, uri: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MEDSSL_SALT": "test-salt"}
+    return subprocess.run([sys.executable, "-m", "medssl.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=500)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = Server(tmp_path_factory.mktemp("server"), free_port())
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def test_demo_pipeline_lands_in_mlflow_and_reruns_skip(server, tmp_path):
+    args = ["run", str(DEMO), f"workdir={tmp_path}/work", f"manifest.out={tmp_path}/demo.csv",
+            f"preprocess.cache_dir={tmp_path}/cache", *TINY]
+    first = medssl(args, tmp_path, server.url)
+    assert first.returncode == 0, first.stderr[-4000:]
+
+    seen = check_experiment(server.url, "demo")
+    assert seen["ok"], seen["problems"]
+    stages = {c["name"] for c in seen["children"] if c["depth"] == 1}
+    assert {"manifest", "pretrain", "ladder"} <= stages, stages
+    rungs = [c for c in seen["children"] if c["depth"] == 2]
+    inits = {c["tags"].get("medssl.init") for c in rungs}
+    assert inits == {"ssl", "scratch"} and len(rungs) == 4, [(c["name"], c["tags"]) for c in rungs]
+    pretrain_id = next(c["run_id"] for c in seen["children"] if c["name"] == "pretrain")
+    assert all(c["tags"].get("medssl.pretrain_run_id") == pretrain_id for c in rungs)
+    assert seen["registered_models"], "the best model per rung is registered"
+    assert any(f.endswith(".png") for f in seen["report"]["files"])
+
+    manifest = (tmp_path / "demo.csv").read_text()
+    assert "MRN" not in manifest, "raw patient ids must never reach the manifest"
+    results = pd.read_csv(tmp_path / "work" / "demo" / "ladder" / "results.csv")
+    assert set(results["init"]) == {"ssl", "scratch"}
+
+    again = medssl(args, tmp_path, server.url)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert again.stderr.count("up to date, skipped") == 7, again.stderr[-3000:]
