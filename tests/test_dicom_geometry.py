@@ -159,3 +159,40 @@ def _shift(k: int) -> np.ndarray:
     out = np.eye(4)
     out[2, 3] = k
     return out
+
+
+def test_gantry_tilt_kept_as_shear(tmp_path: Path):
+    """CT with a tilted gantry: slice positions step sideways as well as along the normal. The affine keeps
+    that step (a shear), so every voxel lands where the scanner put it."""
+    vol, affine = real_volume()
+    tilted = affine.copy()
+    tilted[1, 2] = 0.6  # each slice 0.6 mm further anterior: a ~17 degree tilt for 2 mm slices
+    write_series(vol, tilted, tmp_path / "d", patient_name="A^B", patient_id="X", modality="CT")
+    row, loaded = medssl_load(tmp_path / "d", tmp_path)
+    assert row["problems"] == "" and row["shape"] == "33x41x25"
+    corners = np.array([[0, 0, 0, 1], [32, 40, 24, 1], [5, 7, 11, 1]], dtype=float)
+    k = loaded.array.shape[-1] - 1
+    flipped = loaded.affine[:3, 2] @ tilted[:3, 2] < 0  # slices may come reversed (left-handed source affine)
+    for i, j, kk, _ in corners:
+        ours_k = k - kk if flipped else kk
+        np.testing.assert_allclose(loaded.affine @ [i, j, ours_k, 1], tilted @ [i, j, kk, 1], atol=1e-3)
+        assert loaded.array[0, int(i), int(j), int(ours_k)] == vol[int(i), int(j), int(kk)]
+
+
+def test_nifti_2d_and_4d(tmp_path: Path):
+    """NIfTI: a one-slice file is a 2D image; a 4D file puts its 4th axis in channels."""
+    vol, affine = real_volume()
+    root = tmp_path / "d"
+    root.mkdir()
+    nib.save(nib.Nifti1Image(vol[:, :, 12:13].astype(np.float32), affine), root / "slice.nii.gz")
+    nib.save(nib.Nifti1Image(np.stack([vol, vol * 2], axis=-1).astype(np.int16), affine), root / "two.nii")
+    build_manifest(root, tmp_path / "m.csv", salt="t", workers=1, progress=False)
+    df, meta = read_manifest(tmp_path / "m.csv")
+    rows = {r["paths"]: r for _, r in df.iterrows()}
+    assert (rows["slice.nii.gz"]["spatial_dims"], rows["slice.nii.gz"]["shape"]) == (2, "33x41")
+    assert (rows["two.nii"]["channels"], rows["two.nii"]["shape"]) == (2, "33x41x25")
+    flat = load_image(rows["slice.nii.gz"], Path(meta["root"]))
+    np.testing.assert_array_equal(flat.array, vol[None, :, :, 12])
+    both = load_image(rows["two.nii"], Path(meta["root"]))
+    np.testing.assert_array_equal(both.array[1], vol * 2)
+    np.testing.assert_allclose(both.affine, affine)
