@@ -154,6 +154,7 @@ class TrainConfig(Section):
     grad_clip: float | None = Field(1.0, gt=0)
     accumulate: int = Field(1, ge=1)
     checkpoint_every: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept on disk")
     log_every: int = Field(10, ge=1)
     probe_every: int | None = Field(None, ge=1, description="steps between online kNN/logistic probes")
     seed: int = 0

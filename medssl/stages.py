@@ -183,21 +183,34 @@ def run_cache(ctx: Context) -> dict:
     return {"paths": [str(ctx.manifest_path)], "cached": len(df) - len(failures), "failed": failures}
 
 
-def _pretrain_ids(df) -> list[str]:
-    """Pretraining sees the training split and the unlabelled images, never val/test (no leakage)."""
-    return df.loc[df["split"].fillna("").isin(["train", ""]), "image_id"].tolist()
+def _online_probe(ctx: Context, df, cache):
+    """The "is it learning?" probe: labelled TRAINING images only (val/test stay unseen until evaluation)."""
+    from medssl.data.splits import label_codes, labelled_ids
+    from medssl.train.probe import make_probe
+    if not ctx.cfg.pretrain.train.probe_every:
+        return None
+    ids = [i for i in labelled_ids(df, ctx.cfg.split.label, "train") if cache.has(i)]
+    codes = label_codes(df, ctx.cfg.split.label).set_axis(df["image_id"])
+    return make_probe(cache, ids, codes.loc[ids].astype(int).tolist(), ctx.cfg.pretrain.crop,
+                      ctx.cfg.preprocess.spatial_dims, seed=ctx.cfg.pretrain.train.seed)
 
 
 def run_pretrain(ctx: Context) -> dict:
     from medssl.data.manifest import read_manifest
+    from medssl.data.splits import pretrain_ids
     from medssl.train.pretrain import run_pretraining
     df, meta = read_manifest(ctx.manifest_path)
     cache = open_cache(ctx)
-    ids = [i for i in _pretrain_ids(df) if cache.has(i)]
-    groups = dict(zip(df["image_id"], df["patient_id"]))
-    with ctx.child("pretrain", **{"medssl.manifest_digest": meta.get("digest", "")}) as run:
+    # pretraining sees the training split and unlabelled patients, never val/test patients (no leakage)
+    ids = [i for i in pretrain_ids(df) if cache.has(i)]
+    contrastive = ctx.cfg.pretrain.ssl.contrastive
+    by = "study_id" if contrastive is not None and contrastive.positives == "study" else "patient_id"
+    groups = dict(zip(df["image_id"], df[by]))
+    digest = meta.get("digest", "")
+    with ctx.child("pretrain", **{"medssl.manifest_digest": digest}) as run:
         encoder = run_pretraining(ctx.cfg.pretrain, cache, ids, groups, ctx.paths.pretrain, ctx.tracker,
-                                  probe=None, spatial_dims=ctx.cfg.preprocess.spatial_dims)
+                                  probe=_online_probe(ctx, df, cache), spatial_dims=ctx.cfg.preprocess.spatial_dims,
+                                  manifest_digest=digest, keep_checkpoints=ctx.cfg.pretrain.train.keep_checkpoints)
         run_id = run.info.run_id
     return {"paths": [str(encoder)], "encoder": str(encoder), "run_id": run_id, "images": len(ids)}
 
@@ -232,3 +245,44 @@ def where_to_look(ctx: Context) -> str:
     return (f"\n[bold]Results[/] are in MLflow experiment '{ctx.tracker.experiment}' "
             f"(parent run {ctx.parent_run_id}).\n  Open them with: [cyan]{ui}[/] then http://127.0.0.1:5000"
             f"\n  Report files: {ctx.paths.root / 'report'}")
+
+
+# ------------------------------------------------------------------ external validation and inference
+def _pipeline_cache(pipeline_path: Path):
+    from medssl.config import load_pipeline
+    from medssl.data.cache import VolumeCache
+    cfg = load_pipeline(pipeline_path)
+    return cfg, VolumeCache(cfg.preprocess.cache_dir, cfg.preprocess)
+
+
+def evaluate_external(pipeline_path: Path, model: str, manifest: Path, out: Path) -> dict:
+    """Score a model on another manifest, preprocessed exactly as its pipeline's training data."""
+    from medssl.data.manifest import read_manifest
+    from medssl.finetune.predict import evaluate_model
+    from medssl.tracking import Tracker
+    cfg, cache = _pipeline_cache(pipeline_path)
+    df, meta = read_manifest(manifest)
+    cache.build(df, Path(meta["root"]), workers=cfg.manifest.workers)
+    tracker = Tracker(cfg.tracking.experiment or cfg.name, cfg.tracking.tracking_uri)
+    values = evaluate_model(model, cache, df, cfg.split.label, out, tracker, n_boot=cfg.finetune.bootstrap)
+    shown = {k: round(v, 4) for k, v in values.items() if isinstance(v, float)}
+    console.print(f"external validation on {manifest}: {shown}\n  files: {out}")
+    return values
+
+
+def predict_folder(pipeline_path: Path, model: str, folder: Path, out: Path):
+    """Index a folder of new scans, preprocess them like the training data, write one prediction per image."""
+    from medssl.data.manifest import read_manifest
+    from medssl.finetune.predict import predict
+    cfg, cache = _pipeline_cache(pipeline_path)
+    manifest_csv = Path(out).with_suffix(".manifest.csv")
+    build_manifest_with_salt(folder, manifest_csv, workers=cfg.manifest.workers,
+                             max_image_mb=cfg.manifest.max_image_mb, nifti_modality=cfg.data.nifti_modality)
+    df, meta = read_manifest(manifest_csv)
+    cache.build(df, Path(meta["root"]), workers=cfg.manifest.workers)
+    frame = predict(model, cache, df, Path(out))
+    # the manifest holds only pseudonymous ids: add the files so users can find each prediction's scan
+    frame = frame.merge(df[["image_id", "paths"]], on="image_id", how="left")
+    frame.to_csv(out, index=False)
+    console.print(f"{len(frame)} predictions written to {out} (manifest of the folder: {manifest_csv})")
+    return frame
