@@ -45,6 +45,8 @@ class ManifestSummary:
     def render(self) -> str:
         lines = [f"manifest {self.out_csv}: {self.n_images} images from {self.n_files} files",
                  f"  kept with problems: {self.n_with_problems} (see the 'problems' column)"]
+        if self.n_images == 0:
+            lines.append("  no usable image found: check the folder and the skipped report below")
         skipped = sum(self.skipped_by_reason.values())
         where = f" (see {self.out_csv.with_suffix('.skipped.csv')})" if skipped else ""
         lines.append(f"  skipped: {skipped}{where}")
