@@ -32,8 +32,11 @@ MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value; longer values are cut
 MAX_TAG_CHARS = 8000
 # An outage must cost a training step about a second, not MLflow's default minutes of retries.
 # setdefault: a user who sets these deliberately keeps their values.
-HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+# No HTTP-level retries: a failed logging call is queued and replayed by the outbox, which is better than
+# blocking the training step; opening a run (which cannot be queued) retries on its own, see _create_run.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+RUN_START_TRIES = 3
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 PSEUDONYM = {"patient_id": r"pat-[0-9a-f]{12}", "study_id": r"stu-[0-9a-f]{12}", "series_id": r"ser-[0-9a-f]{12}"}
 
@@ -133,14 +136,20 @@ class Tracker:
         tags[MLFLOW_RUN_NAME] = name
         if parent:
             tags[MLFLOW_PARENT_RUN_ID] = parent
-        try:
-            return self.client.create_run(self._experiment(), run_name=name, tags=tags)
-        except TrackingError:
-            raise
-        except Exception as err:  # noqa: BLE001
-            raise TrackingError(f"cannot open MLflow run '{name}': {err}", where=f"tracking uri {self.tracking_uri}",
-                                fix="start the tracking server or unset MLFLOW_TRACKING_URI / tracking.tracking_uri "
-                                    "to log to the local mlflow.db") from None
+        error: Exception | None = None
+        for attempt in range(RUN_START_TRIES):
+            try:
+                return self.client.create_run(self._experiment(), run_name=name, tags=tags)
+            except TrackingError:
+                raise
+            except Exception as err:  # noqa: BLE001
+                error = err
+                if is_permanent(err):
+                    break
+                time.sleep(0.5 * (attempt + 1))  # a blip (server restarting) gets a second chance
+        raise TrackingError(f"cannot open MLflow run '{name}': {error}", where=f"tracking uri {self.tracking_uri}",
+                            fix="start the tracking server or unset MLFLOW_TRACKING_URI / tracking.tracking_uri "
+                                "to log to the local mlflow.db")
 
     def _experiment(self) -> str:
         if self._experiment_id is None:

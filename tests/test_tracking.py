@@ -206,3 +206,23 @@ def test_reviewer_check_on_a_local_store_names_what_is_missing(tracker, store, t
     assert [c["name"] for c in seen["children"]] == ["pretrain", "ladder"]
     assert seen["report"]["files"] == ["report/table.csv"]
     assert seen["problems"] == ["no registered model comes from this experiment's runs"] and not seen["ok"]
+
+
+def test_a_hung_server_costs_a_training_step_seconds_not_minutes(tracker, tmp_path):
+    """A server that accepts connections and never answers (stuck proxy): calls time out and are queued."""
+    from mlflow.tracking import MlflowClient
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(16)
+    with tracker.run("hung") as run:
+        tracker.log_metrics({"loss": 0.0}, step=0)
+        healthy = tracker.outbox.client
+        tracker.outbox.client = MlflowClient(f"http://127.0.0.1:{hung.getsockname()[1]}")
+        start = time.monotonic()
+        for step in range(1, 4):
+            tracker.log_metrics({"loss": float(step)}, step=step)
+        assert time.monotonic() - start < 12            # one 5 s timeout, then back-off: no retry per step
+        tracker.outbox.client = healthy
+    hung.close()
+    history = tracker.client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in history] == [0, 1, 2, 3]
