@@ -253,21 +253,29 @@ def scan_folder(folder: Path, *, workers: int | None = None, max_image_mb: float
     result = ScanResult(root=folder, skipped=skipped, n_files=len(rels))
     chunks = [rels[i:i + CHUNK] for i in range(0, len(rels), CHUNK)]
     workers = workers or os.cpu_count() or 1
-    with _progress(progress) as bar:
-        task = bar.add_task("index", total=len(rels))
-        if workers == 1 or len(rels) < IN_PROCESS_BELOW:
+    if workers == 1 or len(rels) < IN_PROCESS_BELOW:
+        with _progress(progress) as bar:
+            task = bar.add_task("index", total=len(rels))
             for chunk in chunks:
                 _collect(result, _read_chunk(chunk, str(folder), max_image_mb))
                 bar.advance(task, len(chunk))
-        else:
-            with ProcessPoolExecutor(max_workers=min(workers, len(chunks))) as pool:
-                futures = {pool.submit(_read_chunk, c, str(folder), max_image_mb): c for c in chunks}
-                for future in as_completed(futures):
-                    _collect(result, _chunk_result(future, futures[future]))
-                    bar.advance(task, len(futures[future]))
+    else:
+        _scan_in_pool(result, chunks, workers, max_image_mb, progress)
     result.headers.sort(key=lambda h: h["path"])
     result.skipped.sort()
     return result
+
+
+def _scan_in_pool(result: ScanResult, chunks: list[list[str]], workers: int, max_image_mb: float,
+                  progress: bool) -> None:
+    with ProcessPoolExecutor(max_workers=min(workers, len(chunks))) as pool:
+        # submitting first forks the workers before the progress bar starts its refresh thread
+        futures = {pool.submit(_read_chunk, c, str(result.root), max_image_mb): c for c in chunks}
+        with _progress(progress) as bar:
+            task = bar.add_task("index", total=result.n_files)
+            for future in as_completed(futures):
+                _collect(result, _chunk_result(future, futures[future]))
+                bar.advance(task, len(futures[future]))
 
 
 def _chunk_result(future, chunk: list[str]) -> list[dict]:
