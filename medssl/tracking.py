@@ -224,7 +224,9 @@ class Tracker:
         _check_pseudonymous(manifest_df)
         with warnings.catch_warnings():  # MLflow's hint about integer columns concerns model signatures
             warnings.simplefilter("ignore", UserWarning)
-            entity = mlflow.data.from_pandas(manifest_df, source=source, name=name, digest=digest)._to_mlflow_entity()
+            # source=None would make MLflow record the OS user name as the "code" source: never let it
+            entity = mlflow.data.from_pandas(manifest_df, source=str(source or name), name=name,
+                                             digest=digest)._to_mlflow_entity()
         fields = {k: getattr(entity, k) for k in ("name", "digest", "source_type", "source", "schema", "profile")}
         self.outbox.submit({"kind": "inputs", "run_id": self._run_id(run_id), "dataset": fields,
                             "tags": [["mlflow.data.context", context]]})

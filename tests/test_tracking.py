@@ -108,6 +108,14 @@ def test_dataset_is_logged_with_the_manifest_digest(tracker):
     assert got.data.tags["medssl.manifest_digest"] == "d1g3st"
 
 
+def test_dataset_source_never_records_the_os_user(tracker):
+    import getpass
+    with tracker.run("manifest-nosource") as run:
+        tracker.log_dataset(manifest(), "d1g3st", "demo")
+    dataset = tracker.client.get_run(run.info.run_id).inputs.dataset_inputs[0].dataset
+    assert getpass.getuser() not in dataset.source and "mlflow.user" not in dataset.source
+
+
 def test_manifest_with_real_patient_ids_is_refused(tracker):
     df = manifest().assign(patient_id=["Doe^John", "pat-0123456789ac"])
     with tracker.run("phi"):
