@@ -167,18 +167,23 @@ def test_mismatches_fail_before_training_and_name_the_problem(tmp_path):
     assert results["error"].str.contains("validation split of rung per_class_2 has no labelled images").all()
 
 
-def test_multiclass_ladder_without_mlflow(tmp_path):
-    from medssl.finetune.ladder import run_ladder
+def test_multiclass_ladder_without_mlflow(tmp_path, monkeypatch):
+    from medssl.finetune import ladder
     from medssl.finetune.predict import load_model, predict, save_classifier
     from medssl.tracking import NullTracker
     cache, df = cohort(2)
     df["label"] = [i % 3 for i in range(len(df))]  # three classes in every split
     train = df[df["split"] == "train"]
-    rung = Rung("all", 0, tuple(train["image_id"]))
+    rungs = [Rung("half", 0, tuple(train["image_id"][:6])), Rung("all", 0, tuple(train["image_id"]))]
+    encoded = []  # image ids that went through a frozen encoder, per call
+    real_features = ladder.features
+    monkeypatch.setattr(ladder, "features", lambda enc, ds, bs: encoded.append(list(ds.ids)) or real_features(enc, ds, bs))
     cfg = FinetuneConfig(protocols=["linear"], epochs=2, batch_size=4, bootstrap=20)
     encoder = tiny_encoder_file(tmp_path, 2)
-    results = run_ladder(cfg, encoder, cache, df, "label", [rung], tmp_path / "ladder", NullTracker())
+    results = ladder.run_ladder(cfg, encoder, cache, df, "label", rungs, tmp_path / "ladder", NullTracker())
     assert (results["status"] == "ok").all(), results["error"].tolist()
+    # frozen features computed once per encoder (scratch seed 0, SSL): train 12 + val 6 images each
+    assert sum(len(ids) for ids in encoded) == 2 * (12 + 6)
     assert {"cm_2_2", "delta_auroc"} <= set(results.columns) and results["auroc"].between(0, 1).all()
 
     # a plain-dict classifier file round-trips and predicts one score per class

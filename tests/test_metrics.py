@@ -7,7 +7,8 @@ import pytest
 from medssl.errors import DataError
 from medssl.evaluate.bootstrap import bootstrap_ci, paired_bootstrap, patient_resamples
 from medssl.evaluate.metrics import (binary_metrics, choose_threshold, classification_metrics,
-                                     confusion_from_metrics, expected_calibration_error, multiclass_metrics)
+                                     confusion_from_metrics, expected_calibration_error, multiclass_metrics,
+                                     resample_metrics)
 
 # 3 negatives (0.1, 0.4, 0.6) and 3 positives (0.35, 0.8, 0.9)
 Y = np.array([0, 0, 0, 1, 1, 1])
@@ -92,7 +93,7 @@ def test_bootstrap_counts_one_class_resamples():
     y = np.array([0, 0, 0, 0, 0, 1, 1])
     score = np.array([.1, .2, .3, .4, .5, .7, .9])
     groups = ["p1", "p2", "p3", "p4", "p5", "p6", "p6"]
-    cis, skipped = bootstrap_ci(lambda a, b: binary_metrics(a, b, 0.5), y, score, groups, n_boot=200, seed=0)
+    cis, skipped = bootstrap_ci(lambda a, b: resample_metrics(a, b, 0.5), y, score, groups, n_boot=200, seed=0)
     assert 30 < skipped < 110
     assert cis["auroc"] == (1.0, 1.0)  # the positive patient always outranks every negative
 
@@ -102,7 +103,7 @@ def test_paired_bootstrap_of_identical_models_is_zero():
     y = np.array([0, 1] * 10)
     score = rng.random(20)
     groups = [f"p{i // 2}" for i in range(20)]
-    fn = lambda a, b: binary_metrics(a, b, 0.5)  # noqa: E731
+    fn = lambda a, b: resample_metrics(a, b, 0.5)  # noqa: E731
     out, _ = paired_bootstrap(fn, y, score, score, groups, n_boot=100, seed=0, names=("auroc", "sensitivity"))
     assert out == {"auroc": (0.0, 0.0, 0.0), "sensitivity": (0.0, 0.0, 0.0)}
 
@@ -112,7 +113,7 @@ def test_paired_bootstrap_sees_a_better_model():
     good = y * 0.6 + np.linspace(0, 0.3, 30)  # separates the classes
     weak = np.linspace(0, 1, 30)[::-1]  # uninformative order
     groups = [f"p{i // 3}" for i in range(30)]
-    out, _ = paired_bootstrap(lambda a, b: binary_metrics(a, b, 0.5), y, good, weak, groups, 200, 0)
+    out, _ = paired_bootstrap(lambda a, b: resample_metrics(a, b, 0.5), y, good, weak, groups, 200, 0)
     delta, low, high = out["auroc"]
     assert delta > 0.3 and 0 < low <= delta <= high
 
@@ -127,7 +128,6 @@ def test_classification_metrics_adds_patient_cis():
 
 
 def test_resample_metrics_equal_scikit_learn_with_ties():
-    from medssl.evaluate.metrics import resample_metrics
     rng = np.random.default_rng(3)
     for _ in range(20):
         y = rng.integers(0, 2, 40)

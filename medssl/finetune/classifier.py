@@ -109,7 +109,9 @@ def fit(encoder: nn.Module, train_ds: Dataset, val_ds: Dataset, n_classes: int, 
     if protocol == "linear":
         for p in model.encoder.parameters():
             p.requires_grad_(False)
-        train_ds, val_ds = features(model.encoder, train_ds, cfg.batch_size), features(model.encoder, val_ds, cfg.batch_size)
+        # a caller may pass FeatureSets it computed once for many runs (the ladder does, per encoder)
+        train_ds, val_ds = (d if isinstance(d, FeatureSet) else features(model.encoder, d, cfg.batch_size)
+                            for d in (train_ds, val_ds))
         trainable, groups = model.head, [{"params": model.head.parameters(), "lr": cfg.lr}]
     else:
         trainable = model
@@ -199,8 +201,8 @@ def train_loader(dataset, y, cfg: FinetuneConfig, seed: int) -> DataLoader:
 class FeatureSet(Dataset):
     """Precomputed (N, F) features with their labels, served in the same dict form as image datasets."""
 
-    def __init__(self, feats: torch.Tensor, labels: np.ndarray):
-        self.feats, self.labels = feats, np.asarray(labels, int)
+    def __init__(self, feats: torch.Tensor, labels, image_ids=None):
+        self.feats, self.labels, self.image_ids = feats, np.asarray(labels, int), image_ids
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -213,11 +215,12 @@ class FeatureSet(Dataset):
 def features(encoder: nn.Module, dataset: Dataset, batch_size: int) -> FeatureSet:
     encoder.eval()
     device = _device_of(encoder)
-    feats, labels = [], []
+    feats, labels, ids = [], [], []
     for b in DataLoader(dataset, batch_size=batch_size):
         feats.append(encoder(b["image"].float().to(device)).cpu())
         labels.append(torch.as_tensor(b["label"]).long())
-    return FeatureSet(torch.cat(feats), torch.cat(labels).numpy())  # (N, F)
+        ids.extend(b.get("image_id", []))
+    return FeatureSet(torch.cat(feats), torch.cat(labels).numpy(), ids or None)  # (N, F)
 
 
 def labels_of(dataset) -> np.ndarray:

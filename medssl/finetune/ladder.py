@@ -12,10 +12,9 @@ tried again. A failing child is recorded with its error and the ladder goes on w
 from __future__ import annotations
 
 import re
-import tempfile
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +27,9 @@ from medssl.config import EncoderConfig, FinetuneConfig
 from medssl.errors import MedsslError
 from medssl.evaluate.bootstrap import paired_bootstrap
 from medssl.evaluate.metrics import classification_metrics, multiclass_metrics, positive_scores, resample_metrics
-from medssl.finetune.classifier import check_images, check_labels, fit
+from medssl.finetune.classifier import FeatureSet, check_images, check_labels, features, fit
 from medssl.finetune.predict import score_dataset, write_evaluation
+from medssl.finetune.registry import log_model, register_best
 from medssl.finetune.results import append_result, finished_keys, read_results
 
 INITS = ("scratch", "ssl")  # scratch first: the SSL row then carries the paired difference
@@ -58,6 +58,7 @@ class LadderContext:
     log_models: bool
     class_names: dict
     monitor: str
+    features: dict = field(default_factory=dict)  # frozen-encoder features: {"ssl" | "scratch-<seed>": {id: (F,)}}
 
 
 def run_ladder(cfg: FinetuneConfig, encoder_source, cache, df: pd.DataFrame, label: str, rungs, out_dir,
@@ -83,7 +84,7 @@ def run_ladder(cfg: FinetuneConfig, encoder_source, cache, df: pd.DataFrame, lab
     results = read_results(results_csv)
     _print_failures(results)
     if cfg.register_model and log_models and getattr(tracker, "experiment", None):
-        register_best(ctx, results, registered_model_prefix or f"{tracker.experiment}-{label}")
+        register_best(tracker, results, registered_model_prefix or f"{tracker.experiment}-{label}", _lineage(ctx))
     if getattr(tracker, "active_run_id", None):  # the ladder's own run, when the caller opened one
         failed = int((results["status"] != "ok").sum())
         tracker.log_metrics({"children_ok": len(results) - failed, "children_failed": failed})
@@ -117,6 +118,11 @@ def child_key(rung, protocol: str, init: str) -> str:
     return f"{rung.name}/seed{rung.seed}/{protocol}/{init}"
 
 
+def child_dir(out_dir: Path, rung, protocol: str, init: str) -> Path:
+    """out_dir/children/<rung>__seed<k>__<protocol>__<init>: evaluation files and the training subset."""
+    return out_dir / "children" / re.sub(r"[^A-Za-z0-9_.-]+", "__", child_key(rung, protocol, init))
+
+
 def _safe_child(ctx: LadderContext, rung, protocol: str, init: str) -> dict:
     """One child; any failure becomes a 'failed' row (the error's first line) so the other rungs go on."""
     base = {"key": child_key(rung, protocol, init), "rung": rung.name, "seed": rung.seed, "protocol": protocol,
@@ -140,9 +146,11 @@ def _run_child(ctx: LadderContext, rung, protocol: str, init: str) -> dict:
     train_ds, val_ds, test_ds = (_dataset(ctx, ids) for ids in (train_ids, ctx.val_ids, ctx.test_ids))
     sample = train_ds[0]["image"]
     check_images(encoder, sample, ctx.spatial_dims, ctx.encoder_cfg.in_channels, f"rung {rung.name}")
-    folder = ctx.out_dir / "children" / re.sub(r"[^A-Za-z0-9_.-]+", "__", child_key(rung, protocol, init))
+    folder = child_dir(ctx.out_dir, rung, protocol, init)
     with ctx.tracker.run(f"{rung.name} seed{rung.seed} {protocol} {init}", tags=_tags(ctx, rung, protocol, init)) as run:
         ctx.tracker.log_params(_params(ctx, rung, protocol, init, y_train))
+        if protocol == "linear":  # frozen encoder: its features are computed once per ladder, not per run
+            train_ds, val_ds = (_cached_features(ctx, encoder, init, seed, ids) for ids in (train_ids, ctx.val_ids))
         result = fit(encoder, train_ds, val_ds, ctx.n_classes, protocol, cfg, seed, ctx.monitor,
                      spatial_dims=ctx.spatial_dims)
         ids, probs = score_dataset(result.model, test_ds, cfg.batch_size)
@@ -151,7 +159,7 @@ def _run_child(ctx: LadderContext, rung, protocol: str, init: str) -> dict:
                                         cfg.bootstrap, seed)
         paths = write_evaluation(folder, ids, y, probs, values, result.threshold)
         paths.append(_write_subset(folder, train_ids))
-        delta = _paired_delta(ctx, folder, rung, protocol, ids, y, probs, seed) if init == "ssl" else {}
+        delta = _paired_delta(ctx, rung, protocol, ids, y, probs, seed) if init == "ssl" else {}
         _log_child(ctx, result, values, delta, paths, sample)
         run_id = run.info.run_id
     return {"run_id": run_id or "", "val_auroc": result.val_auroc, "val_loss": result.val_loss,
@@ -172,11 +180,29 @@ def _dataset(ctx: LadderContext, ids: list[str]):
     return ImageDataset(ctx.cache, ids, [ctx.codes[i] for i in ids], spatial_dims=ctx.spatial_dims)
 
 
+def _cached_features(ctx: LadderContext, encoder, init: str, seed: int, ids: list[str]) -> FeatureSet:
+    """Frozen-encoder features by image id. The SSL encoder is the same for every run; a scratch encoder
+    is fixed by its seed, so (init, seed) names one encoder."""
+    store = ctx.features.setdefault("ssl" if init == "ssl" else f"scratch-{seed}", {})
+    missing = [i for i in ids if i not in store]
+    if missing:
+        computed = features(encoder.to(_device()), _dataset(ctx, missing), ctx.cfg.batch_size)
+        store.update(zip(missing, computed.feats))
+    return FeatureSet(torch.stack([store[i] for i in ids]), [ctx.codes[i] for i in ids], ids)  # (N, F)
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _lineage(ctx: LadderContext) -> dict:
+    return {"medssl.pretrain_run_id": ctx.info.get("pretrain_run_id") or "",
+            "medssl.manifest_digest": ctx.info.get("manifest_digest") or "", "medssl.encoder_source": ctx.encoder_source}
+
+
 def _tags(ctx: LadderContext, rung, protocol: str, init: str) -> dict:
-    return {"medssl.stage": "finetune", "medssl.pretrain_run_id": ctx.info.get("pretrain_run_id") or "",
-            "medssl.manifest_digest": ctx.info.get("manifest_digest") or "", "medssl.rung": rung.name,
-            "medssl.seed": rung.seed, "medssl.init": init, "medssl.protocol": protocol,
-            "medssl.encoder_source": ctx.encoder_source}
+    return {"medssl.stage": "finetune", **_lineage(ctx), "medssl.rung": rung.name, "medssl.seed": rung.seed,
+            "medssl.init": init, "medssl.protocol": protocol}
 
 
 def _params(ctx: LadderContext, rung, protocol: str, init: str, y_train) -> dict:
@@ -194,10 +220,9 @@ def _write_subset(folder: Path, train_ids: list[str]) -> Path:
     return path
 
 
-def _paired_delta(ctx, folder: Path, rung, protocol: str, ids, y, probs, seed: int) -> dict:
+def _paired_delta(ctx, rung, protocol: str, ids, y, probs, seed: int) -> dict:
     """SSL - scratch on the same test images and patient resamples (scratch predictions read back)."""
-    scratch_dir = folder.parent / folder.name.replace("__ssl", "__scratch")
-    scratch_csv = scratch_dir / "predictions.csv"
+    scratch_csv = child_dir(ctx.out_dir, rung, protocol, "scratch") / "predictions.csv"
     if not scratch_csv.is_file():
         return {}  # the scratch child failed: no pair to compare with
     scratch = pd.read_csv(scratch_csv).set_index("image_id").loc[list(ids)]
@@ -227,28 +252,6 @@ def _log_child(ctx: LadderContext, result, values: dict, delta: dict, paths: lis
         log_model(tracker, result.model, sample)
 
 
-def log_model(tracker, model, sample: torch.Tensor) -> None:
-    """MLflow pytorch flavour under artifact path "model", with signature and a one-image input example.
-
-    Saved locally then sent as artifacts through the tracker (its outbox survives a server outage).
-    pip requirements are given, not inferred: inference loads the model in a subprocess (seconds per child).
-    Pickle serialisation (not torch.export "pt2"): the loaded object is the Classifier itself, with its
-    validation threshold buffer and `.eval()`; loading needs medssl importable.
-    """
-    import monai
-    import mlflow.pytorch
-    from mlflow.models import infer_signature
-    example = sample[None].float().numpy()  # (1, C, *spatial)
-    with torch.no_grad():
-        logits = model.eval()(torch.from_numpy(example)).numpy()  # (1, K)
-    with tempfile.TemporaryDirectory() as tmp:
-        mlflow.pytorch.save_model(model, f"{tmp}/model", signature=infer_signature(example, logits),
-                                  input_example=example, serialization_format="pickle",
-                                  pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
-                                                    f"monai=={monai.__version__}", "medssl"])
-        tracker.log_artifact(f"{tmp}/model", "model")
-
-
 def _print_failures(results: pd.DataFrame) -> None:
     failed = results[results["status"] != "ok"]
     if len(failed):
@@ -262,38 +265,3 @@ def _progress() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[pace]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                     console=console, transient=False)
-
-
-# ------------------------------------------------------------------------------------- model registry
-def register_best(ctx: LadderContext, results: pd.DataFrame, prefix: str) -> dict[str, str]:
-    """Per rung: the child with the best validation AUROC (any seed, init, protocol) -> a model version.
-
-    Idempotent: a run already registered under the rung's name is not registered again (resumed ladders).
-    """
-    from mlflow.tracking import MlflowClient
-    client = MlflowClient(ctx.tracker.tracking_uri)
-    registered = {}
-    ok = results[(results["status"] == "ok") & results["run_id"].fillna("").astype(bool)]
-    for rung, part in ok.groupby("rung"):
-        best = part.loc[part["val_auroc"].idxmax()]
-        name = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{prefix}-{rung}")
-        try:
-            known = {v.run_id: v.version for v in client.search_model_versions(f"name='{name}'")}
-        except Exception:  # noqa: BLE001 — no such model yet
-            known = {}
-        if best["run_id"] in known:
-            registered[rung] = known[best["run_id"]]
-            continue
-        tags = {**_tags(ctx, _RungRef(rung, int(best["seed"])), best["protocol"], best["init"]),
-                "medssl.val_auroc": f"{best['val_auroc']:.4f}", "medssl.test_auroc": f"{best['auroc']:.4f}"}
-        version = ctx.tracker.register_model("model", name, tags, run_id=best["run_id"])
-        if version:
-            registered[rung] = version
-            console.print(f"registered [bold]{name}[/] v{version} ({best['key']}, val AUROC {best['val_auroc']:.3f})")
-    return registered
-
-
-@dataclass
-class _RungRef:
-    name: str
-    seed: int
