@@ -7,6 +7,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pydicom
+from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
@@ -76,10 +77,14 @@ def write_messy_folder(root: Path, rng: np.random.Generator) -> dict:
     nii = root / "nifti" / "sub-07" / "anat.nii.gz"
     nii.parent.mkdir(parents=True)
     nib.save(nib.Nifti1Image(vol.astype(np.float32), affine), nii)
+    photo = root / "photos" / "slice.png"  # a 2D raster image (RGB, like a fundus or dermoscopy photograph)
+    photo.parent.mkdir()
+    grey = (np.clip(vol[:, :, 6], 0, None) / vol.max() * 255).astype(np.uint8).T  # (rows, columns)
+    Image.fromarray(np.stack([grey, grey, grey], axis=-1)).save(photo)
     (root / "notes.txt").write_text("not an image\n")
     (root / "empty.dcm").write_bytes(b"")
     return {"people": people, "study": study, "series": series, "good": good, "scout": scout, "dup": dup,
-            "gap": gap, "cr": cr, "nifti": nii}
+            "gap": gap, "cr": cr, "nifti": nii, "photo": photo}
 
 
 def write_enhanced(vol: np.ndarray, affine: np.ndarray, path: Path, *, patient_id: str, frame_order=None,

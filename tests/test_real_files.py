@@ -35,8 +35,9 @@ def _nibabel_data() -> Path:
 
 
 def _system_files(tmp_path: Path) -> Path:
-    found = [Path("/usr/share/doc/dicom3tools/examples/0051.dcm"),
-             Path("/usr/share/doc/insighttoolkit5-examples/examples/Data/KmeansTest_T1UCharRaw.nii.gz")]
+    itk = Path("/usr/share/doc/insighttoolkit5-examples/examples/Data")
+    found = [Path("/usr/share/doc/dicom3tools/examples/0051.dcm"), itk / "KmeansTest_T1UCharRaw.nii.gz",
+             itk / "BrainProtonDensitySlice.png", itk / "VisibleWomanHeadSlice.png"]
     found = [p for p in found if p.is_file()]
     if not found:
         pytest.skip("neither dicom3tools nor insighttoolkit5-examples installed")
@@ -144,4 +145,6 @@ def test_system_files(tmp_path: Path):
         assert shapes["0051.dcm"] == "360x360"
     if (root / "KmeansTest_T1UCharRaw.nii.gz").exists():
         assert shapes["KmeansTest_T1UCharRaw.nii.gz"] == "128x128x62"
+        assert shapes["BrainProtonDensitySlice.png"] == "181x217"   # palette PNG: (X, Y) = (width, height)
+        assert shapes["VisibleWomanHeadSlice.png"] == "142x167"     # RGB photograph -> one luma channel
     assert _check_loads(df, meta) == len(df)

@@ -60,7 +60,8 @@ def _row(df: pd.DataFrame, prefix: str) -> pd.Series:
 
 def test_rows_and_formats(manifest, messy):
     _, df, _, _ = manifest
-    expected = {"dicom-series": 3, "dicom-2d": 1, "dicom-multiframe": 1 + messy[1]["emri"], "nifti": 1}
+    expected = {"dicom-series": 3, "dicom-2d": 1, "dicom-multiframe": 1 + messy[1]["emri"], "nifti": 1,
+                "image-2d": 1}
     assert df["format"].value_counts().to_dict() == expected
     assert set(df["spatial_dims"]) == {2, 3}
     assert df["image_id"].is_unique and df["image_id"].str.match(r"^img-[0-9a-f]{12}$").all()
@@ -72,6 +73,8 @@ def test_rows_and_formats(manifest, messy):
     assert (cr["modality"], cr["spatial_dims"], cr["photometric"], cr["shape"]) == ("CR", 2, "MONOCHROME1", "33x41")
     assert _row(df, "nifti/")["modality"] == "MR" and _row(df, "nifti/")["orientation"] == "LAS"
     assert _row(df, "p5/")["shape"] == "33x41x9" and _row(df, "p5/")["problems"] == ""
+    photo = _row(df, "photos/")
+    assert (photo["modality"], photo["spatial_dims"], photo["shape"], photo["photometric"]) == ("OT", 2, "33x41", "RGB")
     if messy[1]["emri"]:
         assert _row(df, "emri_small")["shape"] == "64x64x10"
 
@@ -205,3 +208,26 @@ def test_uneven_spacing_and_mixed_matrix(tmp_path):
     assert "uneven slice spacing" in df["problems"].item()
     skipped = pd.read_csv(tmp_path / "m.skipped.csv", dtype=str)
     assert (skipped["reason"].str.startswith("mixed series")).sum() == 2
+
+
+def test_photo_loads_as_luma(manifest, messy):
+    _, df, meta, _ = manifest
+    vol, _ = real_volume()
+    loaded = load_image(_row(df, "photos/"), Path(meta["root"]))
+    grey = (np.clip(vol[:, :, 6], 0, None) / vol.max() * 255).astype(np.uint8)  # (X, Y)
+    np.testing.assert_allclose(loaded.array[0], grey, atol=0.01)
+
+
+def test_file_patients_from_folders(tmp_path):
+    """NIfTI patients come from the layout: root/<patient>/... folders; a single container folder for all
+    files (root/images/*.nii) is not one patient, each file is."""
+    vol, affine = real_volume()
+    for rel in ("by_patient/p1/a.nii", "by_patient/p1/b.nii", "by_patient/p2/a.nii", "flat/images/x.nii",
+                "flat/images/y.nii"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(vol[:, :, :3], affine), tmp_path / rel)
+    for name, n_patients, flagged in (("by_patient", 2, False), ("flat", 2, True)):
+        build_manifest(tmp_path / name, tmp_path / f"{name}.csv", salt=SALT, workers=1, progress=False)
+        df, _ = read_manifest(tmp_path / f"{name}.csv")
+        assert df["patient_id"].nunique() == n_patients, name
+        assert df["problems"].str.contains("patient unknown").all() == flagged

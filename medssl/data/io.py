@@ -7,6 +7,7 @@ Decisions (documented in data_manifests/README.md too):
   `photometric` says "MONOCHROME1" and normalisation inverts it.
 * Rescale slope / intercept are applied per slice (per frame for Enhanced objects): values are in modality
   units (HU for CT).
+* PNG / JPEG / TIFF ("image-2d"): first page, colour -> luma like DICOM, unit spacing, no patient geometry.
 * NIfTI: 4D -> channels (the 4th axis); NaN / Inf voxels are replaced (NaN -> 0, +/-Inf -> the largest /
   smallest finite value) and reported in `problems`; the manifest flags such files when it is built.
 """
@@ -20,6 +21,7 @@ from typing import Mapping
 import nibabel as nib
 import numpy as np
 import pydicom
+from PIL import Image
 
 from medssl.data.dicom import basic_fields, enhanced_geometry, multiframe_geometry, plane_affine, stack_affine
 from medssl.data.dicom_parse import read_slice
@@ -94,6 +96,38 @@ def _load_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
         finite = data[np.isfinite(data)]
         data = np.nan_to_num(data, nan=0.0, posinf=finite.max(), neginf=finite.min())
     return np.moveaxis(data, -1, 0), np.asarray(img.affine, dtype=float), [problem] if problem else []
+
+
+# ------------------------------------------------------------------------------------------ PNG / JPEG / TIFF
+RASTER_BYTES = {"1": 1, "L": 1, "P": 1, "LA": 1, "RGB": 1, "RGBA": 1, "I;16": 2, "I;16B": 2, "I;16L": 2,
+                "I": 4, "F": 4}  # bytes per sample of the Pillow modes medssl reads
+
+
+def raster_header(path: str, max_image_mb: float) -> dict:
+    """Size and mode of a PNG / JPEG / TIFF without decoding it (Pillow reads the header lazily)."""
+    with Image.open(path) as im:
+        width, height, mode, frames = im.width, im.height, im.mode, getattr(im, "n_frames", 1)
+        bands = len(im.getbands())
+    if mode not in RASTER_BYTES:
+        return {"skip": f"unsupported: image mode {mode!r}"}
+    declared_mb = width * height * bands * RASTER_BYTES[mode] / 2**20
+    if declared_mb > max_image_mb:
+        return {"skip": f"too large: {width}x{height} {mode} = {declared_mb:,.0f} MB > max_image_mb={max_image_mb:g}"}
+    problems = [f"{frames} frames/pages: only the first is used"] if frames > 1 else []
+    colour = mode in ("RGB", "RGBA", "P")
+    return {"kind": "raster", "spatial_dims": 2, "shape": [width, height], "channels": 1, "spacing": [1.0, 1.0],
+            "affine": plane_affine({}), "photometric": "RGB" if colour else "MONOCHROME2", "problems": problems}
+
+
+def _load_raster(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    with Image.open(path) as im:
+        im.seek(0)
+        if im.mode in ("P", "RGBA", "LA", "1"):  # palette / alpha / bilevel: to plain grey or RGB first
+            im = im.convert("RGB" if im.mode in ("P", "RGBA") else "L")
+        pixels = np.asarray(im).astype(np.float32)  # (rows, columns[, 3])
+    if pixels.ndim == 3:
+        pixels = pixels[..., :3] @ LUMA
+    return np.ascontiguousarray(pixels.T)[None], plane_affine({}), []  # (1, X, Y)
 
 
 # ------------------------------------------------------------------------------------------ DICOM
@@ -177,6 +211,7 @@ READERS = {  # format -> reader of its file list
     "dicom-multiframe": lambda paths: _load_multiframe(paths[0]),
     "dicom-2d": lambda paths: _load_2d(paths[0]),
     "nifti": lambda paths: _load_nifti(paths[0]),
+    "image-2d": lambda paths: _load_raster(paths[0]),
 }
 
 

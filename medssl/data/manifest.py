@@ -65,12 +65,26 @@ def pseudonym(prefix: str, value: str, salt: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ images
+def _file_stem(name: str) -> str:
+    return name.removesuffix(".gz").rsplit(".", 1)[0]
+
+
 def _patient_key(path: str) -> str:
-    """NIfTI carries no patient, so the layout names one: a BIDS "sub-XX" folder, else the first folder under
-    the scanned root (`root/<patient>/...`, the usual export layout), else the file itself."""
+    """NIfTI / PNG carry no patient, so the layout names one: a BIDS "sub-XX" folder, else the first folder
+    under the scanned root (`root/<patient>/...`, the usual export layout), else the file itself."""
     parts = path.replace("\\", "/").split("/")
     subject = next((p for p in parts[:-1] if p.startswith("sub-")), None)
-    return subject or (parts[0] if len(parts) > 1 else parts[-1].removesuffix(".gz").removesuffix(".nii"))
+    return subject or (parts[0] if len(parts) > 1 else _file_stem(parts[-1]))
+
+
+def _file_patients(records: list[dict]) -> None:
+    """Guard on the folder rule: if it puts every file of a format in ONE patient (e.g. root/images/*.nii),
+    the folder is a container, not a patient; then each file is its own patient, flagged."""
+    by_folder = [r for r in records if "/" in r["paths"][0] and not r["patient_key"].startswith("sub-")]
+    if len(by_folder) > 1 and len({r["patient_key"] for r in by_folder}) == 1:
+        for record in by_folder:
+            record["patient_key"] = _file_stem(record["paths"][0].split("/")[-1]) + "@" + record["paths"][0]
+            record["problems"].append("patient unknown: each file treated as its own patient")
 
 
 def _study_key(path: str) -> str:
@@ -80,11 +94,12 @@ def _study_key(path: str) -> str:
     return "/".join(parts[:session + 1]) if session is not None else path
 
 
-def _nifti_record(h: dict, modality: str) -> dict:
-    return {"format": "nifti", "modality": modality, "body_part": "", "spatial_dims": h["spatial_dims"],
+def _file_record(h: dict, modality: str) -> dict:
+    """NIfTI and PNG / JPEG / TIFF: one file, one image, no identifiers inside."""
+    return {"format": "nifti" if h["kind"] == "nifti" else "image-2d", "modality": modality, "body_part": "", "spatial_dims": h["spatial_dims"],
             "channels": h["channels"], "shape": h["shape"], "spacing": h["spacing"], "affine": h["affine"],
-            "photometric": "MONOCHROME2", "paths": [h["path"]], "problems": list(h["problems"]),
-            "patient_key": _patient_key(h["path"]), "study_key": _study_key(h["path"]), "series_key": h["path"]}
+            "photometric": h.get("photometric", "MONOCHROME2"), "paths": [h["path"]],
+            "problems": list(h["problems"]), "patient_key": _patient_key(h["path"]), "study_key": _study_key(h["path"]), "series_key": h["path"]}
 
 
 def _fill_missing_keys(image: dict) -> None:
@@ -179,10 +194,13 @@ def _sidecars(nifti_paths: list[str]) -> set[str]:
     return {p.removesuffix(".gz").removesuffix(".nii") + ".json" for p in nifti_paths}
 
 
-def _collect_images(scan, nifti_modality: str) -> tuple[list[dict], list[tuple[str, str]]]:
+def _collect_images(scan, nifti_modality: str, image_modality: str) -> tuple[list[dict], list[tuple[str, str]]]:
     images, skipped = assemble([h for h in scan.headers if h["kind"] == "dicom"])
     nifti = [h for h in scan.headers if h["kind"] == "nifti"]
-    images += [_nifti_record(h, nifti_modality) for h in nifti]
+    for kind, modality in (("nifti", nifti_modality), ("raster", image_modality)):
+        records = [_file_record(h, modality) for h in scan.headers if h["kind"] == kind]
+        _file_patients(records)
+        images += records
     sidecars = _sidecars([h["path"] for h in nifti])
     skipped = [entry for entry in scan.skipped if entry[0] not in sidecars] + skipped
     return sorted(images, key=lambda im: im["paths"][0]), skipped
@@ -198,7 +216,7 @@ def _join(images: list[dict], labels: Path | None, join_on: str, salt: str):
 
 def build_manifest(folder: Path, out_csv: Path, labels: Path | None = None, join_on: str = "auto", salt: str = "",
                    workers: int | None = None, max_image_mb: float = 4096, nifti_modality: str = "MR",
-                   progress: bool = True) -> ManifestSummary:
+                   image_modality: str = "OT", progress: bool = True) -> ManifestSummary:
     """Scan `folder`, assemble images, join labels; write out_csv + .skipped.csv + .meta.json."""
     folder, out_csv = Path(folder).resolve(), Path(out_csv)
     if labels is not None:
@@ -206,7 +224,7 @@ def build_manifest(folder: Path, out_csv: Path, labels: Path | None = None, join
     outputs = [out_csv, _sidecar(out_csv, ".skipped.csv"), _sidecar(out_csv, ".meta.json")]
     scan = scan_folder(folder, workers=workers, max_image_mb=max_image_mb, progress=progress,
                        exclude=_excluded(folder, labels, *outputs))
-    images, skipped = _collect_images(scan, nifti_modality)
+    images, skipped = _collect_images(scan, nifti_modality, image_modality)
     codes, report, names = _join(images, labels, join_on, salt)
     df = pd.DataFrame([_row(image, salt) for image in images], columns=COLUMNS + ["split", "problems"])
     df = pd.concat([df.iloc[:, :len(COLUMNS)], codes.set_axis(df.index), df[["split", "problems"]]], axis=1)
@@ -216,7 +234,7 @@ def build_manifest(folder: Path, out_csv: Path, labels: Path | None = None, join
               "unlabelled": report.n_unlabelled, "unmatched_labels": len(report.unmatched)}
     meta = {"root": str(folder), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "label_columns": list(codes.columns), "label_names": names, "counts": counts, "join_on": join_on,
-            "nifti_modality": nifti_modality}
+            "nifti_modality": nifti_modality, "image_modality": image_modality}
     write_manifest(df, meta, out_csv)
     skipped_df = pd.DataFrame(sorted(skipped), columns=["path", "reason"])
     _write_atomic(outputs[1], skipped_df.to_csv(index=False, lineterminator="\n").encode())

@@ -28,8 +28,9 @@ from rich.text import Text
 
 from medssl.data.dicom import basic_fields, enhanced_geometry
 from medssl.data.dicom_parse import HEAD_BYTES, parse, parse_buffer
-from medssl.data.io import nifti_header
+from medssl.data.io import nifti_header, raster_header
 
+RASTER_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*")  # PNG, JPEG, TIFF (LE/BE)
 CHUNK = 256          # files per worker task: big enough to amortise pickling, small enough for a live ETA
 IN_PROCESS_BELOW = 64  # a pool costs more than it saves for a handful of files
 
@@ -182,7 +183,7 @@ def _nifti_magic(path: str) -> bool:
 
 
 def sniff(path: str, head: bytes) -> str | None:
-    """"dicom" | "dicom-nopreamble" | "nifti" | "empty" | "bad-nifti" | None (not an image file),
+    """"dicom" | "dicom-nopreamble" | "nifti" | "raster" | "empty" | "bad-nifti" | None (not an image),
     from the name and the first bytes of the file."""
     if path.lower().endswith((".nii", ".nii.gz")):
         return "nifti" if _nifti_magic(path) else "bad-nifti"
@@ -190,6 +191,8 @@ def sniff(path: str, head: bytes) -> str | None:
         return "empty"
     if head[128:132] == b"DICM":
         return "dicom"
+    if head.startswith(RASTER_MAGIC):
+        return "raster"
     # a preamble-less file starts with a (group, element) tag; groups 0002/0008 begin every real one
     if len(head) >= 8 and head[:2] in (b"\x02\x00", b"\x08\x00"):
         return "dicom-nopreamble"
@@ -208,6 +211,8 @@ def _header(path: str, max_image_mb: float) -> dict:
         return {"skip": "unreadable NIfTI: .nii name but no NIfTI header magic"}
     if kind == "nifti":
         return nifti_header(path, max_image_mb)
+    if kind == "raster":
+        return raster_header(path, max_image_mb)
     return dicom_header(path, max_image_mb, force=kind == "dicom-nopreamble", head=head)
 
 
