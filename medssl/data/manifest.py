@@ -96,10 +96,11 @@ def _study_key(path: str) -> str:
 
 def _file_record(h: dict, modality: str) -> dict:
     """NIfTI and PNG / JPEG / TIFF: one file, one image, no identifiers inside."""
-    return {"format": "nifti" if h["kind"] == "nifti" else "image-2d", "modality": modality, "body_part": "", "spatial_dims": h["spatial_dims"],
-            "channels": h["channels"], "shape": h["shape"], "spacing": h["spacing"], "affine": h["affine"],
-            "photometric": h.get("photometric", "MONOCHROME2"), "paths": [h["path"]],
-            "problems": list(h["problems"]), "patient_key": _patient_key(h["path"]), "study_key": _study_key(h["path"]), "series_key": h["path"]}
+    return {"format": "nifti" if h["kind"] == "nifti" else "image-2d", "modality": modality, "body_part": "",
+            "spatial_dims": h["spatial_dims"], "channels": h["channels"], "shape": h["shape"],
+            "spacing": h["spacing"], "affine": h["affine"], "photometric": h.get("photometric", "MONOCHROME2"),
+            "paths": [h["path"]], "problems": list(h["problems"]), "patient_key": _patient_key(h["path"]),
+            "study_key": _study_key(h["path"]), "series_key": h["path"]}
 
 
 def _fill_missing_keys(image: dict) -> None:
