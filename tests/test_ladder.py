@@ -101,8 +101,9 @@ def test_ladder_end_to_end_and_resume(tmp_path, store, spatial_dims):
     experiment = f"ladder-test{spatial_dims}d"
     tracker = Tracker(experiment, store, outbox_dir=tmp_path / "outbox")
     out = tmp_path / "ladder"
+    log_models = "all" if spatial_dims == 2 else "best"  # both modes; "best" logs only improving runs
     with tracker.run("ladder") as parent:
-        results = run_ladder(cfg, encoder, cache, df, "label", rungs, out, tracker)
+        results = run_ladder(cfg, encoder, cache, df, "label", rungs, out, tracker, log_models=log_models)
     n_ok = 2 * len(protocols) * 2  # 2 good rungs x protocols x {scratch, ssl}
     assert (results["status"] == "ok").sum() == n_ok
     failed = results[results["status"] == "failed"]
@@ -125,6 +126,14 @@ def test_ladder_end_to_end_and_resume(tmp_path, store, spatial_dims):
     versions = {v.name: v for v in client.search_model_versions(f"name LIKE '{experiment}-label-%'")}
     assert set(versions) == {f"{experiment}-label-per_class_2", f"{experiment}-label-per_class_3"}
     version = versions[f"{experiment}-label-per_class_2"]
+    logged = results[results["model_logged"] == True]  # noqa: E712
+    assert version.run_id in set(logged["run_id"])
+    if log_models == "all":
+        assert len(logged) == n_ok
+    else:  # per rung the first run logs; later ones only when their validation AUROC is higher
+        for _, part in results[results["status"] == "ok"].groupby("rung"):
+            best_so_far = part["val_auroc"].cummax().shift(fill_value=-1)
+            assert (part["model_logged"] == (part["val_auroc"] > best_so_far)).all()
     assert version.tags["medssl.pretrain_run_id"] == "pretrain123" and version.tags["medssl.manifest_digest"] == "digest456"
 
     # interrupted after all but the last finished child: only that one (and the failed rung) are redone
@@ -133,7 +142,7 @@ def test_ladder_end_to_end_and_resume(tmp_path, store, spatial_dims):
     last_ok = results[results["status"] == "ok"]["key"].iloc[-1]
     csv.write_text("\n".join(l for l in lines if not l.startswith(last_ok + ",")) + "\n")
     with tracker.run("ladder") as parent2:
-        again = run_ladder(cfg, encoder, cache, df, "label", rungs, out, tracker)
+        again = run_ladder(cfg, encoder, cache, df, "label", rungs, out, tracker, log_models=log_models)
     assert len(children_of(client, experiment_id, parent2.info.run_id)) == 1
     assert set(again.loc[again["status"] == "ok", "key"]) == set(results.loc[results["status"] == "ok", "key"])
     assert len(client.search_model_versions(f"name LIKE '{experiment}-label-%'")) <= 3  # no duplicate of unchanged bests

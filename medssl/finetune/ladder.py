@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from medssl.config import EncoderConfig, FinetuneConfig
-from medssl.errors import MedsslError
+from medssl.errors import ConfigError, MedsslError
 from medssl.evaluate.bootstrap import paired_bootstrap
 from medssl.evaluate.metrics import classification_metrics, multiclass_metrics, positive_scores, resample_metrics
 from medssl.finetune.classifier import FeatureSet, check_images, check_labels, features, fit
@@ -34,6 +34,7 @@ from medssl.finetune.results import append_result, finished_keys, read_results
 
 INITS = ("scratch", "ssl")  # scratch first: the SSL row then carries the paired difference
 RESULTS = "results.csv"
+LOG_MODELS = ("all", "best", "none")
 PAIRED = ("auroc", "auprc")  # threshold-free, so the two models' own thresholds do not blur the difference
 console = Console(stderr=True)
 
@@ -55,7 +56,7 @@ class LadderContext:
     n_classes: int
     out_dir: Path
     tracker: object
-    log_models: bool
+    log_models: str
     class_names: dict
     monitor: str
     features: dict = field(default_factory=dict)  # frozen-encoder features: {"ssl" | "scratch-<seed>": {id: (F,)}}
@@ -63,9 +64,18 @@ class LadderContext:
 
 def run_ladder(cfg: FinetuneConfig, encoder_source, cache, df: pd.DataFrame, label: str, rungs, out_dir,
                tracker, encoder_cfg: EncoderConfig | None = None, spatial_dims: int | None = None,
-               img_size: list[int] | None = None, *, log_models: bool = True, class_names: dict | None = None,
+               img_size: list[int] | None = None, *, log_models: bool | str = "all", class_names: dict | None = None,
                monitor: str = "val_loss", registered_model_prefix: str | None = None) -> pd.DataFrame:
-    """Run (or resume) the ladder; returns one row per (rung, seed, protocol, init), failures included."""
+    """Run (or resume) the ladder; returns one row per (rung, seed, protocol, init), failures included.
+
+    log_models: "all" (every run logs its model; True), "best" (a run logs its model only when its
+    validation AUROC beats every earlier run of the same rung name: a few models instead of one per run,
+    e.g. 36 x 57 MB for the demo's 3D ResNet-10), or "none" (False; tests, dry runs). The registry gets the
+    best logged model per rung either way.
+    """
+    log_models = {True: "all", False: "none"}.get(log_models, log_models)
+    if log_models not in LOG_MODELS:
+        raise ConfigError(f"log_models must be one of {LOG_MODELS}, got {log_models!r}", where="finetune.log_models")
     ctx = _context(cfg, encoder_source, cache, df, label, out_dir, tracker, encoder_cfg, spatial_dims,
                    img_size, log_models, class_names or {}, monitor)
     results_csv = ctx.out_dir / RESULTS
@@ -83,7 +93,7 @@ def run_ladder(cfg: FinetuneConfig, encoder_source, cache, df: pd.DataFrame, lab
             progress.update(task, advance=1, pace=f"{(time.monotonic() - started) / max(ran, 1):.1f} s/run")
     results = read_results(results_csv)
     _print_failures(results)
-    if cfg.register_model and log_models and getattr(tracker, "experiment", None):
+    if cfg.register_model and log_models != "none" and getattr(tracker, "experiment", None):
         register_best(tracker, results, registered_model_prefix or f"{tracker.experiment}-{label}", _lineage(ctx))
     if getattr(tracker, "active_run_id", None):  # the ladder's own run, when the caller opened one
         failed = int((results["status"] != "ok").sum())
@@ -160,9 +170,9 @@ def _run_child(ctx: LadderContext, rung, protocol: str, init: str) -> dict:
         paths = write_evaluation(folder, ids, y, probs, values, result.threshold)
         paths.append(_write_subset(folder, train_ids))
         delta = _paired_delta(ctx, rung, protocol, ids, y, probs, seed) if init == "ssl" else {}
-        _log_child(ctx, result, values, delta, paths, sample)
+        logged = _log_child(ctx, rung, result, values, delta, paths, sample)
         run_id = run.info.run_id
-    return {"run_id": run_id or "", "val_auroc": result.val_auroc, "val_loss": result.val_loss,
+    return {"run_id": run_id or "", "model_logged": logged, "val_auroc": result.val_auroc, "val_loss": result.val_loss,
             "epochs_trained": result.epochs, **values, **delta}
 
 
@@ -238,7 +248,8 @@ def _paired_delta(ctx, rung, protocol: str, ids, y, probs, seed: int) -> dict:
     return {**delta, "delta_boot_skipped": float(skipped)}
 
 
-def _log_child(ctx: LadderContext, result, values: dict, delta: dict, paths: list[Path], sample) -> None:
+def _log_child(ctx: LadderContext, rung, result, values: dict, delta: dict, paths: list[Path], sample) -> bool:
+    """Metrics, evaluation files and (per `log_models`) the model; True when the model was logged."""
     tracker = ctx.tracker
     for row in result.history:
         tracker.log_metrics({"val_loss": row["val_loss"], "val_auroc": row["val_auroc"]}, step=row["epoch"])
@@ -248,8 +259,22 @@ def _log_child(ctx: LadderContext, result, values: dict, delta: dict, paths: lis
                          "epochs_trained": result.epochs})
     for path in paths:
         tracker.log_artifact(path, "evaluation" if path.suffix != ".txt" else "subset")
-    if ctx.log_models and getattr(tracker, "experiment", None):
-        log_model(tracker, result.model, sample)
+    if ctx.log_models == "none" or not getattr(tracker, "experiment", None):
+        return False
+    if ctx.log_models == "best" and result.val_auroc <= _best_so_far(ctx, rung.name):
+        return False
+    log_model(tracker, result.model, sample)
+    return True
+
+
+def _best_so_far(ctx: LadderContext, rung_name: str) -> float:
+    """Best validation AUROC among finished runs of this rung name whose model was logged (-inf if none)."""
+    done = read_results(ctx.out_dir / RESULTS)
+    if "model_logged" not in done:
+        return float("-inf")
+    logged = done["model_logged"].astype(str).str.lower() == "true"
+    mine = done[(done["status"] == "ok") & (done["rung"] == rung_name) & logged]
+    return float(mine["val_auroc"].max()) if len(mine) else float("-inf")
 
 
 def _print_failures(results: pd.DataFrame) -> None:

@@ -46,6 +46,8 @@ def register_best(tracker, results: pd.DataFrame, prefix: str, lineage: dict) ->
     client = MlflowClient(tracker.tracking_uri)
     registered = {}
     ok = results[(results["status"] == "ok") & results["run_id"].fillna("").astype(bool)]
+    if "model_logged" in ok:  # only runs that logged a model can be registered
+        ok = ok[ok["model_logged"].astype(str).str.lower() == "true"]
     for rung, part in ok.dropna(subset=["val_auroc"]).groupby("rung"):
         best = part.loc[part["val_auroc"].idxmax()]
         name = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{prefix}-{rung}")
