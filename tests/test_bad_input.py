@@ -82,6 +82,15 @@ def test_bad_files_are_skipped_good_ones_kept(bad_folder: Path, tmp_path: Path):
     assert summary.n_images == 2 and sum(summary.skipped_by_reason.values()) == len(expected)
 
 
+def test_series_too_large_once_loaded(tmp_path: Path):
+    """Each 33x41 slice is tiny, but the series must fit max_image_mb as the float32 volume load_image makes."""
+    _good_series(tmp_path / "data")
+    build_manifest(tmp_path / "data", tmp_path / "m.csv", salt="s", workers=1, progress=False, max_image_mb=0.01)
+    assert len(read_manifest(tmp_path / "m.csv")[0]) == 0
+    reasons = set(_skipped(tmp_path / "m.csv").values())
+    assert len(reasons) == 1 and reasons.pop().startswith("too large: dicom-series of 4 file(s)")
+
+
 def test_nan_nifti_flagged_and_cleaned(bad_folder: Path, tmp_path: Path):
     build_manifest(bad_folder, tmp_path / "m.csv", salt="s", workers=1, progress=False)
     df, meta = read_manifest(tmp_path / "m.csv")

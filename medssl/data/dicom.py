@@ -160,6 +160,8 @@ PROJECTION = {"CR", "DX", "MG", "IO", "PX", "RF", "XA", "US", "ES", "XC", "SC", 
 def _record(h: dict, fmt: str, paths: list[str], affine: np.ndarray, shape: list[int], spacing: list[float],
             problems: list[str]) -> dict:
     """One image as the manifest builder needs it; raw keys stay in memory only (hashed before writing)."""
+    if not h.get("spacing"):
+        problems = [*problems, "no PixelSpacing: 1 mm assumed"]
     return {"format": fmt, "modality": h["modality"], "body_part": h["body_part"], "spatial_dims": len(shape),
             "channels": 1, "shape": shape, "spacing": [float(s) for s in spacing], "affine": affine,
             "photometric": h["photometric"], "paths": paths, "problems": list(problems),
@@ -271,7 +273,16 @@ def assemble_series(hs: list[dict]) -> tuple[list[dict], list[tuple[str, str]]]:
     return [image], skipped
 
 
-def assemble(headers: list[dict]) -> tuple[list[dict], list[tuple[str, str]]]:
+def _too_large(image: dict, max_image_mb: float) -> str | None:
+    """Each file passed its own size check; a series of many such files may still not fit once loaded."""
+    loaded_mb = float(np.prod(image["shape"])) * image["channels"] * 4 / 2**20  # float32, as load_image returns
+    if loaded_mb <= max_image_mb:
+        return None
+    return (f"too large: {image['format']} of {len(image['paths'])} file(s) loads as {loaded_mb:,.0f} MB float32 "
+            f"> max_image_mb={max_image_mb:g}")
+
+
+def assemble(headers: list[dict], max_image_mb: float = float("inf")) -> tuple[list[dict], list[tuple[str, str]]]:
     """All DICOM headers of a scan -> images (multi-frame files alone, single frames by series) + set-asides."""
     images, skipped, series = [], [], {}
     for h in headers:
@@ -283,4 +294,11 @@ def assemble(headers: list[dict]) -> tuple[list[dict], list[tuple[str, str]]]:
         found, dropped = assemble_series(series[key])
         images += found
         skipped += dropped
-    return images, skipped
+    kept = []
+    for image in images:
+        reason = _too_large(image, max_image_mb)
+        if reason:
+            skipped += [(path, reason) for path in image["paths"]]
+        else:
+            kept.append(image)
+    return kept, skipped

@@ -195,8 +195,9 @@ def _sidecars(nifti_paths: list[str]) -> set[str]:
     return {p.removesuffix(".gz").removesuffix(".nii") + ".json" for p in nifti_paths}
 
 
-def _collect_images(scan, nifti_modality: str, image_modality: str) -> tuple[list[dict], list[tuple[str, str]]]:
-    images, skipped = assemble([h for h in scan.headers if h["kind"] == "dicom"])
+def _collect_images(scan, nifti_modality: str, image_modality: str,
+                    max_image_mb: float) -> tuple[list[dict], list[tuple[str, str]]]:
+    images, skipped = assemble([h for h in scan.headers if h["kind"] == "dicom"], max_image_mb)
     nifti = [h for h in scan.headers if h["kind"] == "nifti"]
     for kind, modality in (("nifti", nifti_modality), ("raster", image_modality)):
         records = [_file_record(h, modality) for h in scan.headers if h["kind"] == kind]
@@ -225,7 +226,7 @@ def build_manifest(folder: Path, out_csv: Path, labels: Path | None = None, join
     outputs = [out_csv, _sidecar(out_csv, ".skipped.csv"), _sidecar(out_csv, ".meta.json")]
     scan = scan_folder(folder, workers=workers, max_image_mb=max_image_mb, progress=progress,
                        exclude=_excluded(folder, labels, *outputs))
-    images, skipped = _collect_images(scan, nifti_modality, image_modality)
+    images, skipped = _collect_images(scan, nifti_modality, image_modality, max_image_mb)
     codes, report, names = _join(images, labels, join_on, salt)
     df = pd.DataFrame([_row(image, salt) for image in images], columns=COLUMNS + ["split", "problems"])
     df = pd.concat([df.iloc[:, :len(COLUMNS)], codes.set_axis(df.index), df[["split", "problems"]]], axis=1)
