@@ -148,6 +148,11 @@ def test_missing_codec_names_the_package(tmp_path: Path, monkeypatch):
     assert "medssl[codecs]" in reason
 
 
+def test_missing_folder_is_a_data_error(tmp_path: Path):
+    with pytest.raises(DataError, match="not a folder"):
+        build_manifest(tmp_path / "nowhere", tmp_path / "m.csv", salt="s")
+
+
 def test_file_gone_after_indexing_is_a_data_error(tmp_path: Path):
     paths = _good_series(tmp_path / "data")
     build_manifest(tmp_path / "data", tmp_path / "m.csv", salt="s", workers=1, progress=False)

@@ -221,6 +221,9 @@ def build_manifest(folder: Path, out_csv: Path, labels: Path | None = None, join
                    image_modality: str = "OT", progress: bool = True) -> ManifestSummary:
     """Scan `folder`, assemble images, join labels; write out_csv + .skipped.csv + .meta.json."""
     folder, out_csv = Path(folder).resolve(), Path(out_csv)
+    if not folder.is_dir():
+        raise DataError(f"not a folder: {folder}", where="FOLDER / data.folder",
+                        fix="give the folder that holds the DICOM / NIfTI files")
     if labels is not None:
         read_labels(labels, join_on)  # fail fast on a broken labels file, before minutes of scanning
     outputs = [out_csv, _sidecar(out_csv, ".skipped.csv"), _sidecar(out_csv, ".meta.json")]
