@@ -107,7 +107,10 @@ class _Client(_Rest):
 def _flat_run(run: dict) -> dict:
     """REST run JSON (lists of key/value) or MlflowClient dict -> {run_id, name, status, start, tags, metrics}."""
     info, data = run["info"], run.get("data", {})
-    as_map = lambda items: {i["key"]: i["value"] for i in items} if isinstance(items, list) else dict(items or {})  # noqa: E731
+
+    def as_map(items) -> dict:
+        return {i["key"]: i["value"] for i in items} if isinstance(items, list) else dict(items or {})
+
     return {"run_id": info["run_id"], "name": info.get("run_name", ""), "status": info.get("status", ""),
             "start_time": int(info.get("start_time") or 0), "tags": as_map(data.get("tags")),
             "metrics": as_map(data.get("metrics")), "n_params": len(data.get("params") or [])}

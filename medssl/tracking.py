@@ -30,6 +30,7 @@ from medssl.outbox import Outbox, console, is_permanent, recover
 
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value; longer values are cut with a marker
 MAX_TAG_CHARS = 8000
+DIGEST_CHARS = 32  # MLflow keeps at most 36 characters of a dataset digest; the full one goes in a tag
 # An outage must cost a training step about a second, not MLflow's default minutes of retries.
 # setdefault: a user who sets these deliberately keeps their values.
 # No HTTP-level retries: a failed logging call is queued and replayed by the outbox, which is better than
@@ -226,10 +227,10 @@ class Tracker:
             warnings.simplefilter("ignore", UserWarning)
             # source=None would make MLflow record the OS user name as the "code" source: never let it
             entity = mlflow.data.from_pandas(manifest_df, source=str(source or name), name=name,
-                                             digest=digest)._to_mlflow_entity()
+                                             digest=digest[:DIGEST_CHARS] if digest else None)._to_mlflow_entity()
         fields = {k: getattr(entity, k) for k in ("name", "digest", "source_type", "source", "schema", "profile")}
-        self.outbox.submit({"kind": "inputs", "run_id": self._run_id(run_id), "dataset": fields,
-                            "tags": [["mlflow.data.context", context]]})
+        tags = [["mlflow.data.context", context]] + ([["medssl.manifest_digest", digest]] if digest else [])
+        self.outbox.submit({"kind": "inputs", "run_id": self._run_id(run_id), "dataset": fields, "tags": tags})
         if digest:
             self.set_tags({"medssl.manifest_digest": digest}, run_id)
 

@@ -46,7 +46,7 @@ def test_labels_counts_and_layout(cohort):
     assert cohort.n_positive == labels["label"].sum() == 2          # round(8 × 0.25), exactly
     assert cohort.n_dicom == 4 and cohort.n_images == len(truth) == 8 + round(8 * 0.2)
     assert (truth.groupby("patient_id")["study"].count() == 2).sum() == 2   # two studies: MICLe pairs
-    folders = {p.name for p in (cohort.folder / "dicom").iterdir()} | {p.name for p in (cohort.folder / "bids").iterdir()}
+    folders = {p.name for kind in ("dicom", "bids") for p in (cohort.folder / kind).iterdir()}
     assert len(folders) == 8 and {i for i in labels["patient_id"] if i.startswith("sub-")} <= folders
     assert not any("MRN" in str(p) for p in cohort.folder.rglob("*"))  # identifiers live in headers, not paths
     assert (cohort.folder / "README.txt").is_file() and (cohort.folder / ".DS_Store").is_file()
@@ -61,8 +61,11 @@ def test_same_seed_same_cohort_other_seed_other_cohort(cohort, tmp_path):
         a, b = nib.load(cohort.folder / rel), nib.load(again.folder / rel)
         assert np.array_equal(a.dataobj, b.dataobj) and np.array_equal(a.affine, b.affine)
     rel = truth.loc[truth["format"] == "dicom-series", "path"].iloc[0]
-    pixels = lambda root: sorted((pydicom.dcmread(p).InstanceNumber, pydicom.dcmread(p).pixel_array.tobytes())  # noqa: E731
-                                 for p in (root / rel).glob("*.dcm") if p.stat().st_size)
+
+    def pixels(root):
+        slices = [pydicom.dcmread(p) for p in (root / rel).glob("*.dcm") if p.stat().st_size]
+        return sorted((ds.InstanceNumber, ds.pixel_array.tobytes()) for ds in slices)
+
     assert pixels(cohort.folder) == pixels(again.folder)
     other = build_demo_cohort(CFG.model_copy(update={"seed": 4}), tmp_path / "other", progress=False)
     assert set(pd.read_csv(other.labels_csv)["patient_id"]) != set(pd.read_csv(cohort.labels_csv)["patient_id"])

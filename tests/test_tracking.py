@@ -99,13 +99,16 @@ def test_figures_text_and_files_become_artifacts(tracker, tmp_path):
 
 
 def test_dataset_is_logged_with_the_manifest_digest(tracker):
+    sha256 = "ec2e25a6067e1cbc6135d08b16b6a3811e3992b2022ac00e0f73e08332f629b1"  # longer than MLflow's 36
     with tracker.run("manifest") as run:
-        tracker.log_dataset(manifest(), "d1g3st", "demo", source="data_manifests/demo.csv")
+        tracker.log_dataset(manifest(), sha256, "demo", source="data_manifests/demo.csv")
     got = tracker.client.get_run(run.info.run_id)
-    dataset = got.inputs.dataset_inputs[0].dataset
-    assert (dataset.name, dataset.digest) == ("demo", "d1g3st")
+    dataset_input = got.inputs.dataset_inputs[0]
+    dataset = dataset_input.dataset
+    assert (dataset.name, dataset.digest) == ("demo", sha256[:32])
+    assert {t.key: t.value for t in dataset_input.tags}["medssl.manifest_digest"] == sha256
     assert json.loads(dataset.profile)["num_rows"] == 2
-    assert got.data.tags["medssl.manifest_digest"] == "d1g3st"
+    assert got.data.tags["medssl.manifest_digest"] == sha256
 
 
 def test_dataset_source_never_records_the_os_user(tracker):
