@@ -186,6 +186,14 @@ def test_bad_labels_are_clear_errors(case: str, tmp_path: Path):
     assert what in message and where in message and "what to do" in message
 
 
+def test_label_column_clashing_with_manifest(tmp_path: Path):
+    _good_series(tmp_path / "data")
+    (tmp_path / "labels.csv").write_text("patient_id,modality\nGOOD-1,1\n")
+    with pytest.raises(DataError, match="would overwrite manifest columns"):
+        build_manifest(tmp_path / "data", tmp_path / "m.csv", labels=tmp_path / "labels.csv", salt="s", workers=1,
+                       progress=False)
+
+
 def test_bad_labels_fail_before_scanning(tmp_path: Path, monkeypatch):
     (tmp_path / "labels.csv").write_text("patient_id,label\nA,1\nA,1\n")
     monkeypatch.setattr(scan, "scan_folder", lambda *a, **k: pytest.fail("scanned despite broken labels"))

@@ -212,6 +212,10 @@ def _join(images: list[dict], labels: Path | None, join_on: str, salt: str):
     if labels is None:
         return pd.DataFrame(index=range(len(images))), JoinReport(0, len(images)), {}
     table = read_labels(labels, join_on)
+    clash = [c for c in table.codes.columns if c in COLUMNS or c in ("split", "problems")]
+    if clash:
+        raise DataError(f"label column(s) {clash} would overwrite manifest columns", where=str(labels),
+                        fix="rename those columns in the labels file (e.g. 'label', 'diagnosis')")
     codes, report = join_labels(table, _image_keys(images, table.id_column, salt))
     return codes, report, table.names
 
