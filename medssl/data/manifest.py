@@ -208,14 +208,19 @@ def _collect_images(scan, nifti_modality: str, image_modality: str,
     return sorted(images, key=lambda im: im["paths"][0]), skipped
 
 
-def _join(images: list[dict], labels: Path | None, join_on: str, salt: str):
-    if labels is None:
-        return pd.DataFrame(index=range(len(images))), JoinReport(0, len(images)), {}
+def _read_labels(labels: Path, join_on: str):
     table = read_labels(labels, join_on)
     clash = [c for c in table.codes.columns if c in COLUMNS or c in ("split", "problems")]
     if clash:
         raise DataError(f"label column(s) {clash} would overwrite manifest columns", where=str(labels),
                         fix="rename those columns in the labels file (e.g. 'label', 'diagnosis')")
+    return table
+
+
+def _join(images: list[dict], labels: Path | None, join_on: str, salt: str):
+    if labels is None:
+        return pd.DataFrame(index=range(len(images))), JoinReport(0, len(images)), {}
+    table = _read_labels(labels, join_on)
     codes, report = join_labels(table, _image_keys(images, table.id_column, salt))
     return codes, report, table.names
 
@@ -229,7 +234,7 @@ def build_manifest(folder: Path, out_csv: Path, labels: Path | None = None, join
         raise DataError(f"not a folder: {folder}", where="FOLDER / data.folder",
                         fix="give the folder that holds the DICOM / NIfTI files")
     if labels is not None:
-        read_labels(labels, join_on)  # fail fast on a broken labels file, before minutes of scanning
+        _read_labels(labels, join_on)  # fail fast on a broken labels file, before minutes of scanning
     outputs = [out_csv, _sidecar(out_csv, ".skipped.csv"), _sidecar(out_csv, ".meta.json")]
     scan = scan_folder(folder, workers=workers, max_image_mb=max_image_mb, progress=progress,
                        exclude=_excluded(folder, labels, *outputs))
