@@ -232,3 +232,29 @@ def test_file_patients_from_folders(tmp_path):
         df, _ = read_manifest(tmp_path / f"{name}.csv")
         assert df["patient_id"].nunique() == n_patients, name
         assert df["problems"].str.contains("patient unknown").all() == flagged
+
+
+def test_enhanced_repeated_positions_keep_first(tmp_path):
+    """A multi-echo Enhanced object (each position twice): one 3D volume of the first echo, flagged."""
+    vol, affine = real_volume()
+    two_echoes = np.concatenate([vol[:, :, :6], vol[:, :, :6] // 2], axis=2)  # frames 6..11 repeat 0..5
+    path = write_enhanced(two_echoes, affine, tmp_path / "d" / "me.dcm", patient_id="ME")
+    _reposition_frames(path, [k % 6 for k in range(12)], affine)
+    build_manifest(tmp_path / "d", tmp_path / "m.csv", salt=SALT, workers=1, progress=False)
+    df, meta = read_manifest(tmp_path / "m.csv")
+    assert df["shape"].item() == "33x41x6" and "6 frames repeat a position" in df["problems"].item()
+    loaded = load_image(df.iloc[0], Path(meta["root"]))
+    ours = nib.as_closest_canonical(nib.Nifti1Image(loaded.array[0], loaded.affine))
+    truth = nib.as_closest_canonical(nib.Nifti1Image(vol[:, :, :6].astype(np.float32), affine))
+    np.testing.assert_array_equal(np.asarray(ours.dataobj), np.asarray(truth.dataobj))
+
+
+def _reposition_frames(path: Path, slots: list[int], affine: np.ndarray) -> None:
+    """Put frame f at the position of slice slots[f] (how multi-echo objects repeat positions)."""
+    import pydicom
+    from medssl.data.dicom_writer import affine_to_dicom, format_ds
+    geo = affine_to_dicom(affine)
+    ds = pydicom.dcmread(path)
+    for item, k in zip(ds.PerFrameFunctionalGroupsSequence, slots):
+        item.PlanePositionSequence[0].ImagePositionPatient = format_ds(geo["origin"] + k * geo["slice_step"])
+    ds.save_as(path, enforce_file_format=True)

@@ -65,6 +65,9 @@ def enhanced_geometry(ds, h: dict) -> None:
                       or _number(pick("PixelMeasuresSequence", "SliceThickness")) or h["thickness"])
     ipps = [_floats(_group_value(f, "PlanePositionSequence", "ImagePositionPatient"), 3) for f in frames]
     h["frame_ipps"] = ipps if ipps and all(p is not None for p in ipps) and len(ipps) == h["frames"] else None
+    planes = {tuple(np.round(o, 3)) for f in frames
+              if (o := _orientation(_group_value(f, "PlaneOrientationSequence", "ImageOrientationPatient")))}
+    h["mixed_planes"] = len(planes) > 1  # e.g. a multi-stack localizer: one orientation cannot describe it
 
 
 def _number(value) -> float | None:
@@ -175,28 +178,41 @@ def image_2d(h: dict, problems=()) -> dict:
                    [spacing[1], spacing[0]], list(problems))
 
 
+def _distinct_positions(iop, ipps, order: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Frames in `order` minus those repeating the previous position (echoes, time points): first kept."""
+    distance = np.asarray(ipps, dtype=float)[order] @ slice_normal(iop)
+    keep = np.concatenate([[True], np.diff(distance) > 1e-3])
+    if keep.all():
+        return order, []
+    return order[keep], [f"{int((~keep).sum())} frames repeat a position (multi-echo / dynamic?): first kept"]
+
+
 def multiframe_geometry(h: dict) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(frame order, RAS affine, problems) of a multi-frame object; io.load_image uses the same answer."""
+    """(frame order, RAS affine, problems) of a multi-frame object; io.load_image uses the same answer.
+    The order may hold fewer frames than the file when frames repeat a position."""
     n, spacing = h["frames"], h.get("spacing") or [1.0, 1.0]
     iop, ipps = h.get("iop"), h.get("frame_ipps")
+    mixed = ["frames in several orientations: the first one is used"] if h.get("mixed_planes") else []
     if iop and ipps:
-        order = order_positions(iop, ipps)
+        order, problems = _distinct_positions(iop, ipps, order_positions(iop, ipps))
         ordered = np.asarray(ipps, dtype=float)[order]
-        step = (ordered[-1] - ordered[0]) / (n - 1)
-        if np.linalg.norm(step) > 1e-6:
-            return order, stack_affine(iop, ordered[0], spacing, step), spacing_problems(iop, ordered)
+        if len(order) > 1:
+            step = (ordered[-1] - ordered[0]) / (len(order) - 1)
+            problems += spacing_problems(iop, ordered)
+            return order, stack_affine(iop, ordered[0], spacing, step), mixed + problems
     plane = iop or [1, 0, 0, 0, 1, 0]
     thickness = h.get("thickness") or 1.0
     origin = ipps[0] if ipps else (h.get("ipp") or [0, 0, 0])
     affine = stack_affine(plane, origin, spacing, slice_normal(plane) * thickness)
-    return np.arange(n), affine, [f"no distinct per-frame positions: {n} frames stacked along k at {thickness:g} mm"]
+    return np.arange(n), affine, mixed + [f"no distinct per-frame positions: {n} frames stacked along k at "
+                                          f"{thickness:g} mm"]
 
 
 def multiframe_image(h: dict) -> dict:
-    _, affine, problems = multiframe_geometry(h)
+    order, affine, problems = multiframe_geometry(h)
     spacing = h.get("spacing") or [1.0, 1.0]
     step = float(np.linalg.norm(affine[:3, 2]))
-    return _record(h, "dicom-multiframe", [h["path"]], affine, [h["cols"], h["rows"], h["frames"]],
+    return _record(h, "dicom-multiframe", [h["path"]], affine, [h["cols"], h["rows"], len(order)],
                    [spacing[1], spacing[0], step], problems)
 
 
