@@ -25,8 +25,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.text import Text
 
-from medssl.data.dicom import basic_fields, enhanced_geometry
-from medssl.data.dicom_parse import HEAD_BYTES, parse, parse_buffer
+from medssl.data.dicom_parse import HEAD_BYTES, basic_fields, enhanced_geometry, parse, parse_buffer
 from medssl.data.io import nifti_header, raster_header
 
 RASTER_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*")  # PNG, JPEG, TIFF (LE/BE)
