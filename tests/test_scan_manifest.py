@@ -200,7 +200,8 @@ def test_uneven_spacing_and_mixed_matrix(tmp_path):
     uid = pydicom.uid.generate_uid()
     paths = write_series(vol[:, :, :8], affine, root / "a", patient_name="A^B", patient_id="X", series_uid=uid)
     ds = pydicom.dcmread(paths[3])
-    ds.ImagePositionPatient = [float(v) for v in ds.ImagePositionPatient[:2]] + [float(ds.ImagePositionPatient[2]) + 0.7]
+    x, y, z = (float(v) for v in ds.ImagePositionPatient)
+    ds.ImagePositionPatient = [x, y, z + 0.7]
     ds.save_as(paths[3], enforce_file_format=True)
     write_series(vol[:20, :, 8:10], affine, root / "b", patient_name="A^B", patient_id="X", series_uid=uid)
     build_manifest(root, tmp_path / "m.csv", salt=SALT, workers=1, progress=False)
