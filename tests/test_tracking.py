@@ -237,3 +237,14 @@ def test_a_hung_server_costs_a_training_step_seconds_not_minutes(tracker, tmp_pa
     hung.close()
     history = tracker.client.get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in history] == [0, 1, 2, 3]
+
+
+def test_a_refused_call_is_dropped_and_training_goes_on(tracker):
+    """MLflow refuses to change a logged param: that call is reported and dropped, nothing raises or queues."""
+    with tracker.run("conflict") as run:
+        tracker.log_params({"lr": 0.1})
+        tracker.log_params({"lr": 0.2})
+        tracker.log_metrics({"loss": 1.0}, step=1)
+        assert len(tracker.outbox) == 0
+    got = tracker.client.get_run(run.info.run_id)
+    assert got.data.params["lr"] == "0.1" and got.data.metrics["loss"] == 1.0
