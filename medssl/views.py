@@ -122,8 +122,8 @@ def random_intensity(x: torch.Tensor, cfg: ViewsConfig, gen: torch.Generator | N
     if tuple(cfg.gamma_range) != (1.0, 1.0):
         lo, hi = math.log(cfg.gamma_range[0]), math.log(cfg.gamma_range[1])
         gamma = torch.exp(_uniform(b, lo, hi, x, gen)).view(shape)  # log-uniform: 0.8 and 1.25 equally likely
-        flat = x.flatten(1)
-        low, high = flat.min(1).values.view(shape), flat.max(1).values.view(shape)
+        low, high = torch.aminmax(x.flatten(1), dim=1)  # one pass for both
+        low, high = low.view(shape), high.view(shape)
         span = (high - low).clamp(min=1e-6)  # gamma needs [0, 1]; map back to the sample's own range
         x = ((x - low) / span).clamp_(0, 1).pow_(gamma).mul_(span).add_(low)
         inplace = True  # x is now our own tensor
@@ -145,14 +145,15 @@ def _blur_matrices(sigma: torch.Tensor, n: int, radius: int, dtype: torch.dtype)
     return torch.zeros(b, n, n, device=sigma.device, dtype=dtype).scatter_add_(2, index, weights.contiguous())
 
 
-def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float | None = None) -> torch.Tensor:
     """Separable blur with a per-sample sigma (B,), one batched matmul per axis.
 
     A banded (n, n) matrix per sample turns each 1D pass into a GEMM with no padding copy or permute; on
     CPU this is ~3x faster than a depthwise grouped convolution, and on GPU it runs on the matmul units.
     """
     b, c, *spatial = x.shape
-    radius = max(1, math.ceil(3 * float(sigma.max())))
+    # the kernel radius from the configured maximum, not sigma.max(): reading a GPU value would sync
+    radius = max(1, math.ceil(3 * (float(sigma.max()) if max_sigma is None else max_sigma)))
     out = x
     for axis, n in enumerate(spatial):
         mat = _blur_matrices(sigma, n, radius, x.dtype)  # (B, n, n)
@@ -201,7 +202,8 @@ def make_views(x: torch.Tensor, cfg: ViewsConfig, generator: torch.Generator | N
     out = random_intensity(out, cfg, generator, inplace=owned)
     owned = out is not x
     if cfg.blur_sigma[1] > 0:
-        out, owned = gaussian_blur(out, _uniform(b, *cfg.blur_sigma, out, generator)), True
+        sigma = _uniform(b, *cfg.blur_sigma, out, generator)  # (B,)
+        out, owned = gaussian_blur(out, sigma, max_sigma=cfg.blur_sigma[1]), True
     if cfg.noise_std > 0:
         std = _uniform(b, 0.0, cfg.noise_std, out, generator).view(b, *[1] * (out.ndim - 1))
         noise = torch.randn(out.shape, device=out.device, generator=generator)
