@@ -142,17 +142,16 @@ def render_subject(anatomy: Anatomy, grid_points: np.ndarray, size: int, seed: i
     """Volumes (size³, RAS voxel order, float32) of one subject's studies, with the warped lesion mask.
 
     Separate random streams for anatomy, lesion and each study: switching the lesion off changes nothing
-    else, which is what lets a test compare the same subject with and without it.
+    else, which is what lets a test compare the same subject with and without it. Every subject gets a
+    lesion *site* drawn the same way ("site"); only positives get the lesion there, so a 2D slice chosen
+    through the site tells nothing about the label.
     """
-    shape_rng = np.random.default_rng([seed, 1, index])
-    linear, elastic = random_subject_shape(shape_rng)
-    volume, soft, centre_mm = anatomy.volume, None, None
-    if lesion:
-        lesion_rng = np.random.default_rng([seed, 2, index])
-        soft_box, box, centre_mm = lesion_mask(anatomy, lesion_rng)
-        volume = insert_lesion(anatomy, soft_box, box, lesion_rng)
-        soft = np.zeros(anatomy.volume.shape, np.float32)
-        soft[box] = soft_box
+    linear, elastic = random_subject_shape(np.random.default_rng([seed, 1, index]))
+    lesion_rng = np.random.default_rng([seed, 2, index])
+    soft_box, box, centre_mm = lesion_mask(anatomy, lesion_rng)
+    volume = insert_lesion(anatomy, soft_box, box, lesion_rng) if lesion else anatomy.volume
+    soft = np.zeros(anatomy.volume.shape, np.float32)
+    soft[box] = soft_box
     inv = np.linalg.inv(anatomy.affine)
     studies = []
     for study in range(n_studies):
@@ -162,8 +161,9 @@ def render_subject(anatomy: Anatomy, grid_points: np.ndarray, size: int, seed: i
         src = inv[:3, :3] @ warp(grid_points) + inv[:3, 3:4]  # (3, N) source voxel coordinates
         out = ndimage.map_coordinates(volume, src, order=1, mode="constant").reshape((size,) * 3)
         image = scanner_effects(out, grid_points, study_rng, gain=study_rng.uniform(3.0, 5.0))
-        mask = None if soft is None else ndimage.map_coordinates(soft, src, order=1).reshape((size,) * 3)
-        studies.append({"image": image, "lesion": mask, "centre_mm": centre_mm, "date": 20200101 + 10000 * study
+        site = ndimage.map_coordinates(soft, src, order=1).reshape((size,) * 3)
+        studies.append({"image": image, "lesion": site if lesion else None, "site": site,
+                        "centre_mm": centre_mm if lesion else None, "date": 20200101 + 10000 * study
                         + int(study_rng.integers(1, 12)) * 100 + int(study_rng.integers(1, 28))})
     return studies
 
@@ -171,16 +171,19 @@ def render_subject(anatomy: Anatomy, grid_points: np.ndarray, size: int, seed: i
 def _study_rows(subject: Subject, studies: list[dict], affine: np.ndarray, folder: Path, seed: int) -> list[dict]:
     rows = []
     for number, study in enumerate(studies):
+        grid = study.get("affine", affine)  # 2D slices carry their own
         if subject.dicom:
-            path, out_affine = write_dicom_study(study["image"], affine, folder, subject, number, study["date"], seed)
+            path, _ = write_dicom_study(study["image"], grid, folder, subject, number, study["date"], seed)
         else:
-            path, out_affine = write_nifti_study(study["image"], affine, folder, subject, study["date"],
-                                                 radiological=subject.index % 2 == 1)
+            path, _ = write_nifti_study(study["image"], grid, folder, subject, study["date"],
+                                        radiological=subject.index % 2 == 1)
+        fmt = "nifti" if not subject.dicom else "dicom-2d" if "slice" in study else "dicom-series"
         row = {"path": path.relative_to(folder).as_posix(), "patient_id": subject.label_id,
-               "format": "dicom-series" if subject.dicom else "nifti", "study": number,
-               "label": int(subject.positive), "lesion_ml": 0.0, "lesion_centre_mm": ""}
+               "format": fmt, "study": number,
+               "label": int(subject.positive), "slice": study.get("slice", ""), "lesion_ml": 0.0,
+               "lesion_centre_mm": ""}
         if study["lesion"] is not None:
-            voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000.0
+            voxel_ml = abs(np.linalg.det(grid[:3, :3])) / 1000.0
             row["lesion_ml"] = round(float(study["lesion"].sum()) * voxel_ml, 3)
             row["lesion_centre_mm"] = " ".join(f"{v:.1f}" for v in study["centre_mm"])
         rows.append(row)
@@ -205,21 +208,26 @@ def _prepare(out: Path) -> Path:
 
 
 def build_demo_cohort(cfg: DemoConfig, out: Path | None = None, *, source: str = "auto",
-                      second_study_fraction: float = 0.2, workers: int | None = None,
+                      second_study_fraction: float = 0.2, spatial_dims: int = 3, workers: int | None = None,
                       progress: bool = True) -> DemoCohort:
     """Write the demo cohort under `out` (default cfg.out); reuse it when built before with the same settings.
 
+    `spatial_dims=2` writes, per study, the axial slice through the subject's lesion site (the lesion for
+    positives; the same kind of site for negatives) as a one-slice DICOM series or an (X, Y, 1) NIfTI.
     `workers` processes draw and write subjects in parallel (default: up to 8 CPU cores); the result is
     the same for any number of workers, because every subject has its own random streams.
     """
     out = Path(out or cfg.out)
     anatomy = load_anatomy(source)
     settings = {**cfg.model_dump(mode="json", exclude={"out"}), "source": anatomy.name,
-                "second_study_fraction": second_study_fraction, "format_version": FORMAT_VERSION}
+                "second_study_fraction": second_study_fraction, "spatial_dims": spatial_dims,
+                "format_version": FORMAT_VERSION}
+    if spatial_dims not in (2, 3):
+        raise DataError(f"spatial_dims must be 2 or 3, not {spatial_dims}", where="build_demo_cohort")
     if not _reusable(out, settings):
         images = _prepare(out)
         subjects = plan_subjects(cfg, second_study_fraction)
-        jobs = [(subject, source, cfg.size, cfg.seed, images) for subject in subjects]
+        jobs = [(subject, source, cfg.size, cfg.seed, images, spatial_dims) for subject in subjects]
         rows = [row for rows in _run_jobs(jobs, workers, progress) for row in rows]
         write_junk(images, subjects)
         labels = pd.DataFrame({"patient_id": [s.label_id for s in subjects],
@@ -236,11 +244,23 @@ def build_demo_cohort(cfg: DemoConfig, out: Path | None = None, *, source: str =
 
 def _subject_job(job: tuple) -> list[dict]:
     """Draw and write one subject (runs in a worker process; the anatomy is loaded once per process)."""
-    subject, source, size, seed, images = job
+    subject, source, size, seed, images, spatial_dims = job
     anatomy = load_anatomy(source)
     affine, points = output_grid(anatomy, size)
     studies = render_subject(anatomy, points, size, seed, subject.index, subject.positive, subject.n_studies)
+    if spatial_dims == 2:
+        studies = [axial_slice(study, affine) for study in studies]
     return _study_rows(subject, studies, affine, images, seed)
+
+
+def axial_slice(study: dict, affine: np.ndarray) -> dict:
+    """The 2D variant: the axial slice (X, Y, 1) through the centre of the lesion site, with its own affine."""
+    k = int(np.argmax(study["site"].sum(axis=(0, 1))))
+    shifted = affine.copy()
+    shifted[:3, 3] = affine[:3, :3] @ [0, 0, k] + affine[:3, 3]
+    one = {key: (value[:, :, k:k + 1] if isinstance(value, np.ndarray) and value.ndim == 3 else value)
+           for key, value in study.items()}
+    return {**one, "affine": shifted, "slice": k}
 
 
 def _run_jobs(jobs: list[tuple], workers: int | None, progress: bool) -> list[list[dict]]:

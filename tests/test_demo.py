@@ -147,3 +147,18 @@ def test_pip_only_fallback_anatomy_builds_a_cohort(tmp_path):
     assert cohort.source == "nibabel-anatomical" and cohort.n_positive == 1 and cohort.n_dicom == 0
     image = nib.load(next(cohort.folder.rglob("*.nii.gz")))
     assert image.shape == (16, 16, 16) and np.asarray(image.dataobj).std() > 0
+
+
+def test_2d_variant_slices_through_the_lesion_site(tmp_path):
+    flat = DemoConfig(subjects=8, size=20, positive_fraction=0.25, dicom_fraction=0.5, seed=5)
+    cohort = build_demo_cohort(flat, tmp_path / "flat", spatial_dims=2, progress=False)
+    truth = pd.read_csv(cohort.truth_csv)
+    assert set(truth["format"]) == {"nifti", "dicom-2d"} and truth["slice"].between(0, 19).all()
+    assert (truth.loc[truth["label"] == 1, "lesion_ml"] > 0).all()    # positives: the lesion is in the slice
+    for rel in truth.loc[truth["format"] == "nifti", "path"]:
+        assert nib.load(cohort.folder / rel).shape == (20, 20, 1)
+    for rel in truth.loc[truth["format"] == "dicom-2d", "path"]:
+        files = [p for p in (cohort.folder / rel).glob("*.dcm") if p.stat().st_size]
+        assert len(files) == 1 and pydicom.dcmread(files[0]).pixel_array.shape == (20, 20)
+    again = build_demo_cohort(flat, tmp_path / "flat", progress=False)   # other settings: rebuilt, in 3D
+    assert nib.load(next(again.folder.rglob("*.nii.gz"))).shape == (20, 20, 20)
