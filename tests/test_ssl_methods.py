@@ -68,7 +68,10 @@ def test_combined_loss_is_the_weighted_sum():
     cfg = PretrainConfig(encoder=VIT, views=VIEWS, crop=[16, 16], ssl=SSLConfig(
         masked=MASKED.model_copy(update={"weight": 0.5}),
         contrastive=CONTRASTIVE.model_copy(update={"weight": 2.0})))
-    out = build_method(cfg, 2)({"image": anatomy(2)})
+    method = build_method(cfg, 2)
+    out = method({"image": anatomy(2)})
+    assert method.encoder is method.mae.encoder  # one encoder, stored once in checkpoints
+    assert not any(key.startswith("encoder.") for key in method.state_dict())
     assert float(out["loss"]) == pytest.approx(0.5 * float(out["loss_masked"]) + 2 * float(out["loss_contrastive"]),
                                                rel=1e-5)
 

@@ -21,10 +21,14 @@ class MaskedContrastive(nn.Module):
                  views: ViewsConfig):
         super().__init__()
         self.mae = MaskedAutoencoder(encoder, masked, views)  # checks the encoder is a ViT
-        self.encoder = encoder
         self.masked_cfg, self.contrastive_cfg = masked, contrastive
         self.head = projection_head(encoder.out_features, contrastive.projection_dim)
         self.views = views
+
+    @property
+    def encoder(self) -> nn.Module:
+        # registered once (under mae.): a second registration would store every weight twice in checkpoints
+        return self.mae.encoder
 
     def forward(self, batch: dict) -> dict:
         v1, v2 = positive_views(batch, self.contrastive_cfg.positives, self.views)  # as SimCLR
