@@ -134,10 +134,11 @@ def rich_table(summary: pd.DataFrame, failed: pd.DataFrame) -> Table:
     table = Table(title="Label efficiency: test metrics, mean over seeds [95% CI]", box=box.SIMPLE_HEAD,
                   padding=(0, 1),
                   caption=f"{len(failed)} failed run(s): see table.md" if len(failed) else None)
-    for column in ("Rung", "n", "Protocol", "Init"):
+    table.add_column("Rung", overflow="fold")  # the one column that may wrap on a narrow terminal
+    for column in ("n", "Protocol", "Init"):
         table.add_column(column, no_wrap=True)
-    for column in ("AUROC", "AUPRC", "ΔAUROC\nSSL−scratch"):
-        table.add_column(column, justify="right", min_width=13 if "AUROC" in column else None)
+    for column, width in (("AUROC", 13), ("AUPRC", 5), ("ΔAUROC\nSSL−scratch", 15)):  # "[-0.531–-0.012]"
+        table.add_column(column, justify="right", min_width=width, no_wrap=True)
     for i in range(len(summary)):
         row = summary.iloc[i]
         table.add_row(str(row["rung"]), f"{row['n_labelled']:.0f}", str(row["protocol"]), str(row["init"]),

@@ -64,14 +64,14 @@ class LadderContext:
 
 def run_ladder(cfg: FinetuneConfig, encoder_source, cache, df: pd.DataFrame, label: str, rungs, out_dir,
                tracker, encoder_cfg: EncoderConfig | None = None, spatial_dims: int | None = None,
-               img_size: list[int] | None = None, *, log_models: bool | str = "all", class_names: dict | None = None,
+               img_size: list[int] | None = None, *, log_models: bool | str = "best", class_names: dict | None = None,
                monitor: str = "val_loss", registered_model_prefix: str | None = None) -> pd.DataFrame:
     """Run (or resume) the ladder; returns one row per (rung, seed, protocol, init), failures included.
 
-    log_models: "all" (every run logs its model; True), "best" (a run logs its model only when its
-    validation AUROC beats every earlier run of the same rung name: a few models instead of one per run,
-    e.g. 36 x 57 MB for the demo's 3D ResNet-10), or "none" (False; tests, dry runs). The registry gets the
-    best logged model per rung either way.
+    log_models: "best" (default: a run logs its model only when its validation AUROC beats every earlier
+    run of the same rung name, so every model that can end up registered is logged, typically ~3 per rung
+    instead of one per run: the demo's 3D ResNet-10 is 57 MB a model, 36 runs = 2 GB), "all" (True: every
+    run logs its model) or "none" (False: tests, dry runs). The registry gets the best logged model per rung.
     """
     log_models = {True: "all", False: "none"}.get(log_models, log_models)
     if log_models not in LOG_MODELS:

@@ -1,8 +1,10 @@
 """Trained classifiers in MLflow: the model of every ladder run, and the best one per rung in the registry."""
 from __future__ import annotations
 
+import logging
 import re
 import tempfile
+from contextlib import contextmanager
 
 import pandas as pd
 import torch
@@ -29,12 +31,25 @@ def log_model(tracker, model, sample: torch.Tensor) -> None:
     # a 3D volume as a JSON example is megabytes per run: keep the example only for small inputs
     # (the signature still records dtype and shape)
     small = example.size <= MAX_EXAMPLE_VALUES
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _quiet("mlflow.pytorch"):
         mlflow.pytorch.save_model(model, f"{tmp}/model", signature=infer_signature(example, logits),
                                   input_example=example if small else None, serialization_format="pickle",
                                   pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
                                                     f"monai=={monai.__version__}", "medssl"])
         tracker.log_artifact(f"{tmp}/model", "model")
+
+
+@contextmanager
+def _quiet(logger_name: str):
+    """Silence a logger's warnings for one call: MLflow warns about pickle on every save, and the choice is
+    made and documented in log_model, so 36 repeats of it would only bury the ladder's own messages."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def register_best(tracker, results: pd.DataFrame, prefix: str, lineage: dict) -> dict[str, str]:

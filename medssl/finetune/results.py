@@ -21,7 +21,9 @@ def append_result(results_csv: Path, row: dict) -> None:
     """Append one row; new metric columns widen the file (rewritten), so rows never misalign."""
     old = read_results(results_csv)
     new = pd.DataFrame([row])
-    if len(old) and set(new.columns) <= set(old.columns):
+    if not len(old):  # first row: no empty frame to concatenate with (that would turn ints into floats)
+        new.to_csv(results_csv, index=False)
+    elif set(new.columns) <= set(old.columns):
         new[old.columns.difference(new.columns)] = np.nan
         new[list(old.columns)].to_csv(results_csv, mode="a", header=False, index=False)
     else:
