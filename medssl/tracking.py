@@ -159,11 +159,19 @@ class Tracker:
                 raise TrackingError(f"MLflow experiment '{self.experiment}' is deleted", where=self.tracking_uri,
                                     fix=f"restore it (mlflow experiments restore --experiment-id "
                                         f"{found.experiment_id}) or choose another tracking.experiment")
-            self._experiment_id = found.experiment_id if found else self.client.create_experiment(self.experiment)
+            self._experiment_id = found.experiment_id if found else self._create_experiment()
             if found is None or EXPERIMENT_KIND[0] not in found.tags:
                 # MLflow 3's UI opens untagged experiments on its GenAI page; this shows the runs table
                 self.client.set_experiment_tag(self._experiment_id, *EXPERIMENT_KIND)
         return self._experiment_id
+
+    def _create_experiment(self) -> str:
+        try:
+            return self.client.create_experiment(self.experiment)
+        except Exception as err:  # noqa: BLE001
+            if not is_permanent(err):
+                raise
+            return self.client.get_experiment_by_name(self.experiment).experiment_id  # another process won
 
     def _drain(self) -> None:
         """The outermost run ended: give a briefly absent server `end_grace_s` to come back."""
