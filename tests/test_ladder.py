@@ -157,6 +157,7 @@ def test_ladder_end_to_end_and_resume(tmp_path, store, spatial_dims):
 
 
 def test_mismatches_fail_before_training_and_name_the_problem(tmp_path):
+    from medssl.errors import DataError
     from medssl.finetune.ladder import run_ladder
     from medssl.tracking import NullTracker
     cache, df = cohort(2)
@@ -174,6 +175,16 @@ def test_mismatches_fail_before_training_and_name_the_problem(tmp_path):
     results = run_ladder(cfg, tiny_encoder_file(tmp_path, 2), cache, unlabelled, "label", rungs_of(df, (2,)),
                          tmp_path / "c", NullTracker())
     assert results["error"].str.contains("validation split of rung per_class_2 has no labelled images").all()
+
+    with pytest.raises(DataError, match="no labels in column 'label'"):
+        run_ladder(cfg, tiny_encoder_file(tmp_path, 2), cache, df.assign(label=np.nan), "label", rungs_of(df, (2,)),
+                   tmp_path / "d", NullTracker())
+
+    # class names (as the manifest's label_names store them, string keys) appear in the message
+    lacking = [Rung("negatives_only", 0, tuple(df.loc[(df["split"] == "train") & (df["label"] == 0), "image_id"]))]
+    results = run_ladder(cfg, tiny_encoder_file(tmp_path, 2), cache, df, "label", lacking, tmp_path / "e",
+                         NullTracker(), class_names={"0": "normal", "1": "lesion"})
+    assert results["error"].str.contains("training subset of rung negatives_only lacks class 1 \\(lesion\\)").all()
 
 
 def test_multiclass_ladder_without_mlflow(tmp_path, monkeypatch):
@@ -253,3 +264,13 @@ def test_early_stopping_and_validation_threshold():
     y_val = [int(val[i]["label"]) for i in range(len(val))]
     assert result.threshold == pytest.approx(choose_threshold(y_val, probs[:, 1]))
     assert float(result.model.threshold) == pytest.approx(result.threshold)
+
+
+def test_non_finite_loss_stops_with_a_training_error():
+    from medssl.errors import TrainingError
+    from medssl.finetune.classifier import fit
+    train, val = _datasets()
+    train.cache = DictCache({i: np.full((1, EDGE, EDGE), np.nan, np.float32) for i in train.ids})
+    cfg = EncoderConfig(name="vit", patch_size=8, hidden_size=16, num_layers=1, num_heads=2, mlp_dim=16)
+    with pytest.raises(TrainingError, match="non-finite training loss at epoch 1"):
+        fit(build_encoder(cfg, 2, [EDGE, EDGE]), train, val, 2, "finetune", FinetuneConfig(epochs=2), seed=0)

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from medssl.config import FinetuneConfig
-from medssl.errors import ConfigError, DataError
+from medssl.errors import ConfigError, DataError, TrainingError
 from medssl.evaluate.metrics import choose_threshold, positive_scores
 
 PROTOCOLS = ("linear", "finetune")
@@ -136,6 +136,9 @@ def _early_stopped(module, loader, val_ds, optimizer, loss_fn, cfg, monitor, dev
         for batch in loader:
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(module(batch["image"].float().to(device)), batch["label"].long().to(device))
+            if not torch.isfinite(loss):  # weights are already damaged: stop instead of training on NaN
+                raise TrainingError(f"non-finite training loss at epoch {epoch}", where="fine-tuning",
+                                    fix="lower finetune.lr, or check the cached images for NaN/inf values")
             loss.backward()
             optimizer.step()
         val = evaluate_loss(module, val_ds, loss_fn, cfg.batch_size, device)

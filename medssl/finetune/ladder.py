@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from medssl.config import EncoderConfig, FinetuneConfig
-from medssl.errors import ConfigError, MedsslError
+from medssl.errors import ConfigError, DataError, MedsslError
 from medssl.evaluate.bootstrap import paired_bootstrap
 from medssl.evaluate.metrics import classification_metrics, multiclass_metrics, positive_scores, resample_metrics
 from medssl.finetune.classifier import FeatureSet, check_images, check_labels, features, fit
@@ -110,6 +110,9 @@ def _context(cfg, encoder_source, cache, df, label, out_dir, tracker, encoder_cf
     codes = label_codes(df, label)
     labelled = codes.notna()
     code_of = dict(zip(df.loc[labelled, "image_id"], codes[labelled].astype(int)))
+    if not code_of:  # nothing any rung could train on: one clear error instead of one per run
+        raise DataError(f"the manifest has no labels in column '{label}'", where="split.label",
+                        fix="give data.labels (a labels CSV) or choose a labelled column")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     return LadderContext(
@@ -120,7 +123,7 @@ def _context(cfg, encoder_source, cache, df, label, out_dir, tracker, encoder_cf
         val_ids=[i for i in labelled_ids(df, label, "val") if cache.has(i)],
         test_ids=[i for i in labelled_ids(df, label, "test") if cache.has(i)],
         n_classes=int(max(code_of.values(), default=0)) + 1, out_dir=out_dir, tracker=tracker,
-        log_models=log_models, class_names=class_names, monitor=monitor)
+        log_models=log_models, class_names={int(k): v for k, v in class_names.items()}, monitor=monitor)
 
 
 # ------------------------------------------------------------------------------------------ one child
