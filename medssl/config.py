@@ -47,7 +47,6 @@ class DataConfig(Section):
 class ManifestConfig(Section):
     out: Path = Path("data_manifests/dataset.csv")
     join_on: Literal["auto", "patient_id", "study_uid", "series_uid", "path"] = "auto"
-    label_columns: list[str] | None = None
     workers: int | None = Field(None, ge=1)
     max_image_mb: float = Field(4096, gt=0, description="refuse images whose declared size exceeds this")
     salt_env: str = Field("MEDSSL_SALT", description="environment variable holding the pseudonymisation salt")
@@ -96,6 +95,7 @@ class PreprocessConfig(Section):
 class EncoderConfig(Section):
     name: Literal["resnet10", "resnet18", "resnet34", "resnet50", "vit"] = "resnet18"
     in_channels: int = Field(1, ge=1)
+    width: float = Field(1.0, gt=0, le=4, description="ResNet only: channel-width multiplier")
     patch_size: int = Field(16, ge=2, description="ViT only")
     hidden_size: int = Field(768, ge=8, description="ViT only")
     num_layers: int = Field(12, ge=1, description="ViT only")

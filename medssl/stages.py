@@ -263,7 +263,8 @@ def evaluate_external(pipeline_path: Path, model: str, manifest: Path, out: Path
     cfg, cache = _pipeline_cache(pipeline_path)
     df, meta = read_manifest(manifest)
     cache.build(df, Path(meta["root"]), workers=cfg.manifest.workers)
-    tracker = Tracker(cfg.tracking.experiment or cfg.name, cfg.tracking.tracking_uri)
+    tracker = Tracker(cfg.tracking.experiment or cfg.name, cfg.tracking.tracking_uri,
+                      outbox_dir=cfg.workdir / cfg.name / "mlflow-outbox")
     values = evaluate_model(model, cache, df, cfg.split.label, out, tracker, n_boot=cfg.finetune.bootstrap)
     shown = {k: round(v, 4) for k, v in values.items() if isinstance(v, float)}
     console.print(f"external validation on {manifest}: {shown}\n  files: {out}")

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from monai.networks import nets
+from monai.networks.nets.resnet import ResNet, ResNetBlock, ResNetBottleneck
 from torch import nn
 
 from medssl.config import EncoderConfig
@@ -20,12 +20,14 @@ FORMAT = "medssl-encoder/1"
 _PREFIXES = ("module.", "_orig_mod.")  # added by DDP and torch.compile wrappers
 
 
-def _resnet(factory: Callable[..., nn.Module], width: int) -> Callable[..., nn.Module]:
+def _resnet(block: type[nn.Module], layers: list[int]) -> Callable[..., nn.Module]:
     def build(cfg: EncoderConfig, spatial_dims: int, img_size: list[int]) -> nn.Module:
+        # `width` scales every stage's channels (1.0 = the published ResNet; 0.25 fits a CPU demo, 16x fewer FLOPs)
+        planes = [max(8, round(base * cfg.width)) for base in (64, 128, 256, 512)]
         # stride-2 stem as in the 2D ResNet: MONAI's default stride 1 makes a 96^3 stem 8x the cost
-        model = factory(spatial_dims=spatial_dims, n_input_channels=cfg.in_channels, feed_forward=False,
-                        conv1_t_stride=2, conv1_t_size=7)
-        model.out_features = width  # avgpool + flatten of the last stage
+        model = ResNet(block, layers, planes, spatial_dims=spatial_dims, n_input_channels=cfg.in_channels,
+                       feed_forward=False, conv1_t_stride=2, conv1_t_size=7)
+        model.out_features = planes[-1] * block.expansion  # avgpool + flatten of the last stage
         return model
     return build
 
@@ -44,10 +46,10 @@ def _vit(cfg: EncoderConfig, spatial_dims: int, img_size: list[int]) -> nn.Modul
 
 
 ENCODERS: dict[str, Callable[[EncoderConfig, int, list[int]], nn.Module]] = {
-    "resnet10": _resnet(nets.resnet10, 512),
-    "resnet18": _resnet(nets.resnet18, 512),
-    "resnet34": _resnet(nets.resnet34, 512),
-    "resnet50": _resnet(nets.resnet50, 2048),
+    "resnet10": _resnet(ResNetBlock, [1, 1, 1, 1]),
+    "resnet18": _resnet(ResNetBlock, [2, 2, 2, 2]),
+    "resnet34": _resnet(ResNetBlock, [3, 4, 6, 3]),
+    "resnet50": _resnet(ResNetBottleneck, [3, 4, 6, 3]),
     "vit": _vit,
 }
 
