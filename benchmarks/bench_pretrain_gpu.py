@@ -134,8 +134,8 @@ def run_variant(name: str, setup, args, device) -> dict:
     per_step = step_time / args.steps
     return dict(variant=name, device=device_name(device), batch_crops=samples // args.steps,
                 samples_per_s=round(samples / step_time, 1), step_ms=round(per_step * 1e3, 1),
-                data_wait_share=round(wait / step_time, 3), gflop_per_step=round(flops / 1e9, 1),
-                tflops=round(flops / per_step / 1e12, 2), mfu=round(flops / per_step / args.peak, 4),
+                data_wait_share=round(wait / step_time, 3), gflop_per_step=float(f"{flops / 1e9:.4g}"),
+                tflops=float(f"{flops / per_step / 1e12:.3g}"), mfu=float(f"{flops / per_step / args.peak:.3g}"),
                 loss=round(float(loss), 4), amp_bf16=amp, compiled=bool(args.compile and name != "tutorial"),
                 peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if device.type == "cuda" else None)
 
