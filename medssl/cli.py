@@ -43,9 +43,10 @@ def manifest_build(
 def run(pipeline: Path = typer.Argument(..., help="pipelines/NAME.yaml"),
         overrides: Optional[list[str]] = OVERRIDES,
         dry_run: bool = typer.Option(False, "--dry-run", help="print the plan, run nothing"),
-        force: Optional[list[str]] = typer.Option(None, "--force", help="rerun this stage even if up to date")):
+        force: Optional[list[str]] = typer.Option(None, "--force", help="rerun this stage even if up to date"),
+        until: Optional[str] = typer.Option(None, "--until", help="stop after this stage (e.g. cache)")):
     """Run every stage of a pipeline: demo data, manifest, splits, cache, pretrain, ladder, report."""
-    _run_stages(pipeline, overrides, dry_run=dry_run, force=force or [], only=None)
+    _run_stages(pipeline, overrides, dry_run=dry_run, force=force or [], only=until)
 
 
 def _stage_command(stage: str, doc: str):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,22 @@ STAGES: tuple[Stage, ...] = (
 )
 
 
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _check_distributed(plan) -> None:
+    """Under torchrun every process runs this code: only pretraining is a multi-process stage, the others
+    would race on the same files, so they must be finished beforehand by one process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    pending = [stage.name for stage, _, todo in plan if todo and stage.name != "pretrain"]
+    if pending:
+        raise MedsslError(f"under torchrun only the pretrain stage runs, but {pending} are not finished",
+                          where="torchrun", fix="prepare the data on one process first: "
+                          "medssl run PIPELINE --until cache, then start torchrun again")
+
+
 def _digest(value: object) -> str:
     text = json.dumps(value, sort_keys=True, default=_jsonable)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -91,9 +108,9 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------- running
     def plan(self, force: list[str], until: str | None) -> list[tuple[Stage, str, bool]]:
-        unknown = set(force) - {s.name for s in self.stages}
+        unknown = (set(force) | ({until} if until else set())) - {s.name for s in self.stages}
         if unknown:
-            raise MedsslError(f"unknown stage(s) {sorted(unknown)}", where="--force",
+            raise MedsslError(f"unknown stage(s) {sorted(unknown)}", where="--force / --until",
                               fix=f"choose from {[s.name for s in self.stages]}")
         prints, rows, dirty = self.fingerprints(), [], set()
         for stage in self.stages:
@@ -111,6 +128,7 @@ class Pipeline:
         self._print_plan(plan)
         if dry_run:
             return
+        _check_distributed(plan)
         self.ctx.open_tracker()
         with self.ctx.tracker.run(f"{self.cfg.name}-pipeline", tags=self.ctx.pipeline_tags()) as parent:
             self.ctx.parent_run_id = parent.info.run_id
@@ -134,7 +152,8 @@ class Pipeline:
                             ) from None
         outputs = {**outputs, "fingerprint": fingerprint, "seconds": round(time.perf_counter() - start, 1)}
         self.ctx.outputs[stage.name] = outputs
-        self._record_path(stage.name).write_text(json.dumps(outputs, indent=2, default=str))
+        if _rank() == 0:
+            self._record_path(stage.name).write_text(json.dumps(outputs, indent=2, default=str))
         console.print(f"[green]✓[/] {stage.name} done in {outputs['seconds']} s")
 
     def _print_plan(self, plan) -> None:
