@@ -160,7 +160,8 @@ def _run_child(ctx: LadderContext, rung, protocol: str, init: str) -> dict:
     sample = train_ds[0]["image"]
     check_images(encoder, sample, ctx.spatial_dims, ctx.encoder_cfg.in_channels, f"rung {rung.name}")
     folder = child_dir(ctx.out_dir, rung, protocol, init)
-    with ctx.tracker.run(f"{rung.name} seed{rung.seed} {protocol} {init}", tags=_tags(ctx, rung, protocol, init)) as run:
+    name = f"{rung.name} seed{rung.seed} {protocol} {init}"
+    with ctx.tracker.run(name, tags=_tags(ctx, rung, protocol, init)) as run:
         ctx.tracker.log_params(_params(ctx, rung, protocol, init, y_train))
         if protocol == "linear":  # frozen encoder: its features are computed once per ladder, not per run
             train_ds, val_ds = (_cached_features(ctx, encoder, init, seed, ids) for ids in (train_ids, ctx.val_ids))
@@ -175,8 +176,10 @@ def _run_child(ctx: LadderContext, rung, protocol: str, init: str) -> dict:
         delta = _paired_delta(ctx, rung, protocol, ids, y, probs, seed) if init == "ssl" else {}
         logged = _log_child(ctx, rung, result, values, delta, paths, sample)
         run_id = run.info.run_id
-    return {"run_id": run_id or "", "model_logged": logged, "val_auroc": result.val_auroc, "val_loss": result.val_loss,
-            "epochs_trained": result.epochs, **values, **delta}
+    # n_labelled: the images actually used (a rung image that failed preprocessing is not in the cache)
+    return {"run_id": run_id or "", "n_labelled": len(train_ids), "model_logged": logged,
+            "val_auroc": result.val_auroc, "val_loss": result.val_loss, "epochs_trained": result.epochs,
+            **values, **delta}
 
 
 def _encoder(ctx: LadderContext, init: str, seed: int):
@@ -210,7 +213,8 @@ def _device() -> str:
 
 def _lineage(ctx: LadderContext) -> dict:
     return {"medssl.pretrain_run_id": ctx.info.get("pretrain_run_id") or "",
-            "medssl.manifest_digest": ctx.info.get("manifest_digest") or "", "medssl.encoder_source": ctx.encoder_source}
+            "medssl.manifest_digest": ctx.info.get("manifest_digest") or "",
+            "medssl.encoder_source": ctx.encoder_source}
 
 
 def _tags(ctx: LadderContext, rung, protocol: str, init: str) -> dict:
