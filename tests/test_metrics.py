@@ -136,3 +136,15 @@ def test_resample_metrics_equal_scikit_learn_with_ties():
         fast, full = resample_metrics(y, p, 0.5), binary_metrics(y, p, 0.5)
         for name, value in fast.items():
             assert value == pytest.approx(full[name]), name
+
+
+def test_sensitivity_at_90_and_95_specificity_differ_by_hand():
+    # 20 negatives 0.01..0.20: specificity >= 95% allows 1 false positive (0.20), >= 90% allows 2 (0.19, 0.20)
+    neg = np.arange(1, 21) / 100
+    pos = np.array([0.5, 0.195, 0.185, 0.05])
+    y, p = np.r_[np.zeros(20, int), np.ones(4, int)], np.r_[neg, pos]
+    m = binary_metrics(y, p, threshold=0.5)
+    assert m["sens_at_spec95"] == pytest.approx(2 / 4)  # threshold 0.195: finds 0.5, 0.195
+    assert m["sens_at_spec90"] == pytest.approx(3 / 4)  # threshold 0.185: also 0.185
+    # the most specific threshold that still finds 3 of 4 positives is 0.185
+    assert choose_threshold(y, p, target_sensitivity=0.75) == pytest.approx(0.185)
