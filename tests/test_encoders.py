@@ -128,3 +128,10 @@ def test_file_with_broken_settings_is_a_training_error(tmp_path):
     torch.save(payload, path)
     with pytest.raises(TrainingError, match="invalid settings"):
         load_encoder(path)
+
+
+@pytest.mark.parametrize("name,expected", [("resnet10", 128), ("resnet50", 512)])
+def test_resnet_width_multiplier_scales_features(name, expected):
+    enc = build_encoder(EncoderConfig(name=name, width=0.25), 2, [16, 16]).eval()
+    with torch.no_grad():
+        assert enc(torch.randn(2, 1, 16, 16)).shape == (2, expected) and enc.out_features == expected
