@@ -8,6 +8,7 @@ import pydicom
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from rich.console import Console
 
 from medssl.config import EncoderConfig, FinetuneConfig
 from medssl.data.splits import Rung
@@ -274,3 +275,34 @@ def test_non_finite_loss_stops_with_a_training_error():
     cfg = EncoderConfig(name="vit", patch_size=8, hidden_size=16, num_layers=1, num_heads=2, mlp_dim=16)
     with pytest.raises(TrainingError, match="non-finite training loss at epoch 1"):
         fit(build_encoder(cfg, 2, [EDGE, EDGE]), train, val, 2, "finetune", FinetuneConfig(epochs=2), seed=0)
+
+
+def test_report_from_a_real_ladder_pools_seeds_over_the_same_patient_resamples(tmp_path):
+    """With one seed the pooled interval is that run's own interval; with two, both seeds' predictions are
+    resampled together (same test patients), so the interval is no longer one run's."""
+    from medssl.evaluate.report import build_report
+    from medssl.finetune.ladder import run_ladder
+    from medssl.tracking import NullTracker
+    cache, df = cohort(2)
+    cfg = FinetuneConfig(protocols=["linear"], epochs=1, batch_size=4, bootstrap=40)
+    train = df[df["split"] == "train"]
+    ids = tuple(train["image_id"])
+    rungs = [Rung("all", 0, ids), Rung("all", 1, ids)]
+    results = run_ladder(cfg, tiny_encoder_file(tmp_path, 2), cache, df, "label", rungs, tmp_path / "l", NullTracker())
+    assert (results["status"] == "ok").all()
+    one = results[results["seed"] == 0]
+    paths = build_report(one, tmp_path / "r1", n_boot=40, console=Console(file=open(tmp_path / "o1", "w")))
+    summary = pd.read_csv(paths["summary_csv"]).set_index("init")
+    for init in ("ssl", "scratch"):
+        row = one[one["init"] == init].iloc[0]
+        assert summary.loc[init, "auroc_ci_method"] == "seed-pooled"
+        assert summary.loc[init, "auroc_ci_low"] == pytest.approx(row["auroc_ci_low"])
+        assert summary.loc[init, "auroc_ci_high"] == pytest.approx(row["auroc_ci_high"])
+    ssl = one[one["init"] == "ssl"].iloc[0]
+    assert summary.loc["ssl", "delta_auroc_ci_low"] == pytest.approx(ssl["delta_auroc_ci_low"])
+    assert summary.loc["ssl", "delta_auroc_ci_high"] == pytest.approx(ssl["delta_auroc_ci_high"])
+
+    both = pd.read_csv(build_report(results, tmp_path / "r2", n_boot=40,
+                                    console=Console(file=open(tmp_path / "o2", "w")))["summary_csv"])
+    assert set(both["seeds"]) == {2} and (both["auroc_ci_method"] == "seed-pooled").all()
+    assert (both["auroc_ci_low"] <= both["auroc_ci_high"]).all()

@@ -168,16 +168,16 @@ def _run_child(ctx: LadderContext, rung, protocol: str, init: str) -> dict:
         result = fit(encoder, train_ds, val_ds, ctx.n_classes, protocol, cfg, seed, ctx.monitor,
                      spatial_dims=ctx.spatial_dims)
         ids, probs = score_dataset(result.model, test_ds, cfg.batch_size)
-        y = np.array([ctx.codes[i] for i in ids])
-        values = classification_metrics(y, probs, result.threshold, [ctx.patients[i] for i in ids],
-                                        cfg.bootstrap, seed)
-        paths = write_evaluation(folder, ids, y, probs, values, result.threshold)
+        y, groups = np.array([ctx.codes[i] for i in ids]), [ctx.patients[i] for i in ids]
+        values = classification_metrics(y, probs, result.threshold, groups, cfg.bootstrap, seed)
+        paths = write_evaluation(folder, ids, y, probs, values, result.threshold, groups)
         paths.append(_write_subset(folder, train_ids))
         delta = _paired_delta(ctx, rung, protocol, ids, y, probs, seed) if init == "ssl" else {}
         logged = _log_child(ctx, rung, result, values, delta, paths, sample)
         run_id = run.info.run_id
     # n_labelled: the images actually used (a rung image that failed preprocessing is not in the cache)
     return {"run_id": run_id or "", "n_labelled": len(train_ids), "model_logged": logged,
+            "predictions": str(folder / "predictions.csv"), "bootstrap_seed": seed,
             "val_auroc": result.val_auroc, "val_loss": result.val_loss, "epochs_trained": result.epochs,
             **values, **delta}
 

@@ -144,7 +144,7 @@ def evaluate_model(model_source, cache, df: pd.DataFrame, label: str, out_dir: P
     y = np.array([y_by_id[i] for i in ids])
     groups = labelled.set_index("image_id").loc[ids, "patient_id"].tolist()
     values = classification_metrics(y, probs, float(model.threshold), groups=groups, n_boot=n_boot, seed=seed)
-    paths = write_evaluation(out_dir, ids, y, probs, values, float(model.threshold))
+    paths = write_evaluation(out_dir, ids, y, probs, values, float(model.threshold), groups)
     if tracker is not None:  # its own run (a child of whatever run is open), never the training run
         with tracker.run("external-validation", tags={"medssl.stage": "evaluate", "medssl.model": str(model_source)}):
             tracker.log_params({"model": str(model_source), "label": label, "images": len(ids), "n_boot": n_boot})
@@ -154,11 +154,14 @@ def evaluate_model(model_source, cache, df: pd.DataFrame, label: str, out_dir: P
     return values
 
 
-def write_evaluation(out_dir: Path, ids, y, probs, values: dict, threshold: float) -> list[Path]:
-    """predictions.csv, metrics.json and the ROC / PR / confusion-matrix images of one evaluated model."""
+def write_evaluation(out_dir: Path, ids, y, probs, values: dict, threshold: float, groups=None) -> list[Path]:
+    """predictions.csv (with patient_id when `groups` is given: the report's pooled bootstrap needs it),
+    metrics.json and the ROC / PR / confusion-matrix images of one evaluated model."""
     out_dir.mkdir(parents=True, exist_ok=True)
     frame = prediction_frame(ids, probs, threshold)
     frame.insert(1, "label", y)
+    if groups is not None:
+        frame.insert(2, "patient_id", list(groups))
     frame.to_csv(out_dir / "predictions.csv", index=False)
     (out_dir / "metrics.json").write_text(json.dumps(values, indent=1))
     scores = positive_scores(probs)
