@@ -306,3 +306,20 @@ def test_report_from_a_real_ladder_pools_seeds_over_the_same_patient_resamples(t
                                     console=Console(file=open(tmp_path / "o2", "w")))["summary_csv"])
     assert set(both["seeds"]) == {2} and (both["auroc_ci_method"] == "seed-pooled").all()
     assert (both["auroc_ci_low"] <= both["auroc_ci_high"]).all()
+
+
+def test_changed_settings_redo_finished_runs(tmp_path):
+    from medssl.finetune.ladder import run_ladder
+    from medssl.tracking import NullTracker
+    cache, df = cohort(2)
+    encoder, rungs = tiny_encoder_file(tmp_path, 2), rungs_of(df, (2,))
+    cfg = FinetuneConfig(protocols=["linear"], epochs=1, batch_size=4, bootstrap=10)
+    csv = tmp_path / "l" / "results.csv"
+    first = run_ladder(cfg, encoder, cache, df, "label", rungs, tmp_path / "l", NullTracker())
+    rows = len(csv.read_text().splitlines())
+    again = run_ladder(cfg, encoder, cache, df, "label", rungs, tmp_path / "l", NullTracker())
+    assert len(csv.read_text().splitlines()) == rows and again["run_id"].equals(first["run_id"])  # skipped
+    changed = run_ladder(cfg.model_copy(update={"lr": 0.01}), encoder, cache, df, "label", rungs, tmp_path / "l",
+                         NullTracker())
+    assert len(csv.read_text().splitlines()) == rows + 2  # both runs redone under the new settings
+    assert (changed["settings_digest"] != first["settings_digest"].iloc[0]).all() and len(changed) == 2

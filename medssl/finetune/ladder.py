@@ -11,6 +11,8 @@ tried again. A failing child is recorded with its error and the ladder goes on w
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import time
 import traceback
@@ -59,6 +61,7 @@ class LadderContext:
     log_models: str
     class_names: dict
     monitor: str
+    digest: str = ""  # settings + encoder identity: results made under other settings are not "finished"
     features: dict = field(default_factory=dict)  # frozen-encoder features: {"ssl" | "scratch-<seed>": {id: (F,)}}
 
 
@@ -79,7 +82,7 @@ def run_ladder(cfg: FinetuneConfig, encoder_source, cache, df: pd.DataFrame, lab
     ctx = _context(cfg, encoder_source, cache, df, label, out_dir, tracker, encoder_cfg, spatial_dims,
                    img_size, log_models, class_names or {}, monitor)
     results_csv = ctx.out_dir / RESULTS
-    done = finished_keys(results_csv)
+    done = finished_keys(results_csv, ctx.digest)
     plan = [(rung, protocol, init) for rung in rungs for protocol in cfg.protocols for init in INITS]
     with _progress() as progress:
         task = progress.add_task("ladder", total=len(plan), pace="")
@@ -92,6 +95,8 @@ def run_ladder(cfg: FinetuneConfig, encoder_source, cache, df: pd.DataFrame, lab
                 ran += 1
             progress.update(task, advance=1, pace=f"{(time.monotonic() - started) / max(ran, 1):.1f} s/run")
     results = read_results(results_csv)
+    results = results[results.get("settings_digest", pd.Series(dtype=str)).astype(str) == ctx.digest]
+    results = results.reset_index(drop=True)
     _print_failures(results)
     if cfg.register_model and log_models != "none" and getattr(tracker, "experiment", None):
         register_best(tracker, results, registered_model_prefix or f"{tracker.experiment}-{label}", _lineage(ctx))
@@ -115,7 +120,7 @@ def _context(cfg, encoder_source, cache, df, label, out_dir, tracker, encoder_cf
                         fix="give data.labels (a labels CSV) or choose a labelled column")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return LadderContext(
+    ctx = LadderContext(
         cfg=cfg, encoder_source=str(encoder_source), info=info,
         encoder_cfg=encoder_cfg or EncoderConfig.model_validate(info["encoder"]),
         spatial_dims=spatial_dims or int(info["spatial_dims"]), img_size=list(img_size or info["img_size"]),
@@ -124,6 +129,20 @@ def _context(cfg, encoder_source, cache, df, label, out_dir, tracker, encoder_cf
         test_ids=[i for i in labelled_ids(df, label, "test") if cache.has(i)],
         n_classes=int(max(code_of.values(), default=0)) + 1, out_dir=out_dir, tracker=tracker,
         log_models=log_models, class_names={int(k): v for k, v in class_names.items()}, monitor=monitor)
+    ctx.digest = settings_digest(ctx, label)
+    return ctx
+
+
+def settings_digest(ctx: LadderContext, label: str) -> str:
+    """What a finished run depends on: fine-tuning settings, the encoder (its file's bytes), label, the
+    val/test images. A ladder rerun after any of them changed redoes every run instead of skipping it."""
+    source = Path(ctx.encoder_source)
+    encoder = hashlib.sha256(source.read_bytes()).hexdigest() if source.is_file() else ctx.encoder_source
+    settings = {"finetune": ctx.cfg.model_dump(mode="json", exclude={"register_model"}), "encoder": encoder,
+                "encoder_cfg": ctx.encoder_cfg.model_dump(mode="json"), "spatial_dims": ctx.spatial_dims,
+                "img_size": ctx.img_size, "label": label, "monitor": ctx.monitor,
+                "val": sorted(ctx.val_ids), "test": sorted(ctx.test_ids)}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------------ one child
@@ -138,7 +157,7 @@ def child_dir(out_dir: Path, rung, protocol: str, init: str) -> Path:
 
 def _safe_child(ctx: LadderContext, rung, protocol: str, init: str) -> dict:
     """One child; any failure becomes a 'failed' row (the error's first line) so the other rungs go on."""
-    base = {"key": child_key(rung, protocol, init), "rung": rung.name, "seed": rung.seed, "protocol": protocol,
+    base = {"key": child_key(rung, protocol, init), "settings_digest": ctx.digest, "rung": rung.name, "seed": rung.seed, "protocol": protocol,
             "init": init, "n_labelled": len(rung.image_ids)}
     try:
         return {**base, **_run_child(ctx, rung, protocol, init), "status": "ok", "error": ""}

@@ -12,9 +12,15 @@ import numpy as np
 import pandas as pd
 
 
-def finished_keys(results_csv: Path) -> set[str]:
+def finished_keys(results_csv: Path, digest: str | None = None) -> set[str]:
+    """Children that finished ("ok"), under the same settings when `digest` is given."""
     results = read_results(results_csv)
-    return set(results.loc[results["status"] == "ok", "key"]) if len(results) else set()
+    if not len(results):
+        return set()
+    done = results["status"] == "ok"
+    if digest is not None:
+        done &= results.get("settings_digest", pd.Series("", index=results.index)).astype(str) == digest
+    return set(results.loc[done, "key"])
 
 
 def append_result(results_csv: Path, row: dict) -> None:
