@@ -11,8 +11,6 @@ tried again. A failing child is recorded with its error and the ladder goes on w
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 import time
 import traceback
@@ -32,7 +30,7 @@ from medssl.evaluate.metrics import classification_metrics, multiclass_metrics, 
 from medssl.finetune.classifier import FeatureSet, check_images, check_labels, features, fit
 from medssl.finetune.predict import score_dataset, write_evaluation
 from medssl.finetune.registry import log_model, register_best
-from medssl.finetune.results import append_result, finished_keys, read_results
+from medssl.finetune.results import append_result, finished_keys, read_results, settings_digest
 
 INITS = ("scratch", "ssl")  # scratch first: the SSL row then carries the paired difference
 RESULTS = "results.csv"
@@ -129,20 +127,16 @@ def _context(cfg, encoder_source, cache, df, label, out_dir, tracker, encoder_cf
         test_ids=[i for i in labelled_ids(df, label, "test") if cache.has(i)],
         n_classes=int(max(code_of.values(), default=0)) + 1, out_dir=out_dir, tracker=tracker,
         log_models=log_models, class_names={int(k): v for k, v in class_names.items()}, monitor=monitor)
-    ctx.digest = settings_digest(ctx, label)
+    ctx.digest = settings_digest(_settings(ctx, label), ctx.encoder_source)
     return ctx
 
 
-def settings_digest(ctx: LadderContext, label: str) -> str:
-    """What a finished run depends on: fine-tuning settings, the encoder (its file's bytes), label, the
-    val/test images. A ladder rerun after any of them changed redoes every run instead of skipping it."""
-    source = Path(ctx.encoder_source)
-    encoder = hashlib.sha256(source.read_bytes()).hexdigest() if source.is_file() else ctx.encoder_source
-    settings = {"finetune": ctx.cfg.model_dump(mode="json", exclude={"register_model"}), "encoder": encoder,
-                "encoder_cfg": ctx.encoder_cfg.model_dump(mode="json"), "spatial_dims": ctx.spatial_dims,
-                "img_size": ctx.img_size, "label": label, "monitor": ctx.monitor,
-                "val": sorted(ctx.val_ids), "test": sorted(ctx.test_ids)}
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+def _settings(ctx: LadderContext, label: str) -> dict:
+    """What a finished run depends on (see results.settings_digest)."""
+    return {"finetune": ctx.cfg.model_dump(mode="json", exclude={"register_model"}),
+            "encoder_cfg": ctx.encoder_cfg.model_dump(mode="json"), "spatial_dims": ctx.spatial_dims,
+            "img_size": ctx.img_size, "label": label, "monitor": ctx.monitor,
+            "val": sorted(ctx.val_ids), "test": sorted(ctx.test_ids)}
 
 
 # ------------------------------------------------------------------------------------------ one child

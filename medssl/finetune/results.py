@@ -6,6 +6,8 @@ back, so a child that failed and later succeeded reads as succeeded. Consumers (
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -43,3 +45,11 @@ def read_results(results_csv: Path) -> pd.DataFrame:
         return pd.DataFrame(columns=["key", "status"])
     results = pd.read_csv(results_csv, keep_default_na=True)
     return results.drop_duplicates("key", keep="last").reset_index(drop=True)
+
+
+def settings_digest(settings: dict, encoder_source: str) -> str:
+    """Identity of the settings a run was made under, plus the encoder (its file's bytes, or its MLflow URI).
+    Rows of another digest are not "finished": a ladder rerun after a change redoes them."""
+    source = Path(encoder_source)
+    encoder = hashlib.sha256(source.read_bytes()).hexdigest() if source.is_file() else str(encoder_source)
+    return hashlib.sha256(json.dumps({**settings, "encoder": encoder}, sort_keys=True).encode()).hexdigest()[:16]
