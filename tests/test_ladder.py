@@ -291,7 +291,7 @@ def test_report_from_a_real_ladder_pools_seeds_over_the_same_patient_resamples(t
     results = run_ladder(cfg, tiny_encoder_file(tmp_path, 2), cache, df, "label", rungs, tmp_path / "l", NullTracker())
     assert (results["status"] == "ok").all()
     one = results[results["seed"] == 0]
-    paths = build_report(one, tmp_path / "r1", n_boot=40, console=Console(file=open(tmp_path / "o1", "w")))
+    paths = build_report(one, tmp_path / "r1", console=Console(file=open(tmp_path / "o1", "w")))  # n_boot: 40
     summary = pd.read_csv(paths["summary_csv"]).set_index("init")
     for init in ("ssl", "scratch"):
         row = one[one["init"] == init].iloc[0]

@@ -40,8 +40,8 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
     ok = results[results["status"] == "ok"].copy()
     if ok.empty:
         return pd.DataFrame(columns=KEYS + ["n_labelled", "seeds"])
-    numeric = [c for c in ok.columns if c not in KEYS + ["key", "status", "error", "run_id", "seed"]
-               and pd.api.types.is_numeric_dtype(ok[c])]
+    bookkeeping = KEYS + ["key", "status", "error", "run_id", "seed", "model_logged", "bootstrap_seed", "bootstrap_n"]
+    numeric = [c for c in ok.columns if c not in bookkeeping and pd.api.types.is_numeric_dtype(ok[c])]
     grouped = ok.groupby(KEYS, sort=False)
     summary = grouped[numeric].mean()
     summary["seeds"] = grouped.size()
@@ -121,14 +121,14 @@ def _auroc(y, score) -> float:
 
 
 def build_report(results: pd.DataFrame, out_dir, tracker=None, metric: str = "auroc",
-                 console: Console | None = None, n_boot: int = 1000) -> dict[str, Path]:
+                 console: Console | None = None, n_boot: int | None = None) -> dict[str, Path]:
     """Write summary.csv, table.md, table.html and label_efficiency.png; print the table; log to `tracker`'s
     open run (the ladder's parent) when given. Returns {name: path}."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if "key" in results:  # a raw results.csv: the latest row per child (a failure later redone counts once)
         results = results.drop_duplicates("key", keep="last").reset_index(drop=True)
-    summary = with_pooled_intervals(summarise(results), results, n_boot)
+    summary = with_pooled_intervals(summarise(results), results, n_boot or _ladder_n_boot(results))
     failed = results[results["status"] != "ok"] if "status" in results else results.iloc[0:0]
     cells = formatted(summary)
     paths = {"summary_csv": out_dir / "summary.csv", "table_md": out_dir / "table.md",
@@ -144,6 +144,13 @@ def build_report(results: pd.DataFrame, out_dir, tracker=None, metric: str = "au
         for path in paths.values():
             tracker.log_artifact(path, "report")
     return paths
+
+
+def _ladder_n_boot(results: pd.DataFrame) -> int:
+    """The ladder's own replicate count (so with one seed the pooled interval is the run's), else 1000."""
+    if "bootstrap_n" in results and results["bootstrap_n"].notna().any():
+        return int(results["bootstrap_n"].max())
+    return 1000
 
 
 def formatted(summary: pd.DataFrame) -> pd.DataFrame:

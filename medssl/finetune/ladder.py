@@ -190,7 +190,7 @@ def _run_child(ctx: LadderContext, rung, protocol: str, init: str) -> dict:
         run_id = run.info.run_id
     # n_labelled: the images actually used (a rung image that failed preprocessing is not in the cache)
     return {"run_id": run_id or "", "n_labelled": len(train_ids), "model_logged": logged,
-            "predictions": str(folder / "predictions.csv"), "bootstrap_seed": seed,
+            "predictions": str(folder / "predictions.csv"), "bootstrap_seed": seed, "bootstrap_n": cfg.bootstrap,
             "val_auroc": result.val_auroc, "val_loss": result.val_loss, "epochs_trained": result.epochs,
             **values, **delta}
 
