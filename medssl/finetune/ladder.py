@@ -93,8 +93,8 @@ def run_ladder(cfg: FinetuneConfig, encoder_source, cache, df: pd.DataFrame, lab
                 ran += 1
             progress.update(task, advance=1, pace=f"{(time.monotonic() - started) / max(ran, 1):.1f} s/run")
     results = read_results(results_csv)
-    results = results[results.get("settings_digest", pd.Series(dtype=str)).astype(str) == ctx.digest]
-    results = results.reset_index(drop=True)
+    if "settings_digest" in results:  # rows of earlier settings stay in the file but are not this ladder's
+        results = results[results["settings_digest"].astype(str) == ctx.digest].reset_index(drop=True)
     _print_failures(results)
     if cfg.register_model and log_models != "none" and getattr(tracker, "experiment", None):
         register_best(tracker, results, registered_model_prefix or f"{tracker.experiment}-{label}", _lineage(ctx))
