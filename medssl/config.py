@@ -183,6 +183,10 @@ class FinetuneConfig(Section):
     target_sensitivity: float | None = Field(None, gt=0, le=1)
     bootstrap: int = Field(1000, ge=10)
     register_model: bool = True
+    log_models: Literal["all", "best", "none"] = Field(
+        "best", description="log a child's model when it beats the rung's earlier runs (every model that could "
+                            "be registered), every child's, or none")
+    monitor: Literal["val_loss", "val_auroc"] = "val_loss"
     seed: int = 0
 
 

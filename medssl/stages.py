@@ -224,8 +224,10 @@ def run_ladder(ctx: Context) -> dict:
     pretrain = ctx.outputs["pretrain"]
     tags = {"medssl.pretrain_run_id": pretrain["run_id"], "medssl.manifest_digest": meta.get("digest", "")}
     with ctx.child("ladder", **tags):
-        results = ladder(ctx.cfg.finetune, pretrain["encoder"], open_cache(ctx), df, ctx.cfg.split.label,
-                         rungs, ctx.paths.ladder, ctx.tracker)
+        label = ctx.cfg.split.label
+        results = ladder(ctx.cfg.finetune, pretrain["encoder"], open_cache(ctx), df, label, rungs,
+                         ctx.paths.ladder, ctx.tracker, log_models=ctx.cfg.finetune.log_models,
+                         monitor=ctx.cfg.finetune.monitor, class_names=meta.get("label_names", {}).get(label))
     out = ctx.paths.ladder / "results.csv"
     return {"paths": [str(out)], "results": str(out), "rows": len(results)}
 
