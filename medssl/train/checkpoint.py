@@ -24,11 +24,11 @@ import torch
 from torch import nn
 
 from medssl.errors import TrainingError
+from medssl.models.encoders import clean_state_dict as strip_prefixes  # one prefix rule for both files
 
 FORMAT = "medssl-train/1"
 _NAME = re.compile(r"^step-(\d{8})\.pt$")
 # wrappers add these to parameter names: DDP ("module.") and torch.compile ("_orig_mod.")
-_PREFIXES = ("module.", "_orig_mod.")
 
 
 def checkpoint_dir(out_dir: Path) -> Path:
@@ -60,19 +60,6 @@ def unwrap(model: nn.Module) -> nn.Module:
         if not isinstance(inner, nn.Module):
             return model
         model = inner
-
-
-def strip_prefixes(state_dict: dict) -> dict:
-    clean = {}
-    for key, value in state_dict.items():
-        changed = True
-        while changed:
-            changed = False
-            for prefix in _PREFIXES:
-                if key.startswith(prefix):
-                    key, changed = key[len(prefix):], True
-        clean[key] = value
-    return clean
 
 
 # ----------------------------------------------------------------------------------------------- rng
