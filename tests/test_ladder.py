@@ -14,6 +14,7 @@ from medssl.config import EncoderConfig, FinetuneConfig
 from medssl.data.splits import Rung
 from medssl.models.encoders import build_encoder, save_encoder
 from medssl.tracking import Tracker
+from memory_cache import MemoryCache
 
 EDGE = 16
 torch.set_num_threads(1)  # tiny models: threads only contend with the other tests on a shared CPU
@@ -23,19 +24,6 @@ torch.set_num_threads(1)  # tiny models: threads only contend with the other tes
 def store(tmp_path_factory):
     """One SQLite MLflow store for the module (creating its tables costs seconds)."""
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
-
-
-class DictCache:
-    """Stand-in for VolumeCache (same has/get contract): preprocessed (C, *spatial) arrays by image id."""
-
-    def __init__(self, arrays: dict):
-        self.arrays = arrays
-
-    def has(self, image_id):
-        return image_id in self.arrays
-
-    def get(self, image_id):
-        return self.arrays[image_id]
 
 
 def anatomy(spatial_dims: int) -> np.ndarray:
@@ -67,7 +55,7 @@ def cohort(spatial_dims: int, n_patients: int = 12, seed: int = 0):
             image_id = f"img-{spatial_dims}d{p:02d}{k}"
             arrays[image_id] = image[None].astype(np.float32)  # (1, *spatial)
             rows.append({"image_id": image_id, "patient_id": f"pat-{p:012x}", "split": split, "label": label})
-    return DictCache(arrays), pd.DataFrame(rows)
+    return MemoryCache(arrays), pd.DataFrame(rows)
 
 
 def tiny_encoder_file(tmp_path, spatial_dims: int):
@@ -271,7 +259,7 @@ def test_non_finite_loss_stops_with_a_training_error():
     from medssl.errors import TrainingError
     from medssl.finetune.classifier import fit
     train, val = _datasets()
-    train.cache = DictCache({i: np.full((1, EDGE, EDGE), np.nan, np.float32) for i in train.ids})
+    train.cache = MemoryCache({i: np.full((1, EDGE, EDGE), np.nan, np.float32) for i in train.ids})
     cfg = EncoderConfig(name="vit", patch_size=8, hidden_size=16, num_layers=1, num_heads=2, mlp_dim=16)
     with pytest.raises(TrainingError, match="non-finite training loss at epoch 1"):
         fit(build_encoder(cfg, 2, [EDGE, EDGE]), train, val, 2, "finetune", FinetuneConfig(epochs=2), seed=0)

@@ -14,6 +14,7 @@ from medssl.train import checkpoint as ckpt
 from medssl.train.distributed import ResumableBatchSampler, sharded_loader
 from medssl.train.loop import train
 from medssl.train.schedule import WarmupCosine, warmup_cosine
+from memory_cache import MemoryCache
 
 torch.set_num_threads(1)
 
@@ -246,19 +247,6 @@ def test_prefixes_from_ddp_and_compile_are_stripped():
 
 
 # ----------------------------------------------------------------------- end to end: run_pretraining
-class ArrayCache:
-    """The VolumeCache interface (get/has) over in-memory arrays."""
-
-    def __init__(self, arrays: dict):
-        self.arrays = arrays
-
-    def has(self, image_id):
-        return image_id in self.arrays
-
-    def get(self, image_id):
-        return self.arrays[image_id]
-
-
 class CallRecorder:
     def __init__(self):
         self.calls, self.active_run_id = [], "run-123"
@@ -267,7 +255,7 @@ class CallRecorder:
         return lambda *args, **kwargs: self.calls.append((name, args, kwargs))
 
 
-def _t1_cohort(n: int) -> ArrayCache:
+def _t1_cohort(n: int) -> MemoryCache:
     """Pseudo-subjects from a real T1 brain MR (nibabel's anatomical.nii, (33, 41, 25)): flips and contrast."""
     import nibabel as nib
     import numpy as np
@@ -280,7 +268,7 @@ def _t1_cohort(n: int) -> ArrayCache:
     for i in range(n):
         v = volume[::-1] if i % 2 else volume
         arrays[f"img-{i:012x}"] = (v * rng.uniform(0.8, 1.2))[None].astype(np.float16)  # (1, X, Y, Z)
-    return ArrayCache(arrays)
+    return MemoryCache(arrays)
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
