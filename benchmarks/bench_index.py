@@ -95,6 +95,9 @@ def time_cache(df, root: Path, work: Path, workers: int) -> float | None:
         from medssl.data.cache import VolumeCache
     except ImportError:
         return None
+    t0 = time.perf_counter()
+    import medssl.data.transforms  # noqa: F401  (MONAI: a one-time import, reported on its own line)
+    console.print(f"one-time import of the preprocessing chain (MONAI): {time.perf_counter() - t0:.2f} s")
     cache = VolumeCache(work / "cache", PreprocessConfig())
     t0 = time.perf_counter()
     failures = cache.build(df, root, workers=workers)

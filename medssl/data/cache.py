@@ -151,6 +151,8 @@ class VolumeCache:
     def build(self, df: pd.DataFrame, manifest_root: Path | str, workers: int | None = None) -> dict[str, str]:
         """Preprocess every row not cached yet (or whose source changed), in parallel processes.
         Returns {image_id: reason} for the images that failed; never raises for one bad image."""
+        # import MONAI here, once: forked workers inherit it instead of each paying its ~5 s import
+        import medssl.data.transforms  # noqa: F401
         manifest_root = Path(manifest_root)
         todo, failures = self.stale(df, manifest_root)
         if workers is None:
