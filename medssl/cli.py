@@ -76,30 +76,35 @@ def demo_data(out: Path = typer.Argument(Path(".medssl/demo_data"), help="folder
 
 
 @app.command()
-def evaluate(model: str = typer.Argument(..., help="model file, runs:/ID/... or models:/NAME/VERSION"),
+def evaluate(model: str = typer.Argument(..., help="model folder/file, runs:/ID/model or models:/NAME/VERSION"),
+             overrides: Optional[list[str]] = OVERRIDES,
              pipeline: Path = typer.Option(..., "--pipeline", help="pipeline whose preprocessing to use"),
              manifest: Path = typer.Option(..., "--manifest", help="manifest of the external set"),
              out: Path = typer.Option(Path("outputs/evaluate"), "--out")):
     """Score a saved or registered model on another manifest (external validation)."""
     from medssl.stages import evaluate_external
-    evaluate_external(pipeline, model, manifest, out)
+    evaluate_external(_load(pipeline, overrides), model, manifest, out)
 
 
 @app.command()
-def predict(model: str = typer.Argument(..., help="model file, runs:/ID/... or models:/NAME/VERSION"),
+def predict(model: str = typer.Argument(..., help="model folder/file, runs:/ID/model or models:/NAME/VERSION"),
             folder: Path = typer.Argument(..., help="folder of new scans"),
+            overrides: Optional[list[str]] = OVERRIDES,
             pipeline: Path = typer.Option(..., "--pipeline", help="pipeline whose preprocessing to use"),
             out: Path = typer.Option(Path("outputs/predictions.csv"), "--out")):
     """Write a predictions CSV for a folder of new scans."""
     from medssl.stages import predict_folder
-    predict_folder(pipeline, model, folder, out)
+    predict_folder(_load(pipeline, overrides), model, folder, out)
+
+
+def _load(pipeline: Path, overrides):
+    from medssl.config import load_pipeline
+    return load_pipeline(pipeline, overrides or [])
 
 
 def _run_stages(pipeline: Path, overrides, *, dry_run: bool, force: list[str], only: str | None):
-    from medssl.config import load_pipeline
     from medssl.pipeline import Pipeline
-    cfg = load_pipeline(pipeline, overrides or [])
-    Pipeline(cfg, source=pipeline).run(dry_run=dry_run, force=force, until=only)
+    Pipeline(_load(pipeline, overrides), source=pipeline).run(dry_run=dry_run, force=force, until=only)
 
 
 def main(argv: list[str] | None = None) -> int:

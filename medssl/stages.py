@@ -44,12 +44,8 @@ class Context:
     def open_tracker(self) -> None:
         """MLflow is opened only when work starts (a dry run touches nothing); under torchrun only rank 0
         talks to MLflow."""
-        from medssl.tracking import NullTracker, Tracker
-        if int(os.environ.get("RANK", "0")) != 0:
-            self.tracker = NullTracker()
-        else:
-            self.tracker = Tracker(self.cfg.tracking.experiment or self.cfg.name, self.cfg.tracking.tracking_uri,
-                                   outbox_dir=self.paths.root / "mlflow-outbox")
+        from medssl.tracking import NullTracker
+        self.tracker = NullTracker() if int(os.environ.get("RANK", "0")) != 0 else _tracker(self.cfg)
 
     def pipeline_tags(self) -> dict:
         from medssl.tracking import lineage_tags
@@ -208,6 +204,7 @@ def run_pretrain(ctx: Context) -> dict:
     groups = dict(zip(df["image_id"], df[by]))
     digest = meta.get("digest", "")
     with ctx.child("pretrain", **{"medssl.manifest_digest": digest}) as run:
+        ctx.tracker.log_dataset(df[df["image_id"].isin(ids)], digest, ctx.cfg.name)  # what the encoder saw
         encoder = run_pretraining(ctx.cfg.pretrain, cache, ids, groups, ctx.paths.pretrain, ctx.tracker,
                                   probe=_online_probe(ctx, df, cache), spatial_dims=ctx.cfg.preprocess.spatial_dims,
                                   manifest_digest=digest, keep_checkpoints=ctx.cfg.pretrain.train.keep_checkpoints)
@@ -250,40 +247,39 @@ def where_to_look(ctx: Context) -> str:
 
 
 # ------------------------------------------------------------------ external validation and inference
-def _pipeline_cache(pipeline_path: Path):
-    from medssl.config import load_pipeline
-    from medssl.data.cache import VolumeCache
-    cfg = load_pipeline(pipeline_path)
-    return cfg, VolumeCache(cfg.preprocess.cache_dir, cfg.preprocess)
+def _tracker(cfg: PipelineConfig):
+    from medssl.tracking import Tracker
+    return Tracker(cfg.tracking.experiment or cfg.name, cfg.tracking.tracking_uri,
+                   outbox_dir=cfg.workdir / cfg.name / "mlflow-outbox")
 
 
-def evaluate_external(pipeline_path: Path, model: str, manifest: Path, out: Path) -> dict:
+def evaluate_external(cfg: PipelineConfig, model: str, manifest: Path, out: Path) -> dict:
     """Score a model on another manifest, preprocessed exactly as its pipeline's training data."""
+    from medssl.data.cache import VolumeCache
     from medssl.data.manifest import read_manifest
     from medssl.finetune.predict import evaluate_model
-    from medssl.tracking import Tracker
-    cfg, cache = _pipeline_cache(pipeline_path)
+    cache = VolumeCache(cfg.preprocess.cache_dir, cfg.preprocess)
     df, meta = read_manifest(manifest)
     cache.build(df, Path(meta["root"]), workers=cfg.manifest.workers)
-    tracker = Tracker(cfg.tracking.experiment or cfg.name, cfg.tracking.tracking_uri,
-                      outbox_dir=cfg.workdir / cfg.name / "mlflow-outbox")
+    tracker = _tracker(cfg)
     values = evaluate_model(model, cache, df, cfg.split.label, out, tracker, n_boot=cfg.finetune.bootstrap)
     shown = {k: round(v, 4) for k, v in values.items() if isinstance(v, float)}
     console.print(f"external validation on {manifest}: {shown}\n  files: {out}")
     return values
 
 
-def predict_folder(pipeline_path: Path, model: str, folder: Path, out: Path):
+def predict_folder(cfg: PipelineConfig, model: str, folder: Path, out: Path):
     """Index a folder of new scans, preprocess them like the training data, write one prediction per image."""
+    from medssl.data.cache import VolumeCache
     from medssl.data.manifest import read_manifest
     from medssl.finetune.predict import predict
-    cfg, cache = _pipeline_cache(pipeline_path)
+    cache = VolumeCache(cfg.preprocess.cache_dir, cfg.preprocess)
     manifest_csv = Path(out).with_suffix(".manifest.csv")
     build_manifest_with_salt(folder, manifest_csv, workers=cfg.manifest.workers,
                              max_image_mb=cfg.manifest.max_image_mb, nifti_modality=cfg.data.nifti_modality)
     df, meta = read_manifest(manifest_csv)
     cache.build(df, Path(meta["root"]), workers=cfg.manifest.workers)
-    frame = predict(model, cache, df, Path(out))
+    frame = predict(model, cache, df, Path(out), tracking_uri=_tracker(cfg).tracking_uri)
     # the manifest holds only pseudonymous ids: add the files so users can find each prediction's scan
     frame = frame.merge(df[["image_id", "paths"]], on="image_id", how="left")
     frame.to_csv(out, index=False)

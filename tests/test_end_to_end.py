@@ -67,3 +67,18 @@ def test_demo_pipeline_lands_in_mlflow_and_reruns_skip(server, tmp_path):
     again = medssl(args, tmp_path, server.url)
     assert again.returncode == 0, again.stderr[-4000:]
     assert again.stderr.count("up to date, skipped") == 7, again.stderr[-3000:]
+
+    # the registered model, as a reviewer would take it: external validation and inference on new scans
+    model = f"models:/{seen['registered_models'][0]['name']}/{seen['registered_models'][0]['version']}"
+    overrides = [a for a in args[2:] if a.startswith(("workdir=", "preprocess."))]
+    scored = medssl(["evaluate", model, *overrides, "--pipeline", str(DEMO), "--manifest",
+                     str(tmp_path / "demo.csv"), "--out", str(tmp_path / "external")], tmp_path, server.url)
+    assert scored.returncode == 0, scored.stderr[-4000:]
+    assert (tmp_path / "external" / "metrics.json").is_file()
+    images = tmp_path / "work" / "demo" / "demo_data" / "images"
+    predicted = medssl(["predict", model, str(images), *overrides, "--pipeline", str(DEMO), "--out",
+                        str(tmp_path / "predictions.csv")], tmp_path, server.url)
+    assert predicted.returncode == 0, predicted.stderr[-4000:]
+    predictions = pd.read_csv(tmp_path / "predictions.csv")
+    assert len(predictions) == len(pd.read_csv(tmp_path / "demo.csv"))
+    assert predictions["score"].between(0, 1).all() and predictions["paths"].notna().all()
