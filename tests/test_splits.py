@@ -130,3 +130,29 @@ def test_non_integer_labels_and_bad_fractions_are_errors():
         assign_splits(cohort(), "label", 0, 0.5, 0.5)
     with pytest.raises(DataError, match="no label column"):
         assign_splits(cohort(), "diagnosis", 0, 0.2, 0.3)
+
+
+def test_splits_and_rungs_do_not_depend_on_the_pseudonymisation_salt():
+    """The same files and seed give the same split on every machine, whatever salt made the ids."""
+    import hashlib
+
+    from medssl.data.splits import assign_splits, build_ladder
+
+    def manifest(salt: str) -> pd.DataFrame:
+        rows = []
+        for p in range(40):
+            for k in range(2):
+                path = f"pat{p:02d}/img{k}.nii.gz"
+                rows.append({"image_id": "img-" + hashlib.sha256((salt + path).encode()).hexdigest()[:12],
+                             "patient_id": "pat-" + hashlib.sha256((salt + str(p)).encode()).hexdigest()[:12],
+                             "paths": path, "label": int(p % 5 == 0)})
+        return pd.DataFrame(rows)
+
+    views = []
+    for salt in ("one salt", "another salt"):
+        df = manifest(salt)
+        df["split"] = assign_splits(df, "label", 0, 0.2, 0.3)
+        rungs = build_ladder(df, "label", per_class=[2, 4], seeds=[0])
+        by_id = dict(zip(df["image_id"], df["paths"]))
+        views.append((dict(zip(df["paths"], df["split"])), [sorted(by_id[i] for i in r.image_ids) for r in rungs]))
+    assert views[0] == views[1]

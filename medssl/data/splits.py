@@ -96,8 +96,11 @@ def assign_splits(df: pd.DataFrame, label: str, seed: int, val_fraction: float,
     codes = label_codes(df, label)
     strata = _patient_strata(df, codes)
     assigned: dict[str, str] = {}
+    # order patients by their first file's relative path, not by their pseudonym: the pseudonym depends on
+    # the salt, so the same data and seed would otherwise give another split on every machine
+    first_path = _stable_keys(df, "patient_id")
     for code, patients in strata.groupby(strata, sort=True):
-        order = sorted(patients.index)
+        order = sorted(patients.index, key=lambda patient: (first_path.get(patient, ""), patient))
         rng = np.random.default_rng([seed, int(code)])     # per class: a new class does not reshuffle others
         order = [order[i] for i in rng.permutation(len(order))]
         n_val, n_test = _allocate(len(order), val_fraction, test_fraction)
@@ -138,7 +141,9 @@ def build_ladder(df: pd.DataFrame, label: str, fractions: Sequence[float] | None
         raise DataError(f"ladder budgets must be positive (fractions at most 1): {budgets}", where="split.ladder")
     codes = label_codes(df, label)
     train = (df["split"].fillna("") == "train") & codes.notna()
-    by_class = {int(c): sorted(df.loc[train & (codes == c), "image_id"]) for c in sorted(codes.dropna().unique())}
+    path_of = _stable_keys(df, "image_id")  # salt-free order, as for the splits
+    by_class = {int(c): sorted(df.loc[train & (codes == c), "image_id"], key=lambda i: (path_of.get(i, ""), i))
+                for c in sorted(codes.dropna().unique())}
     rungs: list[Rung] = []
     for seed in seeds:
         orders = {c: _shuffled(ids, seed, c) for c, ids in by_class.items()}
@@ -156,6 +161,13 @@ def build_ladder(df: pd.DataFrame, label: str, fractions: Sequence[float] | None
             chosen = tuple(sorted(i for c, ids in orders.items() for i in ids[:counts[c]]))
             rungs.append(Rung(name, int(seed), chosen, counts))
     return rungs
+
+
+def _stable_keys(df: pd.DataFrame, by: str) -> dict[str, str]:
+    """{id: the smallest relative source path of its images} (a manifest without paths: the id itself)."""
+    if "paths" not in df.columns:
+        return {}
+    return df.groupby(by)["paths"].min().astype(str).to_dict()
 
 
 def _shuffled(ids: list[str], seed: int, code: int) -> list[str]:
