@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from medssl.config import FinetuneConfig
 from medssl.errors import ConfigError, DataError, TrainingError
 from medssl.evaluate.metrics import choose_threshold, positive_scores
+from medssl.finetune.probe_head import fit_probe_head
 
 PROTOCOLS = ("linear", "finetune")
 
@@ -106,27 +107,38 @@ def fit(encoder: nn.Module, train_ds: Dataset, val_ds: Dataset, n_classes: int, 
     torch.manual_seed(seed)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = Classifier(encoder, n_classes, spatial_dims=spatial_dims).to(device)
+    y_train = labels_of(train_ds)
+    loss_fn = nn.CrossEntropyLoss(weight=class_weights(y_train, n_classes, cfg.imbalance).to(device))
     if protocol == "linear":
         for p in model.encoder.parameters():
             p.requires_grad_(False)
         # a caller may pass FeatureSets it computed once for many runs (the ladder does, per encoder)
         train_ds, val_ds = (d if isinstance(d, FeatureSet) else features(model.encoder, d, cfg.batch_size)
                             for d in (train_ds, val_ds))
-        trainable, groups = model.head, [{"params": model.head.parameters(), "lr": cfg.lr}]
+        best = _linear_probe(model.head, train_ds, val_ds, n_classes, cfg, loss_fn, monitor, device, seed)
     else:
-        trainable = model
         groups = [{"params": model.encoder.parameters(), "lr": cfg.lr * cfg.encoder_lr_scale},
                   {"params": model.head.parameters(), "lr": cfg.lr}]
-    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    y_train = labels_of(train_ds)
-    loss_fn = nn.CrossEntropyLoss(weight=class_weights(y_train, n_classes, cfg.imbalance).to(device))
-    loader = train_loader(train_ds, y_train, cfg, seed)
-    best = _early_stopped(trainable, loader, val_ds, optimizer, loss_fn, cfg, monitor, device)
-    trainable.load_state_dict(best["state"])
+        optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        loader = train_loader(train_ds, y_train, cfg, seed)
+        best = _early_stopped(model, loader, val_ds, optimizer, loss_fn, cfg, monitor, device)
+        model.load_state_dict(best["state"])
     threshold = _validation_threshold(best["val_scores"], best["val_y"], cfg.target_sensitivity)
     model.threshold.fill_(threshold)
     return FitResult(model.cpu().eval(), threshold, best["val_loss"], best["val_auroc"], best["epoch"],
                      best["history"])
+
+
+def _linear_probe(head, train_ds, val_ds, n_classes, cfg, loss_fn, monitor, device, seed) -> dict:
+    """Converged logistic regression on the frozen features (probe_head.py); strength chosen on validation."""
+    def score(candidate):
+        val = evaluate_loss(candidate, val_ds, loss_fn, cfg.batch_size, device)
+        return (-val["loss"] if monitor == "val_loss" else val["auroc"]), val
+    history = fit_probe_head(head, train_ds.feats.numpy(), train_ds.labels, val_ds.feats.numpy(), val_ds.labels,
+                             n_classes, cfg.imbalance != "none", score, seed)
+    val = evaluate_loss(head, val_ds, loss_fn, cfg.batch_size, device)
+    return {"epoch": len(history), "val_loss": val["loss"], "val_auroc": val["auroc"], "val_scores": val["probs"],
+            "val_y": val["y"], "history": history}
 
 
 def _early_stopped(module, loader, val_ds, optimizer, loss_fn, cfg, monitor, device) -> dict:
