@@ -239,10 +239,11 @@ def run_report(ctx: Context) -> dict:
 
 
 def where_to_look(ctx: Context) -> str:
-    uri = ctx.tracker.tracking_uri
-    ui = "mlflow ui" + (f" --backend-store-uri {uri}" if uri and not uri.startswith("http") else "")
+    uri = ctx.tracker.tracking_uri or ""
+    look = (f"open [cyan]{uri}[/]" if uri.startswith("http") else
+            f"run [cyan]mlflow ui --backend-store-uri {uri}[/] then open http://127.0.0.1:5000")
     return (f"\n[bold]Results[/] are in MLflow experiment '{ctx.tracker.experiment}' "
-            f"(parent run {ctx.parent_run_id}).\n  Open them with: [cyan]{ui}[/] then http://127.0.0.1:5000"
+            f"(parent run {ctx.parent_run_id}).\n  To look: {look}"
             f"\n  Report files: {ctx.paths.root / 'report'}")
 
 
