@@ -277,10 +277,3 @@ def load_pipeline(path: Path | str, overrides: list[str] = ()) -> PipelineConfig
     path = Path(path)
     data = apply_overrides(_read_yaml(path), list(overrides))
     return validate(PipelineConfig, data, str(path))
-
-
-def load_section(model: type[Section], path: Path | str, overrides: list[str] = ()) -> Section:
-    """A stand-alone stage config (e.g. `medssl pretrain configs/...yaml`)."""
-    path = Path(path)
-    data = apply_overrides(_read_yaml(path), list(overrides))
-    return validate(model, data, str(path))

@@ -96,7 +96,7 @@ class Pipeline:
         return prints
 
     def _record_path(self, name: str) -> Path:
-        return self.ctx.paths.stages / f"{name}.json"
+        return self.ctx.paths.root / "stages" / f"{name}.json"
 
     def _is_done(self, name: str, fingerprint: str) -> bool:
         path = self._record_path(name)
@@ -153,6 +153,7 @@ class Pipeline:
         outputs = {**outputs, "fingerprint": fingerprint, "seconds": round(time.perf_counter() - start, 1)}
         self.ctx.outputs[stage.name] = outputs
         if _rank() == 0:
+            self._record_path(stage.name).parent.mkdir(parents=True, exist_ok=True)
             self._record_path(stage.name).write_text(json.dumps(outputs, indent=2, default=str))
         console.print(f"[green]✓[/] {stage.name} done in {outputs['seconds']} s")
 

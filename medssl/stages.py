@@ -95,12 +95,12 @@ def input_listing(cfg: PipelineConfig) -> list:
     return sorted(found)
 
 
-def build_manifest_with_salt(folder: Path, out: Path, **kwargs):
+def build_manifest_with_salt(folder: Path, out: Path, salt_env: str = "MEDSSL_SALT", **kwargs):
     from medssl.data.manifest import build_manifest
     if not Path(folder).is_dir():
         raise DataError(f"input folder does not exist: {folder}", where="data.folder / FOLDER",
                         fix="give the folder that holds your DICOM or NIfTI files")
-    return build_manifest(folder, out, salt=pseudonym_salt(), **kwargs)
+    return build_manifest(folder, out, salt=pseudonym_salt(salt_env), **kwargs)
 
 
 def print_manifest_summary(summary) -> None:
@@ -125,8 +125,9 @@ def run_manifest(ctx: Context) -> dict:
     folder, labels = data_source(ctx)
     m = ctx.cfg.manifest
     with ctx.child("manifest"):
-        summary = build_manifest_with_salt(folder, m.out, labels=labels, join_on=m.join_on, workers=m.workers,
-                                           max_image_mb=m.max_image_mb, nifti_modality=ctx.cfg.data.nifti_modality)
+        summary = build_manifest_with_salt(folder, m.out, m.salt_env, labels=labels, join_on=m.join_on,
+                                           workers=m.workers, max_image_mb=m.max_image_mb,
+                                           nifti_modality=ctx.cfg.data.nifti_modality)
         print_manifest_summary(summary)
         from medssl.data.manifest import read_manifest
         df, meta = read_manifest(m.out)
@@ -176,7 +177,7 @@ def run_cache(ctx: Context) -> dict:
     if len(failures) == len(df):
         raise DataError("no image could be preprocessed", where=str(ctx.manifest_path),
                         fix="see the reasons above; check the preprocess settings")
-    return {"paths": [str(ctx.manifest_path)], "cached": len(df) - len(failures), "failed": failures}
+    return {"paths": [str(cache.dir / "index.json")], "cached": len(df) - len(failures), "failed": failures}
 
 
 def _online_probe(ctx: Context, df, cache):
@@ -276,7 +277,7 @@ def predict_folder(cfg: PipelineConfig, model: str, folder: Path, out: Path):
     from medssl.finetune.predict import predict
     cache = VolumeCache(cfg.preprocess.cache_dir, cfg.preprocess)
     manifest_csv = Path(out).with_suffix(".manifest.csv")
-    build_manifest_with_salt(folder, manifest_csv, workers=cfg.manifest.workers,
+    build_manifest_with_salt(folder, manifest_csv, cfg.manifest.salt_env, workers=cfg.manifest.workers,
                              max_image_mb=cfg.manifest.max_image_mb, nifti_modality=cfg.data.nifti_modality)
     df, meta = read_manifest(manifest_csv)
     cache.build(df, Path(meta["root"]), workers=cfg.manifest.workers)

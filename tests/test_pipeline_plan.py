@@ -17,6 +17,7 @@ def test_dry_run_plans_all_stages(path, tmp_path, monkeypatch, capsys):
     for stage in ("manifest", "splits", "cache", "pretrain", "ladder", "report"):
         assert stage in err
     assert not (tmp_path / "mlflow.db").exists(), "a dry run must not touch MLflow"
+    assert not (tmp_path / "work").exists(), "a dry run must not write anything"
 
 
 def test_bad_config_is_a_message_not_a_traceback(tmp_path, capsys):

@@ -38,7 +38,7 @@ def test_fit_picks_the_strength_with_the_best_validation_score():
         seen.append(auroc)
         return auroc, {"loss": -auroc, "auroc": auroc}
 
-    history = fit_probe_head(head, x, y, x, y, 2, balanced=True, score_fn=score, seed=0)
+    history = fit_probe_head(head, x, y, 2, balanced=True, score_fn=score, seed=0)
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
     final = torch.softmax(head(torch.as_tensor(x)), 1)[:, 1].detach().numpy()
     assert float(((final[y == 1][:, None] > final[y == 0][None, :]).mean())) == max(seen) > 0.9

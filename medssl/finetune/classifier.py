@@ -25,6 +25,7 @@ from medssl.config import FinetuneConfig
 from medssl.errors import ConfigError, DataError, TrainingError
 from medssl.evaluate.metrics import choose_threshold, positive_scores
 from medssl.finetune.probe_head import fit_probe_head
+from medssl.models.heads import linear_head
 
 PROTOCOLS = ("linear", "finetune")
 
@@ -36,7 +37,7 @@ class Classifier(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.spatial_dims = spatial_dims  # kept so prediction feeds the same 2D slices / 3D volumes
-        self.head = nn.Linear(encoder.out_features, n_classes)
+        self.head = linear_head(encoder.out_features, n_classes)
         # a buffer, so the validation-chosen operating point travels with the saved / logged model
         self.register_buffer("threshold", torch.tensor(float(threshold)))
 
@@ -134,8 +135,8 @@ def _linear_probe(head, train_ds, val_ds, n_classes, cfg, loss_fn, monitor, devi
     def score(candidate):
         val = evaluate_loss(candidate, val_ds, loss_fn, cfg.batch_size, device)
         return (-val["loss"] if monitor == "val_loss" else val["auroc"]), val
-    history = fit_probe_head(head, train_ds.feats.numpy(), train_ds.labels, val_ds.feats.numpy(), val_ds.labels,
-                             n_classes, cfg.imbalance != "none", score, seed)
+    history = fit_probe_head(head, train_ds.feats.numpy(), train_ds.labels, n_classes, cfg.imbalance != "none",
+                             score, seed)
     val = evaluate_loss(head, val_ds, loss_fn, cfg.batch_size, device)
     return {"epoch": len(history), "val_loss": val["loss"], "val_auroc": val["auroc"], "val_scores": val["probs"],
             "val_y": val["y"], "history": history}

@@ -17,8 +17,8 @@ from torch import nn
 STRENGTHS = (0.01, 0.1, 1.0, 10.0)  # inverse L2 strengths tried; the best on validation is kept
 
 
-def fit_probe_head(head: nn.Linear, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
-                   y_val: np.ndarray, n_classes: int, balanced: bool, score_fn, seed: int) -> list[dict]:
+def fit_probe_head(head: nn.Linear, x_train: np.ndarray, y_train: np.ndarray, n_classes: int, balanced: bool,
+                   score_fn, seed: int) -> list[dict]:
     """Fit `head` in place; returns the validation history (one entry per strength tried; its "epoch" is the
     candidate's number, so the history logs like fine-tuning's).
     score_fn(head) -> (score, val dict) evaluates a candidate head on the validation split (higher = better)."""

@@ -59,10 +59,6 @@ def current() -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
 
 
-def is_main() -> bool:
-    return current().rank == 0
-
-
 def barrier() -> None:
     if current().enabled:
         dist.barrier()

@@ -122,9 +122,3 @@ def _log_views(tracker, dataset, cfg: PretrainConfig, n: int) -> None:
         axes[0, col].set_title(title)
     tracker.log_figure(fig, "views/examples.png")
     plt.close(fig)
-
-
-def resume_point(out_dir: Path) -> int:
-    """The step a rerun with this out_dir continues from (0: a fresh start)."""
-    last = ckpt.latest_checkpoint(out_dir)
-    return ckpt.load_checkpoint(last)["step"] if last else 0
