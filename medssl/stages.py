@@ -131,6 +131,10 @@ def run_manifest(ctx: Context) -> dict:
         print_manifest_summary(summary)
         from medssl.data.manifest import read_manifest
         df, meta = read_manifest(m.out)
+        if df.empty:
+            raise DataError(f"no usable image was found in {folder}", where="data.folder",
+                            fix=f"check the folder; every file that was seen is listed with its reason in "
+                                f"{m.out.with_suffix('.skipped.csv')}")
         ctx.tracker.log_dataset(df, meta.get("digest"), ctx.cfg.name)
         ctx.tracker.log_metrics({"images": len(df), "skipped": _count_rows(m.out.with_suffix(".skipped.csv"))})
         for suffix in (".csv", ".skipped.csv", ".meta.json"):
