@@ -1,12 +1,16 @@
-"""Data path benchmark: cached 3D volume -> two augmented 96^3 views per crop, ready for the model (CPU).
+"""Data path benchmark: cached 3D volume -> two augmented 96^3 views per crop, ready for the model.
 
 Baseline: the MONAI tutorial's CPU transform chain (Project-MONAI/tutorials self_supervised_pretraining/
 vit_unetr_ssl: RandSpatialCropSamplesd x2, CopyItemsd, per view OneOf(RandCoarseDropoutd x2) and
-RandCoarseShuffled), one process per core. medssl: the loader only slices crops out of the cached array; the
-views are made batched by medssl.views (here on the CPU; in training on the GPU). Same run, rounds interleaved
-so load on a shared machine hits both alike; the best round of each is reported with the median.
+RandCoarseShuffled), one process per core. medssl on the CPU: the loader only slices crops out of the cached
+array and medssl.views makes the views batched. medssl on a device (--device cuda): the cached volume is put
+on the device once, each batch's crops are one gather there and the views are made there, as in training.
+Same run, rounds interleaved so load on a shared machine hits every variant alike; the best round of each is
+reported with the median.
 
     python benchmarks/bench_views.py --rounds 3 --json bench_views.json
+    python benchmarks/bench_views.py --device cuda --batch 64 256 --with-tutorial --tutorial-procs 1 16
+    python benchmarks/bench_views.py --device cpu --gpu-style --rounds 1 --batch 2 --batches 1   # check
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ LIGHT = ViewsConfig(rotate_degrees=0, scale_range=(1, 1), crop_jitter=0, gamma_r
                     blur_sigma=(0, 0), cutout_fraction=0.1)
 CT = ViewsConfig(crop_jitter=0.2, intensity_scale=0.05, intensity_shift=0.05, gamma_range=(0.9, 1.1),
                  noise_std=0.03, cutout_fraction=0.1)
+VIEW_SETS = (("light", LIGHT), ("default", ViewsConfig()), ("ct", CT))
 
 
 def cached_volume() -> np.ndarray:
@@ -106,14 +111,67 @@ def pick_rate(vol: np.ndarray, batch: int, batches: int) -> float:
     return batch * batches / (time.perf_counter() - start)
 
 
-def variants(args) -> dict:
+def gather_crops(vol: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
+    """n random 96^3 crops of vol (C, X, Y, Z) -> (n, C, 96, 96, 96), on vol's device, no host round trip.
+
+    Corners are drawn on the device; one advanced-indexing gather with broadcast start + arange index
+    tensors reads the whole batch in one kernel instead of n slice copies.
+    """
+    room = torch.tensor([s - CROP + 1 for s in vol.shape[1:]], device=vol.device)
+    starts = (torch.rand(n, 3, device=vol.device, generator=gen) * room).long()  # (n, 3)
+    ix, iy, iz = (starts[:, a, None] + torch.arange(CROP, device=vol.device) for a in range(3))  # (n, 96)
+    crops = vol[:, ix[:, :, None, None], iy[:, None, :, None], iz[:, None, None, :]]  # (C, n, 96, 96, 96)
+    return crops.movedim(0, 1).contiguous()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":  # kernels are queued asynchronously: wait for them before reading the clock
+        torch.cuda.synchronize(device)
+
+
+def device_rate(vol: torch.Tensor, cfg: ViewsConfig | None, batch: int, batches: int, warmup: int = 2) -> float:
+    """Crops/s of gather + two views, everything on vol's device; cfg None times the gather alone."""
+    gen = torch.Generator(device=vol.device).manual_seed(0)
+
+    def step():
+        x = gather_crops(vol, batch, gen)  # (B, 1, 96, 96, 96)
+        return x if cfg is None else (make_views(x, cfg, gen), make_views(x, cfg, gen))
+    for _ in range(warmup):  # kernel selection, caching allocator growth
+        step()
+    _sync(vol.device)
+    start = time.perf_counter()
+    for _ in range(batches):
+        step()
+    _sync(vol.device)
+    return batch * batches / (time.perf_counter() - start)
+
+
+def tutorial_variants(args) -> dict:
+    return {f"tutorial MONAI chain, {w} proc": (lambda w=w: tutorial_rate(w, args.calls))
+            for w in args.tutorial_procs}
+
+
+def cpu_variants(args) -> dict:
     vol = cached_volume()
-    out = {f"tutorial MONAI chain, {w} proc": (lambda w=w: tutorial_rate(w, args.calls)) for w in (1, 2)}
-    out["medssl crop pick only (views on GPU), 1 thr"] = lambda: pick_rate(vol, args.batch, 4 * args.batches)
-    for name, cfg in (("light", LIGHT), ("default", ViewsConfig()), ("ct", CT)):
+    out = tutorial_variants(args)
+    out["medssl crop pick only (views on GPU), 1 thr"] = lambda: pick_rate(vol, args.batch[0], 4 * args.batches)
+    for name, cfg in VIEW_SETS:
         for threads in (1, 2):
             out[f"medssl views '{name}', {threads} thr"] = (
-                lambda c=cfg, t=threads: medssl_rate(vol, c, t, args.batch, args.batches))
+                lambda c=cfg, t=threads: medssl_rate(vol, c, t, args.batch[0], args.batches))
+    return out
+
+
+def device_variants(args) -> dict:
+    device = torch.device(args.device)
+    vol = torch.from_numpy(cached_volume()).to(device)  # (1, 180, 180, 150), uploaded once
+    out = tutorial_variants(args) if args.with_tutorial else {}
+    for batch in args.batch:
+        out[f"medssl crop gather only, {device.type}, batch {batch}"] = (
+            lambda b=batch: device_rate(vol, None, b, args.batches))
+        for name, cfg in VIEW_SETS:
+            out[f"medssl views '{name}', {device.type}, batch {batch}"] = (
+                lambda c=cfg, b=batch: device_rate(vol, c, b, args.batches))
     return out
 
 
@@ -121,11 +179,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--calls", type=int, default=6, help="tutorial chain calls per worker per round")
-    parser.add_argument("--batch", type=int, default=8, help="medssl crops per batch")
-    parser.add_argument("--batches", type=int, default=3, help="medssl batches per round")
+    parser.add_argument("--batch", type=int, nargs="+", default=None,
+                        help="medssl crops per batch (default 8 on the CPU path, 64 256 on the device path)")
+    parser.add_argument("--batches", type=int, default=None,
+                        help="medssl timed batches per round (default 3 on the CPU path, 20 on the device path)")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda: crops and views made on the device")
+    parser.add_argument("--gpu-style", action="store_true",
+                        help="run the device path (volume resident, batched gather) on --device cpu: a check")
+    parser.add_argument("--with-tutorial", action="store_true", help="device path: also time the tutorial")
+    parser.add_argument("--tutorial-procs", type=int, nargs="+", default=[1, 2],
+                        help="tutorial chain process counts, e.g. 1 16 to compare with a 16-core host")
     parser.add_argument("--json", default=None, help="write the results here as JSON")
     args = parser.parse_args()
-    runs = variants(args)
+    on_device = args.device != "cpu" or args.gpu_style
+    args.batch = args.batch or ([64, 256] if on_device else [8])
+    args.batches = args.batches or (20 if on_device else 3)
+    runs = device_variants(args) if on_device else cpu_variants(args)
     rates: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(args.rounds):  # interleaved: a busy moment on a shared CPU hits every variant
         for name, run in runs.items():
@@ -133,25 +202,30 @@ def main() -> None:
     report(rates, args)
 
 
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu"
+
+
 def report(rates: dict[str, list[float]], args) -> None:
     from rich.console import Console
     from rich.table import Table
-    base = max(rates["tutorial MONAI chain, 1 proc"])
-    base2 = max(rates["tutorial MONAI chain, 2 proc"])
+    bases = {w: max(rates[f"tutorial MONAI chain, {w} proc"]) for w in args.tutorial_procs
+             if f"tutorial MONAI chain, {w} proc" in rates}
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    table = Table(title=f"cached {VOLUME} -> two views of {CROP}^3 crops, {os.cpu_count()} CPU cores "
-                        f"(load average {load})")
-    for col in ("variant", "best crops/s", "median crops/s", "x tutorial 1 proc", "x tutorial 2 proc"):
+    table = Table(title=f"cached {VOLUME} -> two views of {CROP}^3 crops on {device_name(args.device)}, "
+                        f"{os.cpu_count()} CPU cores (load average {load})")
+    for col in ["variant", "best crops/s", "median crops/s"] + [f"x tutorial {w} proc" for w in bases]:
         table.add_column(col, justify="right" if col != "variant" else "left")
     rows = []
     for name, values in rates.items():
         best, median = max(values), statistics.median(values)
-        rows.append(dict(variant=name, best=round(best, 1), median=round(median, 1), rounds=values,
-                         vs_tutorial_1proc=round(best / base, 2), vs_tutorial_2proc=round(best / base2, 2)))
-        table.add_row(name, f"{best:.1f}", f"{median:.1f}", f"{best / base:.2f}", f"{best / base2:.2f}")
-    Console().print(table)
-    result = dict(bench="views", cpus=os.cpu_count(), load_average=os.getloadavg(), torch=torch.__version__, volume=VOLUME, crop=CROP,
-                  batch=args.batch, rows=rows)
+        ratios = {f"vs_tutorial_{w}proc": round(best / base, 2) for w, base in bases.items()}
+        rows.append(dict(variant=name, best=round(best, 1), median=round(median, 1), rounds=values, **ratios))
+        table.add_row(name, f"{best:.1f}", f"{median:.1f}", *[f"{r:.2f}" for r in ratios.values()])
+    Console(width=150).print(table)  # one line per row in logs too, not an 80-column wrap
+    result = dict(bench="views", device=device_name(args.device), cpus=os.cpu_count(),
+                  load_average=os.getloadavg(), torch=torch.__version__, volume=VOLUME, crop=CROP,
+                  batch=args.batch if len(args.batch) > 1 else args.batch[0], rows=rows)
     print(json.dumps(result))
     if args.json:
         with open(args.json, "w") as f:
