@@ -159,6 +159,9 @@ class TrainConfig(Section):
     probe_every: int | None = Field(None, ge=1, description="steps between online kNN/logistic probes")
     seed: int = 0
     workers: int = Field(0, ge=0)
+    device_crops: Literal["auto", "on", "off"] = Field(
+        "auto", description="keep the training images on the training device and cut crops there (auto: on a "
+                            "GPU, when they take at most 40% of its free memory); same crops either way")
     compile: bool = False
     precision: Literal["auto", "fp32", "bf16"] = "auto"
 

@@ -88,26 +88,63 @@ class CropDataset(_CachedImages):
         self.partners = _partners(self.ids, groups) if pair_by else None
 
     def __getitem__(self, i: int) -> dict:
+        at = self.positions(i)
+        out = {"image": self.crop_at(at["image_at"]), "index": at["index"]}
+        if "pair_at" in at:
+            out["pair"], out["pair_index"] = self.crop_at(at["pair_at"]), at["pair_index"]
+        return out
+
+    def positions(self, i: int) -> dict:
+        """Where the crops of dataset index i lie, without reading them: {"image_at": (2 + nd,) int64 =
+        [image index, axial slice or -1, start per axis], "index"} (+ "pair_at", "pair_index").
+        The random draws are the crops' own, so positions and crops of one index always agree."""
         index, epoch = self._where(int(i))
         rng = _rng(self.seed, epoch, index)
-        out = {"image": self._crop(index, rng), "index": index}
+        out = {"image_at": self._position(index, rng), "index": index}
         if self.partners is not None:
             others = self.partners[index]
             partner = int(others[rng.integers(len(others))]) if len(others) else index
-            out["pair"], out["pair_index"] = self._crop(partner, rng), partner
+            out["pair_at"], out["pair_index"] = self._position(partner, rng), partner
         return out
 
-    def _crop(self, index: int, rng: np.random.Generator) -> torch.Tensor:
-        volume = self._array(index)                             # (C, *spatial), memory-mapped
-        if self.spatial_dims == 2 and volume.ndim == 4:
-            volume = volume[..., int(rng.integers(volume.shape[-1]))]   # (C, X, Y): a random axial slice
-        if volume.ndim - 1 != self.spatial_dims:
-            raise DataError(f"cached image {self.ids[index]} has {volume.ndim - 1} spatial dims, the model wants "
+    def _position(self, index: int, rng: np.random.Generator) -> torch.Tensor:
+        shape = self._array(index).shape                        # (C, *spatial): the memmap header only
+        axial = -1
+        if self.spatial_dims == 2 and len(shape) == 4:
+            axial, shape = int(rng.integers(shape[-1])), shape[:-1]    # a random axial slice (last axis)
+        if len(shape) - 1 != self.spatial_dims:
+            raise DataError(f"cached image {self.ids[index]} has {len(shape) - 1} spatial dims, the model wants "
                             f"{self.spatial_dims}", where="preprocess.spatial_dims / pretrain.crop",
                             fix="use the same spatial_dims for preprocessing and pretraining")
-        starts = [int(rng.integers(max(s - c, 0) + 1)) for s, c in zip(volume.shape[1:], self.crop)]
+        starts = [int(rng.integers(max(s - c, 0) + 1)) for s, c in zip(shape[1:], self.crop)]
+        return torch.tensor([index, axial, *starts], dtype=torch.int64)
+
+    def crop_at(self, at: torch.Tensor) -> torch.Tensor:
+        """The (C, *crop) float32 crop at a position from `positions`, zero-padded (centred) where the image
+        is smaller than the crop."""
+        index, axial, *starts = (int(v) for v in at)
+        volume = self._array(index)                             # (C, *spatial), memory-mapped
+        if axial >= 0:
+            volume = volume[..., axial]
         region = volume[(slice(None), *(slice(a, a + c) for a, c in zip(starts, self.crop)))]
         return torch.from_numpy(_pad_to(np.ascontiguousarray(region, dtype=np.float32), self.crop))
+
+
+class CropPositions(Dataset):
+    """The positions of a CropDataset's crops (see CropDataset.positions), for training whose images live on
+    the device (medssl.data.device_crops): a worker then moves a few integers instead of crop voxels."""
+
+    def __init__(self, crops: CropDataset):
+        self.crops = crops
+
+    def __len__(self) -> int:
+        return len(self.crops)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.crops.set_epoch(epoch)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.crops.positions(i)
 
 
 def _pad_to(array: np.ndarray, size: Sequence[int]) -> np.ndarray:

@@ -74,12 +74,14 @@ def _has_conv2d(model: nn.Module) -> bool:
 
 def train(method: nn.Module, loader_factory: Callable, cfg: TrainConfig, out_dir: Path, tracker,
           device: torch.device | str, on_step: Callable[[int, dict], None] | None = None, probe=None,
-          keep_checkpoints: int = 2, config: dict | None = None, sync_batchnorm: bool = False) -> dict:
+          keep_checkpoints: int = 2, config: dict | None = None, sync_batchnorm: bool = False,
+          prepare: Callable[[dict], dict] | None = None) -> dict:
     """Train `method` for cfg.steps optimizer steps, resuming from the newest checkpoint in out_dir/checkpoints.
 
     on_step(step, metrics) runs on every rank after every step (metrics: loss, lr, grad_norm); `probe(encoder,
     device) -> dict` runs on rank 0 every cfg.probe_every steps; `config` is stored in each checkpoint;
-    sync_batchnorm: BatchNorm statistics over all GPUs under DDP (CUDA only; PyTorch has no CPU kernel).
+    sync_batchnorm: BatchNorm statistics over all GPUs under DDP (CUDA only; PyTorch has no CPU kernel);
+    prepare(batch) runs on each micro-batch once it is on the device (e.g. DeviceCrops.fill: positions -> crops).
     Returns {"step", "loss", "checkpoint", "resumed_from"}.
     """
     device, out_dir, info = torch.device(device), Path(out_dir), current()
@@ -99,7 +101,7 @@ def train(method: nn.Module, loader_factory: Callable, cfg: TrainConfig, out_dir
     method.train()
     run = _Run(method, model, optimizer, scheduler, cfg, out_dir, tracker, device, info, probe,
                keep_checkpoints, {"train": cfg.model_dump(mode="json"), "world_size": info.world_size,
-                                  **(config or {})}, channels_last)
+                                  **(config or {})}, channels_last, prepare)
     stream = BatchStream(loader_factory, data["epoch"], data["position"])
     loss = run.loop(stream, step, on_step)
     barrier()  # the final checkpoint exists before any rank returns
@@ -123,6 +125,7 @@ class _Run:
     keep: int
     config: dict
     channels_last: bool
+    prepare: Callable[[dict], dict] | None = None
 
     def loop(self, stream: BatchStream, step: int, on_step) -> float | None:
         cfg, main, loss = self.cfg, self.info.rank == 0, None
@@ -163,6 +166,8 @@ class _Run:
             window.wait_s += waited
             window.samples += batch_samples(batch)
             batch = move_to_device(batch, self.device, self.channels_last)
+            if self.prepare is not None:
+                batch = self.prepare(batch)
             # DDP: all-reduce gradients only on the last micro-batch
             sync = nullcontext() if micro == cfg.accumulate - 1 or not ddp else self.model.no_sync()
             with sync:

@@ -34,7 +34,8 @@ def run_pretraining(cfg: PretrainConfig, cache, image_ids, groups: dict | None, 
     groups: {image_id: patient (or study) id} for patient/study positives. probe: an OnlineProbe (or any
     `probe(encoder, device) -> dict`) run every cfg.train.probe_every steps. Only rank 0 logs and writes.
     """
-    from medssl.data.loaders import CropDataset
+    from medssl.data.device_crops import DeviceCrops, use_device_crops
+    from medssl.data.loaders import CropDataset, CropPositions
     from medssl.models.encoders import save_encoder
     from medssl.ssl import build_method, method_name
 
@@ -48,10 +49,16 @@ def run_pretraining(cfg: PretrainConfig, cache, image_ids, groups: dict | None, 
     if info.rank == 0:
         _log_setup(tracker, cfg, dataset, spatial_dims, method_name(cfg), info.world_size)
         _log_views(tracker, dataset, cfg, view_examples)
-    factory = _loader_factory(dataset, t, info.world_size)
+    # images on the device: the loader hands out crop positions (the same random draws), the device cuts them
+    prepare, source, workers = None, dataset, t.workers
+    if use_device_crops(t.device_crops, cache, dataset.ids, cfg.crop, spatial_dims, device):
+        prepare = DeviceCrops.load(cache, dataset.ids, cfg.crop, spatial_dims, device).fill
+        source, workers = CropPositions(dataset), 0  # a few integers per sample: no worker processes needed
+    factory = _loader_factory(source, t, info.world_size, workers)
     config = {"pretrain": cfg.model_dump(mode="json"), "spatial_dims": spatial_dims}
     result = train(method, factory, t, out_dir, tracker if info.rank == 0 else _Silent(), device,
-                   probe=probe, keep_checkpoints=keep_checkpoints, config=config, sync_batchnorm=sync_batchnorm)
+                   probe=probe, keep_checkpoints=keep_checkpoints, config=config, sync_batchnorm=sync_batchnorm,
+                   prepare=prepare)
     path = out_dir / "encoder.pt"
     if info.rank == 0:
         save_encoder(path, method.encoder, cfg.encoder, spatial_dims, cfg.crop,
@@ -79,14 +86,14 @@ class _Silent:
         return None
 
 
-def _loader_factory(dataset, t, world_size: int):
+def _loader_factory(dataset, t, world_size: int, workers: int):
     if world_size > 1:
-        return sharded_loader(dataset, t.batch_size, t.seed, t.workers)
+        return sharded_loader(dataset, t.batch_size, t.seed, workers)
     from medssl.data.loaders import make_loader
 
     def factory(epoch: int, position: int):
         # one endless stream (epochs=None): the epoch stays 0 and `position` is the micro-batch to start at
-        return make_loader(dataset, t.batch_size, shuffle=True, seed=t.seed, workers=t.workers,
+        return make_loader(dataset, t.batch_size, shuffle=True, seed=t.seed, workers=workers,
                            start_step=position, epochs=None)
     return factory
 
