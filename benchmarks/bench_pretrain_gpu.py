@@ -67,24 +67,110 @@ def tutorial_setup(args, device):
         recon = l1(r1, gt)
         return recon + cl(r1.flatten(1), r2.flatten(1)) * recon
     chain = tutorial_chain(size)
-    return model, opt, loss_fn, CachedCrops(volume(args.tiny), size, 10 ** 6, chain), args.tutorial_batch // 2, False
+    return model, opt, loss_fn, CachedCrops(volume(args.tiny), size, 10 ** 6, chain), args.tutorial_batch // 2
 
 
-def medssl_setup(args, device):
-    from medssl.config import EncoderConfig, MaskedConfig, PretrainConfig, SSLConfig, ViewsConfig
+# MAE's own recipe uses almost no augmentation (flip + crop); the default view set adds rotation/scale
+# resampling, gamma, blur and noise: timed both ways, so the views' share of the step is visible
+MAE_VIEWS = dict(rotate_degrees=0, scale_range=(1, 1), crop_jitter=0, gamma_range=(1, 1), noise_std=0,
+                 blur_sigma=(0, 0))
+NO_VIEWS = dict(flip_prob=0, intensity_scale=0, intensity_shift=0, **MAE_VIEWS)
+
+
+class ArrayCache:
+    """The has/get/shape side of medssl.data.cache.VolumeCache over in-memory float16 arrays."""
+
+    def __init__(self, arrays: dict):
+        self.arrays = arrays
+
+    def has(self, image_id):
+        return image_id in self.arrays
+
+    def get(self, image_id):
+        return self.arrays[image_id]
+
+    def shape(self, image_id):
+        return self.arrays[image_id].shape
+
+
+class Recorder:
+    """A tracker that keeps the loop's window metrics (samples/s, data wait) in memory."""
+
+    def __init__(self):
+        self.windows = []
+
+    def log_metrics(self, metrics, step=None):
+        self.windows.append(dict(metrics))
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+def medssl_run(name: str, args, device) -> dict:
+    """medssl's own training stack: CropDataset positions -> images on the device (DeviceCrops) -> the
+    method's on-device views -> the loop (bf16 autocast, fused AdamW, clipping, schedule, checkpoint, compile)."""
+    import tempfile
+    from medssl.config import EncoderConfig, MaskedConfig, PretrainConfig, SSLConfig, TrainConfig, ViewsConfig
+    from medssl.data.device_crops import DeviceCrops
+    from medssl.data.loaders import CropDataset, CropPositions, make_loader
     from medssl.ssl import build_method
+    from medssl.train.loop import seed_everything, train
     size = 32 if args.tiny else 96
     enc = (EncoderConfig(name="vit", patch_size=16, hidden_size=96, num_layers=2, num_heads=4, mlp_dim=384)
            if args.tiny else EncoderConfig(name="vit"))
     masked = MaskedConfig(mask_ratio=0.75, decoder_dim=64 if args.tiny else 384, decoder_depth=1 if args.tiny else 4,
                           decoder_heads=2 if args.tiny else 6)
-    cfg = PretrainConfig(encoder=enc, ssl=SSLConfig(masked=masked), views=ViewsConfig(), crop=[size] * 3)
+    views = ViewsConfig(**MAE_VIEWS) if name == "medssl-maeviews" else ViewsConfig()
+    steps = args.warmup + args.steps
+    train_cfg = TrainConfig(steps=steps, batch_size=args.batch, lr=1.5e-4, warmup_steps=args.warmup,
+                            checkpoint_every=steps, log_every=args.warmup, compile=args.compile,
+                            device_crops="on", seed=0)
+    cfg = PretrainConfig(encoder=enc, ssl=SSLConfig(masked=masked), views=views, crop=[size] * 3, train=train_cfg)
+    base = volume(args.tiny).astype(np.float16)
+    cache = ArrayCache({f"vol{i}": np.flip(base, axis=1 + i % 3).copy() * (1 + 0.1 * i) for i in range(args.volumes)})
+    dataset = CropDataset(cache, list(cache.arrays), cfg.crop, 3, seed=0)
+    bank = DeviceCrops.load(cache, dataset.ids, cfg.crop, 3, device)
+    seed_everything(0)
     method = build_method(cfg, 3).to(device)
-    opt = torch.optim.AdamW(method.parameters(), lr=1.5e-4, weight_decay=0.05, fused=device.type == "cuda")
+    positions = next(iter(make_loader(CropPositions(dataset), args.batch, shuffle=True, seed=0)))
+    positions = {k: v.to(device) for k, v in positions.items()}
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        flops = model_flops(method, lambda b: method(b)["loss"], bank.fill(positions))
+    views_ms = time_views(method.views, bank, positions["image_at"], device)
 
-    def loss_fn(batch):
-        return method(batch)["loss"]
-    return method, opt, loss_fn, CachedCrops(volume(args.tiny), size, 10 ** 6), args.batch, True
+    def factory(epoch, position):
+        return make_loader(CropPositions(dataset), args.batch, shuffle=True, seed=0, start_step=position, epochs=None)
+    stamps, tracker = [], Recorder()
+    with tempfile.TemporaryDirectory() as out_dir:
+        train(method, factory, train_cfg, out_dir, tracker, device, prepare=bank.fill,
+              on_step=lambda step, metrics: stamps.append((time.perf_counter(), metrics["loss"])))
+    per_step = (stamps[-1][0] - stamps[args.warmup - 1][0]) / args.steps  # steady state, checkpoint excluded
+    waits = [w["train/data_wait"] for w in tracker.windows[1:]] or [tracker.windows[-1]["train/data_wait"]]
+    return dict(variant=name, device=device_name(device), batch_crops=args.batch,
+                samples_per_s=round(args.batch / per_step, 1), step_ms=round(per_step * 1e3, 1),
+                data_wait_share=round(float(np.mean(waits)), 4),
+                views_ms=round(views_ms, 2), views_share=round(views_ms / 1e3 / per_step, 3),
+                gflop_per_step=float(f"{flops / 1e9:.4g}"), tflops=float(f"{flops / per_step / 1e12:.3g}"),
+                mfu=float(f"{flops / per_step / args.peak:.3g}"), loss=round(float(stamps[-1][1]), 4),
+                amp_bf16=device.type == "cuda", compiled=bool(args.compile),
+                peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if device.type == "cuda" else None)
+
+
+def time_views(views, bank, image_at, device, reps: int = 10) -> float:
+    """ms for cutting a batch of crops on the device and making one view of each (MAE's input)."""
+    from medssl.views import make_views
+    make_views(bank.gather(image_at), views)  # warm-up
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        make_views(bank.gather(image_at), views)
+    _sync(device)
+    return (time.perf_counter() - start) / reps * 1e3
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def model_flops(model, loss_fn, batch) -> float:
@@ -93,9 +179,7 @@ def model_flops(model, loss_fn, batch) -> float:
     from medssl.config import ViewsConfig
     saved = getattr(model, "views", None)
     if saved is not None:
-        model.views = ViewsConfig(flip_prob=0, rotate_degrees=0, scale_range=(1, 1), crop_jitter=0,
-                                  intensity_scale=0, intensity_shift=0, gamma_range=(1, 1), noise_std=0,
-                                  blur_sigma=(0, 0))
+        model.views = ViewsConfig(**NO_VIEWS)
     counter = FlopCounterMode(display=False)
     with counter:
         loss_fn(batch).backward()
@@ -105,38 +189,33 @@ def model_flops(model, loss_fn, batch) -> float:
     return float(counter.get_total_flops())
 
 
-def run_variant(name: str, setup, args, device) -> dict:
+def run_tutorial(args, device) -> dict:
     torch.manual_seed(0)
-    model, opt, loss_fn, dataset, batch, amp = setup(args, device)
+    model, opt, loss_fn, dataset, batch = tutorial_setup(args, device)
     loader = DataLoader(dataset, batch_size=batch, num_workers=args.workers, pin_memory=device.type == "cuda",
                         persistent_workers=args.workers > 0, prefetch_factor=4 if args.workers else None)
     batches = iter(loader)
     to_device = lambda b: {k: v.to(device, non_blocking=True) for k, v in b.items()}  # noqa: E731
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        flops = model_flops(model, loss_fn, to_device(next(batches)))  # counted before compiling
-    if args.compile and name != "tutorial":  # the tutorial's ViTAutoEnc fails under compile (ANCHORS.md)
-        model.compile()  # in place: state_dict keys stay clean
+    flops = model_flops(model, loss_fn, to_device(next(batches)))
     wait = step_time = 0.0
     for step in range(args.warmup + args.steps):
         start = time.perf_counter()
         data = to_device(next(batches))  # blocked on workers + host->device copy
         got = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = loss_fn(data)
+        loss = loss_fn(data)
         loss.backward()
         opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()  # step boundaries must be real to split data wait from compute
+        _sync(device)  # step boundaries must be real to split data wait from compute
         if step >= args.warmup:
             wait, step_time = wait + got - start, step_time + time.perf_counter() - start
-    samples = args.steps * batch * (2 if name == "tutorial" else 1)  # tutorial: 2 crops per loader item
+    samples = args.steps * batch * 2  # 2 crops per loader item
     per_step = step_time / args.steps
-    return dict(variant=name, device=device_name(device), batch_crops=samples // args.steps,
+    return dict(variant="tutorial", device=device_name(device), batch_crops=samples // args.steps,
                 samples_per_s=round(samples / step_time, 1), step_ms=round(per_step * 1e3, 1),
                 data_wait_share=round(wait / step_time, 3), gflop_per_step=float(f"{flops / 1e9:.4g}"),
                 tflops=float(f"{flops / per_step / 1e12:.3g}"), mfu=float(f"{flops / per_step / args.peak:.3g}"),
-                loss=round(float(loss), 4), amp_bf16=amp, compiled=bool(args.compile and name != "tutorial"),
+                loss=round(float(loss), 4), amp_bf16=False, compiled=False,
                 peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if device.type == "cuda" else None)
 
 
@@ -152,8 +231,10 @@ def default_peak(device) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="CPU smoke check: 32^3 crops, 2-layer ViTs")
-    parser.add_argument("--variants", default="tutorial,medssl")
-    parser.add_argument("--batch", type=int, default=None, help="crops per step (default 64; tiny 2)")
+    parser.add_argument("--variants", default="tutorial,medssl-maeviews,medssl",
+                        help="tutorial, medssl (default view set), medssl-maeviews (flips + gain/shift, MAE-style)")
+    parser.add_argument("--volumes", type=int, default=8, help="cached volumes held on the device")
+    parser.add_argument("--batch", type=int, default=None, help="medssl crops per step (default 256; tiny 2)")
     parser.add_argument("--tutorial-batch", type=int, default=None,
                         help="crops per tutorial step (default 8 as in the tutorial: fp32 ViTAutoEnc needs ~92 GiB at 32)")
     parser.add_argument("--steps", type=int, default=None)
@@ -164,17 +245,16 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
-    for key, full, tiny in (("batch", 64, 2), ("tutorial_batch", 8, 2), ("steps", 20, 2), ("warmup", 5, 1), ("workers", 8, 0)):
+    for key, full, tiny in (("batch", 256, 2), ("tutorial_batch", 8, 2), ("steps", 30, 2), ("warmup", 10, 1), ("workers", 8, 0)):
         if getattr(args, key) is None:
             setattr(args, key, tiny if args.tiny else full)
     args.peak = args.peak or default_peak(device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    setups = {"tutorial": tutorial_setup, "medssl": medssl_setup}
     results = []
     for name in args.variants.split(","):
         try:
-            results.append(run_variant(name, setups[name], args, device))
+            results.append(run_tutorial(args, device) if name == "tutorial" else medssl_run(name, args, device))
         except Exception as err:  # report the failure, go on with the next variant
             results.append(dict(variant=name, error=repr(err)[:300]))
         print(json.dumps(results[-1]), flush=True)
