@@ -1,15 +1,17 @@
 """End-to-end 3D pretraining benchmark on one GPU: the MONAI tutorial's recipe vs medssl's MAE.
 
-Both variants train from a cached 180x180x150 volume held in memory, with DataLoader workers, so the figure
-includes feeding the model:
-  tutorial  ViTAutoEnc (ViT-B, 96^3, patch 16), fp32, Adam; its CPU transform chain in the workers
+Both variants train from cached 180x180x150 volumes, so the figure includes feeding the model:
+  tutorial  ViTAutoEnc (ViT-B, 96^3, patch 16), fp32, Adam; its CPU transform chain in DataLoader workers
             (crops + coarse dropout/shuffle, benchmarks/bench_views.py); loss L1(recon(v1), gt) + CL * L1
-  medssl    MAE with a ViT-B encoder (MONAI blocks, SDPA), 4x384 decoder, mask 0.75, bf16 autocast, fused
-            AdamW, optional torch.compile; workers only slice crops; views made batched on the GPU
-Reports samples/s, data-wait share (time blocked on the loader and the host->device copy / step time) and
+  medssl    medssl's own stack: CropDataset positions -> images held on the GPU (data/device_crops.py) ->
+            the method's batched views on the GPU -> train/loop.py (bf16 autocast, fused AdamW, clipping,
+            warm-up/cosine, final checkpoint, optional torch.compile). MAE with a ViT-B encoder (MONAI blocks,
+            SDPA), 4x384 decoder, mask 0.75. "medssl": the default view set; "medssl-maeviews":
+            configs/views/mae.yaml
+Reports samples/s, data-wait share (time blocked on the loader / step time), the views' time per step, and
 MFU (model FLOPs from torch.utils.flop_counter, views excluded, / step time / bf16 peak).
 
-    python benchmarks/bench_pretrain_gpu.py --batch 64 --compile --json pretrain.json   # on a GPU
+    python benchmarks/bench_pretrain_gpu.py --batch 256 --compile --json pretrain.json   # on a GPU
     python benchmarks/bench_pretrain_gpu.py --tiny                                     # CPU smoke check
 """
 from __future__ import annotations
@@ -17,9 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from torch.utils.data import DataLoader, Dataset
 
 # bf16 dense peaks from ../shared/ANCHORS.md (H200 measured there; H100 SXM datasheet)
@@ -70,11 +74,11 @@ def tutorial_setup(args, device):
     return model, opt, loss_fn, CachedCrops(volume(args.tiny), size, 10 ** 6, chain), args.tutorial_batch // 2
 
 
-# MAE's own recipe uses almost no augmentation (flip + crop); the default view set adds rotation/scale
-# resampling, gamma, blur and noise: timed both ways, so the views' share of the step is visible
-MAE_VIEWS = dict(rotate_degrees=0, scale_range=(1, 1), crop_jitter=0, gamma_range=(1, 1), noise_std=0,
-                 blur_sigma=(0, 0))
-NO_VIEWS = dict(flip_prob=0, intensity_scale=0, intensity_shift=0, **MAE_VIEWS)
+# configs/views/mae.yaml (flips + gain/shift: MAE's own recipe uses almost no augmentation) vs the default
+# view set (adds rotation/scale resampling, gamma, blur, noise): timed both ways, so the views' cost shows
+MAE_VIEWS = Path(__file__).resolve().parents[1] / "configs" / "views" / "mae.yaml"
+NO_VIEWS = dict(flip_prob=0, rotate_degrees=0, scale_range=(1, 1), crop_jitter=0, intensity_scale=0,
+                intensity_shift=0, gamma_range=(1, 1), noise_std=0, blur_sigma=(0, 0))
 
 
 class ArrayCache:
@@ -120,7 +124,8 @@ def medssl_run(name: str, args, device) -> dict:
            if args.tiny else EncoderConfig(name="vit"))
     masked = MaskedConfig(mask_ratio=0.75, decoder_dim=64 if args.tiny else 384, decoder_depth=1 if args.tiny else 4,
                           decoder_heads=2 if args.tiny else 6)
-    views = ViewsConfig(**MAE_VIEWS) if name == "medssl-maeviews" else ViewsConfig()
+    views = ViewsConfig.model_validate(yaml.safe_load(MAE_VIEWS.read_text())) if name == "medssl-maeviews" \
+        else ViewsConfig()
     steps = args.warmup + args.steps
     train_cfg = TrainConfig(steps=steps, batch_size=args.batch, lr=1.5e-4, warmup_steps=args.warmup,
                             checkpoint_every=steps, log_every=args.warmup, compile=args.compile,

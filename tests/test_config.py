@@ -58,3 +58,15 @@ def test_cross_field_rules(tmp_path):
     main.write_text("name: x\ndata: {}\n")
     with pytest.raises(ConfigError, match="data.folder"):
         load_pipeline(main)
+
+
+PIECES = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*/*.yaml"))
+
+
+@pytest.mark.parametrize("path", PIECES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_shipped_config_piece_is_a_valid_section(path):
+    import yaml
+    from medssl import config as c
+    section = {"views": c.ViewsConfig, "encoders": c.EncoderConfig, "ssl": c.SSLConfig,
+               "preprocess": c.PreprocessConfig, "finetune": c.FinetuneConfig}[path.parent.name]
+    section.model_validate(yaml.safe_load(path.read_text()))

@@ -99,3 +99,24 @@ def test_masked_with_resnet_is_a_config_error():
 def test_crop_of_the_wrong_dimension_is_a_config_error():
     with pytest.raises(ConfigError, match="pretrain.crop"):
         build_method(PretrainConfig(crop=[16, 16, 16]), 2)
+
+
+@pytest.mark.parametrize("spatial_dims,channels", [(3, 1), (2, 3)])
+def test_visible_patch_embedding_equals_the_conv_then_gather(spatial_dims, channels):
+    """MAE embeds only the visible patches with the patch conv's weights as a matrix: same tokens and same
+    weight gradients as MONAI's conv over all patches followed by the gather."""
+    from medssl.models.vit import ViTEncoder
+    from medssl.ssl.patchify import random_masking
+    torch.manual_seed(0)
+    enc = ViTEncoder(channels, [32] * spatial_dims, 8, 48, 1, 2, 64, spatial_dims)
+    x = torch.randn(3, channels, *[32] * spatial_dims, dtype=torch.float64)
+    enc = enc.double()
+    keep, _, _ = random_masking(3, enc.num_patches, 0.75, x.device)
+    fast = enc.embed_visible(x, keep)
+    full = enc.patch_embed(x)
+    reference = torch.gather(full, 1, keep.unsqueeze(-1).expand(-1, -1, 48))
+    torch.testing.assert_close(fast, reference)
+    weight = enc.patch_embed.patch_embeddings.weight
+    grad_fast, = torch.autograd.grad(fast.square().sum(), weight)
+    grad_ref, = torch.autograd.grad(reference.square().sum(), weight)
+    torch.testing.assert_close(grad_fast, grad_ref)

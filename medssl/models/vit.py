@@ -9,10 +9,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from monai.networks.blocks import PatchEmbeddingBlock, TransformerBlock
 from torch import nn
 
 from medssl.errors import ConfigError
+from medssl.ssl.patchify import patchify
 
 
 def _require_einops() -> None:
@@ -52,13 +54,22 @@ class ViTEncoder(nn.Module):
 
     def forward_tokens(self, x: torch.Tensor, keep_idx: torch.Tensor | None = None) -> torch.Tensor:
         """(B, C, *spatial) -> (B, L_keep, hidden); keep_idx (B, L_keep) selects visible patches."""
-        tokens = self.patch_embed(x)  # (B, L, D), positions already added
-        if keep_idx is not None:
-            index = keep_idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
-            tokens = torch.gather(tokens, 1, index)  # (B, L_keep, D)
+        tokens = self.patch_embed(x) if keep_idx is None else self.embed_visible(x, keep_idx)
         for block in self.blocks:
             tokens = block(tokens)
         return self.norm(tokens)
+
+    def embed_visible(self, x: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
+        """The visible patches' tokens only (B, L_keep, D): patchify, gather, one GEMM with the patch conv's
+        own weights. The same numbers as the conv followed by a gather, for a quarter of its work at mask 0.75,
+        and a plain matrix product instead of a strided 3D convolution."""
+        conv, dim = self.patch_embed.patch_embeddings, self.out_features
+        patches = patchify(x, self.patch_size)                              # (B, L, p^nd * C), (p.., C) order
+        patches = torch.gather(patches, 1, keep_idx.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+        weight = conv.weight.movedim(1, -1).reshape(dim, -1)                # (D, C, p..) -> (D, p.. * C)
+        pos = self.patch_embed.position_embeddings.expand(x.shape[0], -1, -1)
+        pos = torch.gather(pos, 1, keep_idx.unsqueeze(-1).expand(-1, -1, dim))
+        return self.patch_embed.dropout(F.linear(patches, weight, conv.bias) + pos)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_tokens(x).mean(dim=1)  # (B, D): mean of tokens
