@@ -115,7 +115,7 @@ def medssl_run(name: str, args, device) -> dict:
     method's on-device views -> the loop (bf16 autocast, fused AdamW, clipping, schedule, checkpoint, compile)."""
     import tempfile
     from medssl.config import EncoderConfig, MaskedConfig, PretrainConfig, SSLConfig, TrainConfig, ViewsConfig
-    from medssl.data.device_crops import DeviceCrops
+    from medssl.data.device_crops import DeviceCrops, device_crop_workers
     from medssl.data.loaders import CropDataset, CropPositions, make_loader
     from medssl.ssl import build_method
     from medssl.train.loop import seed_everything, train
@@ -137,14 +137,16 @@ def medssl_run(name: str, args, device) -> dict:
     bank = DeviceCrops.load(cache, dataset.ids, cfg.crop, 3, device)
     seed_everything(0)
     method = build_method(cfg, 3).to(device)
-    positions = next(iter(make_loader(CropPositions(dataset), args.batch, shuffle=True, seed=0)))
+    # endless stream: one epoch of a few volumes would be a short batch (FLOPs and view time per full batch)
+    positions = next(iter(make_loader(CropPositions(dataset), args.batch, shuffle=True, seed=0, epochs=None)))
     positions = {k: v.to(device) for k, v in positions.items()}
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         flops = model_flops(method, lambda b: method(b)["loss"], bank.fill(positions))
     views_ms = time_views(method.views, bank, positions["image_at"], device)
 
-    def factory(epoch, position):
-        return make_loader(CropPositions(dataset), args.batch, shuffle=True, seed=0, start_step=position, epochs=None)
+    def factory(epoch, position):  # as train/pretrain.py: a worker draws the next positions during the step
+        return make_loader(CropPositions(dataset), args.batch, shuffle=True, seed=0, start_step=position,
+                           epochs=None, workers=device_crop_workers(0, device))
     stamps, tracker = [], Recorder()
     with tempfile.TemporaryDirectory() as out_dir:
         train(method, factory, train_cfg, out_dir, tracker, device, prepare=bank.fill,

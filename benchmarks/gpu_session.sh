@@ -3,6 +3,7 @@
 # Run from the repo root on the GPU machine, with the wheels medssl needs beyond that machine's image in .whl/
 # (monai, pydantic + pydantic-core + annotated-types + typing-inspection, nibabel):
 #     bash benchmarks/gpu_session.sh        # results under $OUT (or ./gpu_out)
+#     PARTS="pretrain_eager tests" bash benchmarks/gpu_session.sh     # only some parts
 # Each part has its own time limit, so one hang or failure does not cost the others.
 set -u
 OUT=${OUT:-gpu_out}
@@ -14,8 +15,10 @@ fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv; nproc;
   python3 -c "import torch, monai; print('torch', torch.__version__, 'monai', monai.__version__)"; } 2>&1 | tee "$OUT/env.txt"
 
+PARTS=${PARTS:-pretrain_eager pretrain_compiled views tests}
 part() {  # part NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log
   local name=$1 limit=$2; shift 2
+  [[ " $PARTS " == *" $name "* ]] || return 0
   echo "=== $name (limit ${limit}s)"
   local start=$SECONDS
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
@@ -34,4 +37,4 @@ part views 90 python3 benchmarks/bench_views.py --device cuda --batch 64 256 --r
   --tutorial-procs 1 16 --json "$OUT/views_gpu.json"
 # 4. correctness on the card: device crops == CPU crops, same weights, exact resume (CUDA parametrisations)
 part tests 90 python3 -m pytest tests/test_device_crops.py -q -p no:cacheprovider
-tail -n 5 "$OUT/tests.log"
+[[ -f "$OUT/tests.log" ]] && tail -n 5 "$OUT/tests.log"

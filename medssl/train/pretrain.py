@@ -34,7 +34,7 @@ def run_pretraining(cfg: PretrainConfig, cache, image_ids, groups: dict | None, 
     groups: {image_id: patient (or study) id} for patient/study positives. probe: an OnlineProbe (or any
     `probe(encoder, device) -> dict`) run every cfg.train.probe_every steps. Only rank 0 logs and writes.
     """
-    from medssl.data.device_crops import DeviceCrops, use_device_crops
+    from medssl.data.device_crops import DeviceCrops, device_crop_workers, use_device_crops
     from medssl.data.loaders import CropDataset, CropPositions
     from medssl.models.encoders import save_encoder
     from medssl.ssl import build_method, method_name
@@ -53,7 +53,7 @@ def run_pretraining(cfg: PretrainConfig, cache, image_ids, groups: dict | None, 
     prepare, source, workers = None, dataset, t.workers
     if use_device_crops(t.device_crops, cache, dataset.ids, cfg.crop, spatial_dims, device):
         prepare = DeviceCrops.load(cache, dataset.ids, cfg.crop, spatial_dims, device).fill
-        source, workers = CropPositions(dataset), 0  # a few integers per sample: no worker processes needed
+        source, workers = CropPositions(dataset), device_crop_workers(t.workers, device)
     factory = _loader_factory(source, t, info.world_size, workers)
     config = {"pretrain": cfg.model_dump(mode="json"), "spatial_dims": spatial_dims}
     result = train(method, factory, t, out_dir, tracker if info.rank == 0 else _Silent(), device,
