@@ -4,11 +4,13 @@ Every random parameter is drawn per sample with torch on the batch's device, so 
 by a handful of kernels instead of B Python-level transform chains. Geometry (crop jitter/zoom, rotation,
 scale, flips) is one affine matrix per sample applied in a single resampling pass.
 
-On CPU the same views take a different route where it pays (2-core CPU, batch 8, two 96^3 views per crop,
-best of interleaved rounds; default view set 9.7 -> 23 crops/s on 1 thread, 14 -> ~30 on 2): one sample at
-a time, trilinear resampling through torch's vectorised 2D sampler (trilinear_by_rows), the blur as shifted
-multiply-adds (blur_by_taps). What is left is mostly kernels at their floor: per view ~8 ms of 2D sampling,
-3.5 ms of torch.randn, 2.3 ms of pow, on one core.
+On CPU the same views take a cheaper route where it pays: one sample at a time (_sample_by_sample), trilinear
+resampling through torch's vectorised 2D sampler (trilinear_by_rows), the blur as shifted multiply-adds
+(blur_by_taps). Given the same draws its views match F.grid_sample and the banded GEMM within 5e-4 on real
+anatomy. bench_views.py, 2-core CPU, batch 8, two 96^3 views per crop: default views 10.1 -> 24.9 crops/s on
+1 thread, 14.0 -> 33.4 on 2. Per view and core ~21 ms are left, mostly kernels at their floor: torch's 2D
+sampler 6.5 ms, torch.randn 3 ms, pow 2.2 ms, blur 2.6 ms. So the full default set stays below the MONAI
+tutorial's far lighter CPU chain (the 'light' set is above it); the views belong on the GPU.
 """
 from __future__ import annotations
 
@@ -125,7 +127,7 @@ def apply_affine(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
 def _source_coord(theta: torch.Tensor, axis: int, spatial: list[int], scale: float, offset: float):
     """scale * (affine_grid source coordinate along array `axis`) + offset, as (B, D, H, 1) + (B, 1, 1, W)."""
     b = theta.shape[0]
-    c = [(torch.arange(n, dtype=theta.dtype) * 2 + 1) / n - 1 for n in spatial]
+    c = [(torch.arange(n, dtype=theta.dtype, device=theta.device) * 2 + 1) / n - 1 for n in spatial]
     t = (theta[:, axis] * scale).view(b, 4, 1, 1, 1)
     return t[:, 3] + offset + t[:, 0] * c[0].view(-1, 1, 1) + t[:, 1] * c[1].view(-1, 1), t[:, 2] * c[2]
 
@@ -143,13 +145,13 @@ def trilinear_by_rows(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     b, _, d, h, w = x.shape
     slot, spatial = h + 2, [d, h, w]
     rows = (d + 3) * slot  # slot 0: zero slice z = -1; slot d + 1: z = d; slot d + 2: channel 1 overrun
-    tall = torch.zeros(b, d + 3, slot, w, dtype=x.dtype)
+    tall = x.new_zeros(b, d + 3, slot, w)
     tall[:, 1:d + 1, :h] = x[:, 0]
     z = torch.add(*_source_coord(theta, 0, spatial, d / 2, (d - 1) / 2)).clamp_(-1, d)  # voxel units
     z0 = z.floor().clamp_(max=d - 1)  # z == d: slice d - 1 with weight 0, slice d (zero) with weight 1
     frac = z.sub_(z0)
     k, c = 2 / (rows - slot), (2 * slot + 1) / (rows - slot) - 1  # row r -> normalised (2 r + 1) / height - 1
-    planes = torch.empty(2, b, d, h, w, dtype=x.dtype)  # (x, row): planar, which the 2D sampler loads fastest
+    planes = x.new_empty(2, b, d, h, w)  # (x, row): planar, which the 2D sampler loads fastest
     torch.add(*_source_coord(theta, 2, spatial, 1.0, 0.0), out=planes[0])
     y = torch.add(*_source_coord(theta, 1, spatial, h / 2 * k, (h - 1) / 2 * k + c)).clamp_(c - k, c + h * k)
     torch.add(y, z0, alpha=slot * k, out=planes[1])
@@ -159,8 +161,7 @@ def trilinear_by_rows(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
                                               (0 if parts > 1 else rows * w, slot * w, w, 1))
     grid = planes.view(2, b * parts, d * h // parts, w).permute(1, 2, 3, 0)
     pair = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    pair = pair.view(b, parts, 2, -1, w).transpose(1, 2).reshape(b, 2, d, h, w)
-    return torch.lerp(pair[:, 0], pair[:, 1], frac).unsqueeze(1)
+    return torch.lerp(pair[:, 0], pair[:, 1], frac.view(b * parts, -1, w)).view(x.shape)
 
 
 def random_intensity(x: torch.Tensor, cfg: ViewsConfig, gen: torch.Generator | None = None,
@@ -272,15 +273,23 @@ def make_views(x: torch.Tensor, cfg: ViewsConfig, generator: torch.Generator | N
     """One random view per sample of x (B, C, *spatial); an all-off config returns x unchanged."""
     if x.ndim not in (4, 5):
         raise ValueError(f"make_views expects (B, C, H, W) or (B, C, D, H, W), got shape {tuple(x.shape)}")
-    if x.device.type != "cpu" or x.shape[0] == 1 or not (needs_resampling(cfg) or cfg.blur_sigma[1] > 0):
+    if not _sample_by_sample(x, cfg):
         return _views(x, cfg, generator)
-    # CPU, resampling or blur: one sample at a time. Its few-MB temporaries stay in cache and their memory is
-    # reused, where a batch's 30-90 MB ones stream through DRAM and fresh pages at every step (2x measured;
-    # the cheap light views are faster batched).
     out = torch.empty_like(x)  # (measured: torch.cat of the samples' views is 4x slower than this)
     for i in range(x.shape[0]):
         out[i:i + 1] = _views(x[i:i + 1], cfg, generator)
     return out
+
+
+def _sample_by_sample(x: torch.Tensor, cfg: ViewsConfig) -> bool:
+    """CPU views of large samples (64^3 and up) that resample or blur are faster made one sample at a time.
+
+    A sample's few-MB temporaries stay in cache and their memory is reused, where a batch's 30-90 MB ones
+    stream through DRAM and fresh pages at every step (1.5x on a 2-core CPU at 96^3). Below 2^18 voxels
+    the per-sample Python overhead wins, and the cheap light views (flips, gain, cutout) are faster batched.
+    """
+    heavy = needs_resampling(cfg) or cfg.blur_sigma[1] > 0
+    return x.device.type == "cpu" and x.shape[0] > 1 and x[0].numel() >= 2 ** 18 and heavy
 
 
 def _views(x: torch.Tensor, cfg: ViewsConfig, generator: torch.Generator | None) -> torch.Tensor:

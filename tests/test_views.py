@@ -163,3 +163,13 @@ def test_blur_paths_agree(spatial_dims):
     x = torch.rand(3, 2, *[9, 10, 11][:spatial_dims])
     sigma = torch.tensor([0.0, 0.4, 1.0])
     assert torch.allclose(blur_by_taps(x, sigma, 3), blur_by_matmul(x, sigma, 3), atol=1e-6)
+
+
+def test_large_cpu_samples_are_made_one_at_a_time():
+    from medssl.views import _sample_by_sample
+    x = torch.rand(1, 1, 64, 64, 64).expand(2, -1, -1, -1, -1).half()  # two copies of one crop
+    assert _sample_by_sample(x, ViewsConfig()) and not _sample_by_sample(x[..., :32], ViewsConfig())
+    a = make_views(x, ViewsConfig(), torch.Generator().manual_seed(3))
+    b = make_views(x, ViewsConfig(), torch.Generator().manual_seed(3))
+    assert a.shape == x.shape and a.dtype == x.dtype and torch.isfinite(a).all()
+    assert torch.equal(a, b) and not torch.allclose(a[0], a[1])
