@@ -48,30 +48,33 @@ def random_flips(x: torch.Tensor, prob: float, gen: torch.Generator | None = Non
     """Per-sample, per-axis flips without interpolation (exact index reversal)."""
     b, nd = x.shape[0], x.ndim - 2
     flips = torch.rand(b, nd, device=x.device, generator=gen) < prob  # (B, nd)
-    code = (flips.long() * (2 ** torch.arange(nd, device=x.device))).sum(1)  # (B,) pattern id
-    return flip_by_pattern(x, code, per_sample=x.device.type == "cpu")
+    return flip_samples(x, flips, per_sample=x.device.type == "cpu")
 
 
-def flip_by_pattern(x: torch.Tensor, code: torch.Tensor, per_sample: bool) -> torch.Tensor:
-    """Flip sample i along the axes whose bits are set in code[i].
+def flip_samples(x: torch.Tensor, flips: torch.Tensor, per_sample: bool) -> torch.Tensor:
+    """Flip sample i along the spatial axes where flips[i] (B, nd) is True.
 
-    per_sample (CPU): one flip + copy per sample, two passes over memory. Otherwise one flip per distinct
-    pattern (at most 4 in 2D, 8 in 3D, whatever B is): few kernel launches on an accelerator.
+    per_sample (CPU): one flip + copy per sample, two passes over memory. Otherwise ONE gather whose index
+    along each axis is reversed for the flipped samples: no host sync and no data-dependent Python, so it
+    stays inside a torch.compile graph on an accelerator.
     """
-    nd = x.ndim - 2
-    out = torch.empty_like(x)
+    b, c, *spatial = x.shape
+    nd = len(spatial)
     if per_sample:
-        for i, pattern in enumerate(code.tolist()):
-            out[i] = x[i].flip([a - 1 for a in _axes(pattern, nd)]) if pattern else x[i]
+        out = torch.empty_like(x)
+        for i, row in enumerate(flips.tolist()):
+            axes = [a for a in range(nd) if row[a]]
+            out[i] = x[i].flip([1 + a for a in axes]) if axes else x[i]
         return out
-    for pattern in code.unique().tolist():
-        rows = (code == pattern).nonzero().flatten()
-        out[rows] = x[rows].flip(_axes(pattern, nd)) if pattern else x[rows]
-    return out
-
-
-def _axes(pattern: int, nd: int) -> list[int]:
-    return [2 + a for a in range(nd) if pattern >> a & 1]
+    index = [torch.arange(b, device=x.device).view(b, *[1] * (nd + 1)),
+             torch.arange(c, device=x.device).view(1, c, *[1] * nd)]
+    for axis, n in enumerate(spatial):
+        forward = torch.arange(n, device=x.device)
+        along = torch.where(flips[:, axis, None], n - 1 - forward, forward)  # (B, n)
+        shape = [b, 1] + [1] * nd
+        shape[2 + axis] = n
+        index.append(along.view(shape))
+    return x[tuple(index)]
 
 
 def random_affine(x: torch.Tensor, cfg: ViewsConfig, gen: torch.Generator | None = None) -> torch.Tensor:

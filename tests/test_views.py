@@ -131,11 +131,12 @@ def test_blur_matches_scipy_per_sample(spatial_dims):
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_flip_paths_agree(spatial_dims):
-    from medssl.views import flip_by_pattern
+    from medssl.views import flip_samples
     x = anatomy(spatial_dims, batch=5)
     code = torch.tensor([0, 1, 2, 3, 2 ** spatial_dims - 1])
-    grouped, looped = flip_by_pattern(x, code, per_sample=False), flip_by_pattern(x, code, per_sample=True)
-    assert torch.equal(grouped, looped)
+    flips = (code[:, None] >> torch.arange(spatial_dims)) & 1 == 1  # bit a = spatial axis a
+    gathered, looped = flip_samples(x, flips, per_sample=False), flip_samples(x, flips, per_sample=True)
+    assert torch.equal(gathered, looped)
     assert torch.equal(looped[1], x[1].flip([1])) and torch.equal(looped[0], x[0])  # bit 0 = first spatial axis
 
 
