@@ -111,17 +111,14 @@ def pick_rate(vol: np.ndarray, batch: int, batches: int) -> float:
     return batch * batches / (time.perf_counter() - start)
 
 
-def gather_crops(vol: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
-    """n random 96^3 crops of vol (C, X, Y, Z) -> (n, C, 96, 96, 96), on vol's device, no host round trip.
-
-    Corners are drawn on the device; one advanced-indexing gather with broadcast start + arange index
-    tensors reads the whole batch in one kernel instead of n slice copies.
-    """
-    room = torch.tensor([s - CROP + 1 for s in vol.shape[1:]], device=vol.device)
-    starts = (torch.rand(n, 3, device=vol.device, generator=gen) * room).long()  # (n, 3)
-    ix, iy, iz = (starts[:, a, None] + torch.arange(CROP, device=vol.device) for a in range(3))  # (n, 96)
-    crops = vol[:, ix[:, :, None, None], iy[:, None, :, None], iz[:, None, None, :]]  # (C, n, 96, 96, 96)
-    return crops.movedim(0, 1).contiguous()
+def gather_crops(bank, n: int, gen: torch.Generator) -> torch.Tensor:
+    """n random 96^3 crops of the one image in `bank` (medssl.data.device_crops.DeviceCrops, as in training)
+    -> (n, C, 96, 96, 96): corners drawn on the bank's device, one gather kernel, no host round trip."""
+    frame = bank.frame
+    room = torch.tensor([s - CROP + 1 for s in frame.shape[2:]], device=frame.device)
+    starts = (torch.rand(n, 3, device=frame.device, generator=gen) * room).long()  # (n, 3)
+    head = torch.tensor([0, -1], device=frame.device).expand(n, 2)               # image 0, no axial slice
+    return bank.gather(torch.cat([head, starts], dim=1))
 
 
 def _sync(device: torch.device) -> None:
@@ -129,20 +126,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def device_rate(vol: torch.Tensor, cfg: ViewsConfig | None, batch: int, batches: int, warmup: int = 2) -> float:
-    """Crops/s of gather + two views, everything on vol's device; cfg None times the gather alone."""
-    gen = torch.Generator(device=vol.device).manual_seed(0)
+def device_rate(bank, cfg: ViewsConfig | None, batch: int, batches: int, warmup: int = 2) -> float:
+    """Crops/s of gather + two views, everything on the bank's device; cfg None times the gather alone."""
+    device = bank.frame.device
+    gen = torch.Generator(device=device).manual_seed(0)
 
     def step():
-        x = gather_crops(vol, batch, gen)  # (B, 1, 96, 96, 96)
+        x = gather_crops(bank, batch, gen)  # (B, 1, 96, 96, 96)
         return x if cfg is None else (make_views(x, cfg, gen), make_views(x, cfg, gen))
     for _ in range(warmup):  # kernel selection, caching allocator growth
         step()
-    _sync(vol.device)
+    _sync(device)
     start = time.perf_counter()
     for _ in range(batches):
         step()
-    _sync(vol.device)
+    _sync(device)
     return batch * batches / (time.perf_counter() - start)
 
 
@@ -163,15 +161,17 @@ def cpu_variants(args) -> dict:
 
 
 def device_variants(args) -> dict:
+    from medssl.data.device_crops import DeviceCrops
     device = torch.device(args.device)
-    vol = torch.from_numpy(cached_volume()).to(device)  # (1, 180, 180, 150), uploaded once
+    volume = torch.from_numpy(cached_volume()).half().to(device)  # float16, as cached; uploaded once
+    bank = DeviceCrops(volume[None], [CROP] * 3)                   # what training gathers from
     out = tutorial_variants(args) if args.with_tutorial else {}
     for batch in args.batch:
         out[f"medssl crop gather only, {device.type}, batch {batch}"] = (
-            lambda b=batch: device_rate(vol, None, b, args.batches))
+            lambda b=batch: device_rate(bank, None, b, args.batches))
         for name, cfg in VIEW_SETS:
             out[f"medssl views '{name}', {device.type}, batch {batch}"] = (
-                lambda c=cfg, b=batch: device_rate(vol, c, b, args.batches))
+                lambda c=cfg, b=batch: device_rate(bank, c, b, args.batches))
     return out
 
 
