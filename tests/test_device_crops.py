@@ -79,8 +79,14 @@ def test_mixed_dimensions_are_refused_with_a_message():
         DeviceCrops.load(cache, list(cache.arrays), [8, 8, 8], 3, "cpu")
 
 
-class NullTracker:  # medssl.tracking's needs mlflow, which a bare GPU box may lack
+class NullTracker:  # medssl.tracking's needs mlflow, which a bare GPU box may lack; keeps the tags
     active_run_id = None
+
+    def __init__(self):
+        self.tags = {}
+
+    def set_tags(self, tags):
+        self.tags.update(tags)
 
     def __getattr__(self, name):
         return lambda *args, **kwargs: None
@@ -101,9 +107,11 @@ def test_pretraining_with_device_crops_ends_with_the_same_weights(tmp_path, spat
     for setting in ("off", "on"):
         cfg = PretrainConfig(encoder=vit, ssl=masked, crop=[16] * spatial_dims,
                              train=TrainConfig(steps=3, batch_size=2, warmup_steps=1, seed=1, device_crops=setting))
-        path = run_pretraining(cfg, cache, list(GROUPS), None, tmp_path / setting, NullTracker(),
+        tracker = NullTracker()
+        path = run_pretraining(cfg, cache, list(GROUPS), None, tmp_path / setting, tracker,
                                spatial_dims=spatial_dims, device=device, view_examples=0)
         weights.append(load_encoder(path)[0].state_dict())
+        assert tracker.tags["medssl.crops_cut_on"] == (device if setting == "on" else "cpu loader")
     for name, value in weights[0].items():
         torch.testing.assert_close(weights[1][name], value, rtol=0, atol=0)
 

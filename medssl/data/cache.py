@@ -95,6 +95,12 @@ class _RateColumn(ProgressColumn):
         return Text(f"{task.speed:.1f} img/s" if task.speed else "- img/s")
 
 
+def image_progress() -> Progress:
+    """The bar of work done image by image: count, images/s, elapsed, ETA."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
+
+
 # ------------------------------------------------------------------------------- the cache
 class VolumeCache:
     """Preprocessed images on disk, keyed by the preprocessing settings. `load` replaces io.load_image
@@ -158,7 +164,7 @@ class VolumeCache:
         if workers is None:
             workers = min(os.cpu_count() or 1, 8)
         workers = max(1, min(workers, len(todo) or 1))
-        with self._progress() as progress:
+        with image_progress() as progress:
             task = progress.add_task(f"preprocessing ({workers} proc.)", total=len(todo))
             for image_id, result in self._run(todo, manifest_root, workers):
                 if isinstance(result, str):
@@ -197,10 +203,6 @@ class VolumeCache:
             return {"source": source, "shape": call()}
         except Exception as err:   # noqa: BLE001 — one bad image (or a dead worker) must not stop the rest
             return _reason(err)
-
-    def _progress(self) -> Progress:
-        return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
-                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
 
     # -------------------------------------------------------------- index file
     def _read_index(self) -> dict:

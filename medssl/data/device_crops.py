@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from medssl.data.cache import image_progress
 from medssl.errors import DataError
 
 console = Console(stderr=True)
@@ -118,11 +119,14 @@ class DeviceCrops:
         frame_size, offsets = frame_layout(shapes, crop)
         channels = max(s[0] for s in shapes)
         frame = torch.zeros(len(shapes), channels, *frame_size, dtype=torch.float16, device=device)
-        for n, (image_id, shape) in enumerate(zip(image_ids, shapes)):
-            array = torch.from_numpy(np.ascontiguousarray(cache.get(image_id), dtype=np.float16))
-            place = (n, slice(0, shape[0]), *(slice(int(o), int(o) + s) for o, s in
-                                              zip(list(offsets[n]) + [0], shape[1:])))
-            frame[place] = array.to(device, non_blocking=False)
+        with image_progress() as bar:   # reading tens of GB from the cache takes a while: show it
+            task = bar.add_task(f"images to {device}", total=len(shapes))
+            for n, (image_id, shape) in enumerate(zip(image_ids, shapes)):
+                array = torch.from_numpy(np.ascontiguousarray(cache.get(image_id), dtype=np.float16))
+                place = (n, slice(0, shape[0]), *(slice(int(o), int(o) + s) for o, s in
+                                                  zip(list(offsets[n]) + [0], shape[1:])))
+                frame[place] = array.to(device, non_blocking=False)
+                bar.advance(task)
         console.print(f"{len(shapes)} training images on {device} ({frame.numel() * BYTES_PER_VOXEL / 2**30:.2f} GiB, "
                       f"{time.perf_counter() - start:.1f} s): crops are cut there")
         return cls(frame, crop)

@@ -51,9 +51,12 @@ def run_pretraining(cfg: PretrainConfig, cache, image_ids, groups: dict | None, 
         _log_views(tracker, dataset, cfg, view_examples)
     # images on the device: the loader hands out crop positions (the same random draws), the device cuts them
     prepare, source, workers = None, dataset, t.workers
-    if use_device_crops(t.device_crops, cache, dataset.ids, cfg.crop, spatial_dims, device):
+    on_device = use_device_crops(t.device_crops, cache, dataset.ids, cfg.crop, spatial_dims, device)
+    if on_device:
         prepare = DeviceCrops.load(cache, dataset.ids, cfg.crop, spatial_dims, device).fill
         source, workers = CropPositions(dataset), device_crop_workers(t.workers, device)
+    if info.rank == 0:  # what "auto" decided, next to the setting, for whoever compares runs' speed
+        tracker.set_tags({"medssl.crops_cut_on": device.type if on_device else "cpu loader"})
     factory = _loader_factory(source, t, info.world_size, workers)
     config = {"pretrain": cfg.model_dump(mode="json"), "spatial_dims": spatial_dims}
     result = train(method, factory, t, out_dir, tracker if info.rank == 0 else _Silent(), device,
