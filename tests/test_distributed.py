@@ -32,7 +32,7 @@ class TinyContrastive(nn.Module):
     def __init__(self):
         super().__init__()
         self.encoder = nn.Sequential(nn.Flatten(), nn.Linear(36, 16), nn.ReLU(), nn.Linear(16, 8))
-        self.unused = nn.LayerNorm(8)  # never in the graph, like MONAI ViT's norm_cross_attn
+        self.unused = nn.LayerNorm(8).requires_grad_(False)  # never in the graph: frozen, as models/vit.py does
         self.seen: list[int] = []
 
     def forward(self, batch):
@@ -114,3 +114,40 @@ def test_sampler_shards_are_disjoint_and_cover_the_epoch():
               for r in range(3)]
     assert all(len(s) == 16 for s in shards)  # 50 // 12 = 4 global batches of 4 per rank
     assert len(set().union(*shards)) == 48
+
+
+def _pretrain_worker(rank: int, tmp: str, port: int, encoder: str) -> None:
+    """The real pretraining entry point under 2 gloo ranks, images held on the (CPU) device: a SimCLR ResNet,
+    or a ViT MAE (DDP without the unused-parameter search fails at step 2 if any parameter went unused)."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from medssl.config import EncoderConfig, MaskedConfig, PretrainConfig, SSLConfig
+    from medssl.train.distributed import cleanup
+    from medssl.train.pretrain import run_pretraining
+    from test_device_crops import NullTracker, t1_images
+    cache = t1_images("3d")
+    train = TrainConfig(steps=3, batch_size=2, warmup_steps=1, device_crops="on")
+    if encoder == "vit":
+        vit = EncoderConfig(name="vit", patch_size=4, hidden_size=16, num_layers=1, num_heads=2, mlp_dim=16)
+        masked = SSLConfig(masked=MaskedConfig(decoder_dim=8, decoder_depth=1, decoder_heads=2))
+        cfg = PretrainConfig(encoder=vit, ssl=masked, crop=[12, 12], train=train)
+    else:
+        cfg = PretrainConfig(encoder=EncoderConfig(name="resnet10"), crop=[12, 12], train=train)
+    tracker = NullTracker()
+    path = run_pretraining(cfg, cache, list(cache.arrays), None, Path(tmp), tracker, spatial_dims=2, device="cpu",
+                           view_examples=0)
+    (Path(tmp) / f"tags{rank}.json").write_text(json.dumps(tracker.tags))
+    (Path(tmp) / f"encoder{rank}.txt").write_text(str(path))
+    (Path(tmp) / f"steps{rank}.txt").write_text(str(torch.load(path)["steps"]))  # the file rank 0 wrote
+    cleanup()
+
+
+@pytest.mark.parametrize("encoder", ["resnet", "vit"])
+def test_two_process_pretraining_with_images_on_the_device(tmp_path, encoder):
+    mp.start_processes(_pretrain_worker, args=(str(tmp_path), _free_port(), encoder), nprocs=WORLD, join=True,
+                       start_method="fork")
+    assert (tmp_path / "encoder0.txt").read_text() == (tmp_path / "encoder1.txt").read_text()
+    assert (tmp_path / "steps0.txt").read_text() == (tmp_path / "steps1.txt").read_text() == "3"
+    assert json.loads((tmp_path / "tags0.json").read_text())["medssl.crops_cut_on"] == "cpu"
+    assert json.loads((tmp_path / "tags1.json").read_text()) == {}  # only rank 0 talks to MLflow

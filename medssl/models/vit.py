@@ -26,6 +26,18 @@ def _require_einops() -> None:
                           where="encoder.name: vit", fix="pip install einops (or monai[einops])") from None
 
 
+def transformer_blocks(dim: int, mlp_dim: int, heads: int, depth: int) -> nn.ModuleList:
+    """MONAI pre-norm blocks with SDPA attention (`use_flash_attention=True`: flash / memory-efficient kernels
+    on CUDA). MONAI builds a `norm_cross_attn` LayerNorm even without cross-attention; it never gets a
+    gradient, so it is frozen: DDP then needs no search for unused parameters, AdamW keeps no state for it,
+    and the keys stay where MONAI puts them (encoder files load either way)."""
+    blocks = nn.ModuleList(TransformerBlock(dim, mlp_dim, heads, qkv_bias=True, use_flash_attention=True)
+                           for _ in range(depth))
+    for block in blocks:
+        block.norm_cross_attn.requires_grad_(False)
+    return blocks
+
+
 class ViTEncoder(nn.Module):
     """Patch embedding (conv) + fixed sin-cos positions + pre-norm transformer; no class token."""
 
@@ -41,10 +53,7 @@ class ViTEncoder(nn.Module):
         self.patch_embed = PatchEmbeddingBlock(
             in_channels=in_channels, img_size=img_size, patch_size=patch_size, hidden_size=hidden_size,
             num_heads=num_heads, proj_type="conv", pos_embed_type=pos, spatial_dims=spatial_dims)
-        # use_flash_attention=True makes SABlock call F.scaled_dot_product_attention (flash/mem-efficient on CUDA)
-        self.blocks = nn.ModuleList(
-            TransformerBlock(hidden_size, mlp_dim, num_heads, qkv_bias=True, use_flash_attention=True)
-            for _ in range(num_layers))
+        self.blocks = transformer_blocks(hidden_size, mlp_dim, num_heads, num_layers)
         self.norm = nn.LayerNorm(hidden_size)
         self.out_features = hidden_size
 

@@ -6,12 +6,11 @@ Follows the shape of facebookresearch/mae's models_mae.py (random_masking / forw
 from __future__ import annotations
 
 import torch
-from monai.networks.blocks import TransformerBlock
 from torch import nn
 
 from medssl.config import MaskedConfig, ViewsConfig
 from medssl.errors import ConfigError
-from medssl.models.vit import ViTEncoder
+from medssl.models.vit import ViTEncoder, transformer_blocks
 from medssl.ssl.losses import masked_patch_mse
 from medssl.ssl.patchify import patchify, random_masking
 from medssl.views import make_views
@@ -31,9 +30,7 @@ class MAEDecoder(nn.Module):
         self.pos = nn.Parameter(torch.zeros(1, encoder.num_patches, dim))
         nn.init.trunc_normal_(self.pos, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
-        self.blocks = nn.ModuleList(
-            TransformerBlock(dim, 4 * dim, cfg.decoder_heads, qkv_bias=True, use_flash_attention=True)
-            for _ in range(cfg.decoder_depth))
+        self.blocks = transformer_blocks(dim, 4 * dim, cfg.decoder_heads, cfg.decoder_depth)
         self.norm = nn.LayerNorm(dim)
         self.pred = nn.Linear(dim, encoder.patch_size ** encoder.spatial_dims * encoder.in_channels)
 

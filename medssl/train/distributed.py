@@ -69,12 +69,12 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
-def wrap_model(model: nn.Module, device: torch.device, find_unused: bool = True) -> nn.Module:
+def wrap_model(model: nn.Module, device: torch.device, find_unused: bool = False) -> nn.Module:
     """DDP around the method when several processes train; the method itself otherwise.
 
-    find_unused=True by default: methods may own parameters that get no gradient (MONAI's ViT blocks create
-    `norm_cross_attn` even without cross-attention), and DDP without it fails on the second step. It costs
-    one walk of the autograd graph per step; freeze such parameters (requires_grad=False) to go without."""
+    find_unused=False: every trainable parameter of medssl's methods gets a gradient every step (MONAI's
+    unused `norm_cross_attn` is frozen, models/vit.py), so DDP skips the per-step search of the autograd graph
+    for unused ones. A custom method with parameters it does not always use passes find_unused=True."""
     if not current().enabled:
         return model
     ids = [device.index] if device.type == "cuda" and device.index is not None else None
