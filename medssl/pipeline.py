@@ -1,7 +1,7 @@
 """`medssl run pipelines/NAME.yaml`: the stages of one imaging dataset, in order, skipping finished work.
 
-Each stage has a fingerprint: a hash of the settings it reads plus the fingerprints of the stages it depends
-on (and, for the manifest, a listing of the input folder). A stage whose recorded fingerprint matches and
+Each stage has a fingerprint: a hash of the settings it reads, its code revision, plus the fingerprints of the
+stages it depends on (and, for the manifest, a listing of the input folder). A stage whose recorded fingerprint matches and
 whose outputs exist is skipped, so a rerun after an interruption or a failure redoes only what changed.
 Everything runs under one MLflow experiment (named after the pipeline) with one parent run per `medssl run`.
 """
@@ -33,6 +33,9 @@ class Stage:
     settings: Callable[[PipelineConfig], object]   # the part of the config this stage reads
     run: Callable[["stages.Context"], dict]         # returns the outputs to record (paths, counts)
     doc: str
+    # raise when the stage's code writes something else for the same settings (e.g. the split order changed):
+    # finished work recorded under the old revision then reruns after an upgrade instead of being reused
+    revision: int = 1
 
 
 STAGES: tuple[Stage, ...] = (
@@ -40,7 +43,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("manifest", ("demo",), lambda c: (c.data, c.manifest), stages.run_manifest,
           "scan the folder, assemble DICOM series, join labels"),
     Stage("splits", ("manifest",), lambda c: c.split, stages.run_splits,
-          "patient-level train/val/test splits and label ladders"),
+          "patient-level train/val/test splits and label ladders", revision=2),  # 2: ordered by source path
     Stage("cache", ("splits",), lambda c: c.preprocess, stages.run_cache,
           "decode, orient, resample and normalise every image once"),
     Stage("pretrain", ("cache",), lambda c: c.pretrain, stages.run_pretrain,
@@ -92,7 +95,7 @@ class Pipeline:
         for stage in self.stages:
             upstream = [prints[n] for n in stage.needs if n in prints]
             extra = stages.input_listing(self.cfg) if stage.name == "manifest" and not self.cfg.data.demo else ""
-            prints[stage.name] = _digest([stage.name, stage.settings(self.cfg), upstream, extra])
+            prints[stage.name] = _digest([stage.name, stage.revision, stage.settings(self.cfg), upstream, extra])
         return prints
 
     def _record_path(self, name: str) -> Path:

@@ -32,3 +32,19 @@ def test_missing_folder_is_a_message(tmp_path, capsys):
     code = main(["manifest", "build", str(tmp_path / "nope"), "--out", str(tmp_path / "m.csv")])
     assert code == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_stage_revision_invalidates_it_and_everything_after(tmp_path, monkeypatch):
+    """After an upgrade that changes what a stage writes, its finished work (and all downstream) reruns."""
+    import dataclasses
+    from medssl import pipeline
+    from medssl.config import load_pipeline
+    monkeypatch.chdir(tmp_path)
+    cfg = load_pipeline(PIPELINES[0], [f"workdir={tmp_path}/work"])
+    before = pipeline.Pipeline(cfg).fingerprints()
+    bumped = tuple(dataclasses.replace(s, revision=s.revision + 1) if s.name == "cache" else s
+                   for s in pipeline.STAGES)
+    monkeypatch.setattr(pipeline, "STAGES", bumped)
+    after = pipeline.Pipeline(cfg).fingerprints()
+    changed = {name for name in before if before[name] != after[name]}
+    assert changed == {"cache", "pretrain", "ladder", "report"}
