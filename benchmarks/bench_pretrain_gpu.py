@@ -245,7 +245,8 @@ def main() -> None:
     parser.add_argument("--volumes", type=int, default=8, help="cached volumes held on the device")
     parser.add_argument("--batch", type=int, default=None, help="medssl crops per step (default 256; tiny 2)")
     parser.add_argument("--tutorial-batch", type=int, default=None,
-                        help="crops per tutorial step (default 8 as in the tutorial: fp32 ViTAutoEnc needs ~92 GiB at 32)")
+                        help="crops per tutorial step (default 8 as in the tutorial; fp32 ViTAutoEnc needs ~92 GiB "
+                             "at 32)")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--workers", type=int, default=None)
@@ -254,7 +255,8 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
-    for key, full, tiny in (("batch", 256, 2), ("tutorial_batch", 8, 2), ("steps", 30, 2), ("warmup", 10, 1), ("workers", 8, 0)):
+    defaults = (("batch", 256, 2), ("tutorial_batch", 8, 2), ("steps", 30, 2), ("warmup", 10, 1), ("workers", 8, 0))
+    for key, full, tiny in defaults:
         if getattr(args, key) is None:
             setattr(args, key, tiny if args.tiny else full)
     args.peak = args.peak or default_peak(device)

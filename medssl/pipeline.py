@@ -1,8 +1,9 @@
 """`medssl run pipelines/NAME.yaml`: the stages of one imaging dataset, in order, skipping finished work.
 
-Each stage has a fingerprint: a hash of the settings it reads, its code revision, plus the fingerprints of the
-stages it depends on (and, for the manifest, a listing of the input folder). A stage whose recorded fingerprint matches and
-whose outputs exist is skipped, so a rerun after an interruption or a failure redoes only what changed.
+Each stage has a fingerprint: a hash of the settings it reads, its code revision, plus the fingerprints of
+the stages it depends on (and, for the manifest, a listing of the input folder). A stage whose recorded
+fingerprint matches and whose outputs exist is skipped, so a rerun after an interruption or a failure redoes
+only what changed.
 Everything runs under one MLflow experiment (named after the pipeline) with one parent run per `medssl run`.
 """
 from __future__ import annotations
