@@ -256,7 +256,7 @@ def where_to_look(ctx: Context) -> str:
 def _tracker(cfg: PipelineConfig):
     from medssl.tracking import Tracker
     return Tracker(cfg.tracking.experiment or cfg.name, cfg.tracking.tracking_uri,
-                   outbox_dir=cfg.workdir / cfg.name / "mlflow-outbox")
+                   outbox_dir=cfg.workdir / cfg.name / "mlflow-outbox", start_wait_s=cfg.tracking.server_wait_s)
 
 
 def evaluate_external(cfg: PipelineConfig, model: str, manifest: Path, out: Path) -> dict:

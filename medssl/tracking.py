@@ -34,10 +34,10 @@ DIGEST_CHARS = 32  # MLflow keeps at most 36 characters of a dataset digest; the
 # An outage must cost a training step about a second, not MLflow's default minutes of retries.
 # setdefault: a user who sets these deliberately keeps their values.
 # No HTTP-level retries: a failed logging call is queued and replayed by the outbox, which is better than
-# blocking the training step; opening a run (which cannot be queued) retries on its own, see _create_run.
+# blocking the training step; opening a run (which cannot be queued: it needs the server's run id) waits for
+# the server up to `start_wait_s`, see _create_run.
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
-RUN_START_TRIES = 3
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 PSEUDONYM = {"patient_id": r"pat-[0-9a-f]{12}", "study_id": r"stu-[0-9a-f]{12}", "series_id": r"ser-[0-9a-f]{12}"}
 
@@ -90,7 +90,7 @@ class Tracker:
         return super().__new__(cls)
 
     def __init__(self, experiment: str, tracking_uri: str | None = None, outbox_dir: Path | str | None = None,
-                 retry_interval: float = 1.0, end_grace_s: float = 10.0):
+                 retry_interval: float = 1.0, end_grace_s: float = 10.0, start_wait_s: float = 3.0):
         for key, value in HTTP_DEFAULTS.items():
             os.environ.setdefault(key, value)
         self.experiment = experiment
@@ -98,7 +98,7 @@ class Tracker:
         self.client = MlflowClient(self.tracking_uri)
         self.outbox_dir = Path(outbox_dir or ".medssl/mlflow-outbox")
         self.outbox = Outbox(self.client, self.outbox_dir, retry_interval)
-        self.end_grace_s = end_grace_s
+        self.end_grace_s, self.start_wait_s = end_grace_s, start_wait_s
         self._runs: list[str] = []  # open runs, innermost last
         self._experiment_id: str | None = None
 
@@ -137,20 +137,27 @@ class Tracker:
         tags[MLFLOW_RUN_NAME] = name
         if parent:
             tags[MLFLOW_PARENT_RUN_ID] = parent
-        error: Exception | None = None
-        for attempt in range(RUN_START_TRIES):
+        error, start, pause, told = None, time.monotonic(), 0.5, False
+        while True:
             try:
                 return self.client.create_run(self._experiment(), run_name=name, tags=tags)
             except TrackingError:
                 raise
             except Exception as err:  # noqa: BLE001
                 error = err
-                if is_permanent(err):
+                left = self.start_wait_s - (time.monotonic() - start)
+                if is_permanent(err) or left <= 0:
                     break
-                time.sleep(0.5 * (attempt + 1))  # a blip (server restarting) gets a second chance
+                if not told and self.start_wait_s > 5:
+                    console.print(f"[yellow]MLflow at {self.tracking_uri} does not answer; waiting up to "
+                                  f"{self.start_wait_s:.0f} s for it to open run '{name}'[/] "
+                                  "(tracking.server_wait_s)")
+                    told = True
+                time.sleep(min(pause, left))  # a restarting server gets the time it needs, not a flood
+                pause = min(2 * pause, 5.0)
         raise TrackingError(f"cannot open MLflow run '{name}': {error}", where=f"tracking uri {self.tracking_uri}",
-                            fix="start the tracking server or unset MLFLOW_TRACKING_URI / tracking.tracking_uri "
-                                "to log to the local mlflow.db")
+                            fix="start the tracking server (or raise tracking.server_wait_s), or unset "
+                                "MLFLOW_TRACKING_URI / tracking.tracking_uri to log to the local mlflow.db")
 
     def _experiment(self) -> str:
         if self._experiment_id is None:

@@ -125,6 +125,26 @@ def test_outage_mid_run_loses_no_metric(server, tmp_path):
                                    timeout=10).text)["run"]["info"]["status"] == "FINISHED"
 
 
+def test_a_stage_starting_while_the_server_restarts_waits_for_it(server, tmp_path):
+    """Opening a run needs the server's run id: it cannot be queued, so it waits (start_wait_s) instead of
+    failing the stage when the server is down for a restart."""
+    import threading
+    tracker = Tracker("restart", tracking_uri=server.url, outbox_dir=tmp_path / "outbox", start_wait_s=90)
+    server.stop(crash=True)
+    restart = threading.Thread(target=server.start)
+    start = time.monotonic()
+    restart.start()  # the server answers again after its start-up (seconds)
+    try:
+        with tracker.run("pretrain") as run:
+            tracker.log_metrics({"loss": 1.0}, step=1)
+    finally:
+        restart.join()
+    assert time.monotonic() - start > 1  # it did wait
+    api = f"{server.url}/api/2.0/mlflow"
+    got = requests.get(f"{api}/runs/get", params={"run_id": run.info.run_id}, timeout=10).json()["run"]
+    assert got["info"]["status"] == "FINISHED" and got["data"]["metrics"][0]["key"] == "loss"
+
+
 def test_reviewer_sees_parent_children_model_and_report(server, tmp_path):
     tracker = Tracker("review", tracking_uri=server.url, outbox_dir=tmp_path / "outbox")
     (tmp_path / "report").mkdir()
