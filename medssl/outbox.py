@@ -62,7 +62,20 @@ def _send_end(client, op: dict) -> None:
     client.set_terminated(op["run_id"], status=op["status"], end_time=op["end_time"])
 
 
-SENDERS = {"batch": _send_batch, "inputs": _send_inputs, "artifact": _send_artifact, "end": _send_end}
+def send_register(client, op: dict) -> str:
+    """A new version of registered model op["name"] from runs:/<run>/<artifact_path>; its version number."""
+    try:
+        client.create_registered_model(op["name"])
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = client.create_model_version(op["name"], f"runs:/{op['run_id']}/{op['artifact_path']}",
+                                          run_id=op["run_id"], tags=op.get("tags") or {})
+    return str(version.version)
+
+
+SENDERS = {"batch": _send_batch, "inputs": _send_inputs, "artifact": _send_artifact, "end": _send_end,
+           "register": send_register}
 
 
 class Outbox:

@@ -26,7 +26,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 import medssl
 from medssl.errors import TrackingError
-from medssl.outbox import Outbox, console, is_permanent, recover
+from medssl.outbox import Outbox, console, is_permanent, recover, send_register
 
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value; longer values are cut with a marker
 MAX_TAG_CHARS = 8000
@@ -251,24 +251,22 @@ class Tracker:
 
     def register_model(self, artifact_path: str, name: str, tags: Mapping[str, Any] | None = None,
                        run_id: str | None = None) -> str | None:
-        """Register `runs:/<run>/<artifact_path>` as a new version of model `name`; its version or None."""
-        run_id = self._run_id(run_id)
-        if not self.outbox.flush(force=True):
-            console.print(f"[yellow]model '{name}' not registered[/]: MLflow is unreachable (artifacts queued)")
-            return None
-        try:
+        """Register `runs:/<run>/<artifact_path>` as a new version of model `name`; its version, or None when
+        MLflow is unreachable: then the registration is queued behind the artifacts it needs and made when the
+        server is back (by this process, or by the next medssl process that finds the outbox)."""
+        op = {"kind": "register", "run_id": self._run_id(run_id), "name": name, "artifact_path": artifact_path,
+              "tags": {k: _cut(str(v), MAX_TAG_CHARS) for k, v in (tags or {}).items()}}
+        if self.outbox.flush(force=True):
             try:
-                self.client.create_registered_model(name)
+                return send_register(self.client, op)
             except Exception as err:  # noqa: BLE001
-                if not is_permanent(err):
-                    raise
-            tags = {k: _cut(str(v), MAX_TAG_CHARS) for k, v in (tags or {}).items()}
-            version = self.client.create_model_version(name, f"runs:/{run_id}/{artifact_path}", run_id=run_id,
-                                                       tags=tags)
-            return str(version.version)
-        except Exception as err:  # noqa: BLE001
-            console.print(f"[yellow]model '{name}' not registered[/]: {err}")
-            return None
+                if is_permanent(err):
+                    console.print(f"[yellow]model '{name}' not registered[/]: {err}")
+                    return None
+        self.outbox.submit(op)
+        console.print(f"[yellow]model '{name}' queued for registration[/]: MLflow is unreachable; it is "
+                      f"registered when the server is back ({self.outbox_dir})")
+        return None
 
 
 def _check_pseudonymous(df) -> None:

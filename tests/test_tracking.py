@@ -250,3 +250,29 @@ def test_a_refused_call_is_dropped_and_training_goes_on(tracker):
         assert len(tracker.outbox) == 0
     got = tracker.client.get_run(run.info.run_id)
     assert got.data.params["lr"] == "0.1" and got.data.metrics["loss"] == 1.0
+
+
+def test_a_model_registered_during_an_outage_is_registered_when_mlflow_is_back(tracker, tmp_path, monkeypatch):
+    real = tracker.client.create_model_version
+    down = {"on": True}
+
+    def flaky(*args, **kwargs):
+        if down["on"]:
+            raise MlflowException("API request failed with exception ConnectionError")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tracker.client, "create_model_version", flaky)
+    tracker.outbox.retry_interval = 0
+    model = tmp_path / "model.txt"
+    model.write_text("weights")
+    name = f"queued-{os.getpid()}"
+    with tracker.run("ladder") as run:
+        tracker.log_artifact(model, "model")
+        assert tracker.register_model("model", name, {"medssl.rung": "per_class_5"}) is None  # queued
+        assert len(tracker.outbox) == 1
+        down["on"] = False
+        tracker.log_metrics({"auroc": 0.7})  # any later call replays the queue first
+    assert len(tracker.outbox) == 0
+    versions = tracker.client.search_model_versions(f"name='{name}'")
+    assert [(v.run_id, v.source, v.tags["medssl.rung"]) for v in versions] == [
+        (run.info.run_id, f"runs:/{run.info.run_id}/model", "per_class_5")]
