@@ -86,6 +86,7 @@ class Outbox:
         self.retry_interval, self.max_interval = retry_interval, max_interval
         self.path = self.folder / f"outbox-{os.getpid()}-{uuid.uuid4().hex[:6]}.jsonl"
         self.ops: list[dict] = []
+        self.open_runs: list[str] = []  # also in open-<pid>-*.json: a killed process's runs get ended later
         self._last_failure = 0.0
         self._failures = 0  # consecutive: the wait between retries doubles, so a hung server costs little
         self.warned = False
@@ -145,7 +146,27 @@ class Outbox:
                 self.warned = True
             return False
 
+    def mark_open(self, run_id: str) -> None:
+        self.open_runs.append(run_id)
+        self._write_open()
+
+    def mark_closed(self, run_id: str) -> None:
+        self.open_runs.remove(run_id)
+        self._write_open()
+
     # ------------------------------------------------------------------------------------- on disk
+    def _write_open(self) -> None:
+        """The runs this process has open, so that after a SIGKILL (no `finally` runs) the next medssl
+        process can mark them KILLED instead of leaving them RUNNING in the UI forever."""
+        path = self.path.with_name(self.path.name.replace("outbox-", "open-", 1)).with_suffix(".json")
+        if not self.open_runs:
+            path.unlink(missing_ok=True)
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.open_runs))
+        os.replace(tmp, path)
+
     def _append(self, op: dict) -> None:
         """One line per queued call: a long outage costs one small write per call, not a rewrite."""
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -199,7 +220,32 @@ def recover(client, folder: Path) -> int:
         sent += total - len(box.ops)
         if box.ops:  # still unreachable: hand the file back under an outbox name for the next try
             os.rename(claimed, path)
-    return sent
+    return sent + _end_orphaned_runs(client, folder)
+
+
+def _end_orphaned_runs(client, folder: Path) -> int:
+    """Runs that a dead process left open (open-<pid>-*.json) and that are still RUNNING: marked KILLED,
+    with the time of the process's last sign of life (the file's modification time) as their end."""
+    ended = 0
+    for path in sorted(Path(folder).glob("open-*.json")):
+        pid = int(path.name.split("-")[1])
+        if pid == os.getpid() or _alive(pid):
+            continue
+        try:
+            run_ids, end_time = json.loads(path.read_text()), int(path.stat().st_mtime * 1000)
+            for run_id in run_ids:
+                if client.get_run(run_id).info.status == "RUNNING":
+                    client.set_terminated(run_id, status="KILLED", end_time=end_time)
+                    ended += 1
+        except json.JSONDecodeError:
+            pass  # cut short by the crash: nothing to end
+        except Exception as err:  # noqa: BLE001
+            if not is_permanent(err):
+                continue  # unreachable: the next process tries again
+        path.unlink(missing_ok=True)
+    if ended:
+        console.print(f"{ended} MLflow run(s) left open by a killed process marked KILLED")
+    return ended
 
 
 def _read_ops(path: Path) -> list[dict]:

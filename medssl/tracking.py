@@ -113,6 +113,7 @@ class Tracker:
         parent = parent_run_id or self.active_run_id
         run = self._create_run(name, parent, {**(tags or {})})
         self._runs.append(run.info.run_id)
+        self.outbox.mark_open(run.info.run_id)
         status = "FINISHED"
         try:
             yield run
@@ -126,6 +127,7 @@ class Tracker:
             self._runs.pop()
             self.outbox.submit({"kind": "end", "run_id": run.info.run_id, "status": status,
                                 "end_time": int(time.time() * 1000)})
+            self.outbox.mark_closed(run.info.run_id)  # its end is sent or queued (and queued ops are replayed)
             if not self._runs:
                 self._drain()
 

@@ -276,3 +276,17 @@ def test_a_model_registered_during_an_outage_is_registered_when_mlflow_is_back(t
     versions = tracker.client.search_model_versions(f"name='{name}'")
     assert [(v.run_id, v.source, v.tags["medssl.rung"]) for v in versions] == [
         (run.info.run_id, f"runs:/{run.info.run_id}/model", "per_class_5")]
+
+
+def test_runs_left_open_by_a_killed_process_are_marked_killed(tracker, tmp_path):
+    with tracker.run("finished"):
+        assert len(list((tmp_path / "outbox").glob("open-*.json"))) == 1  # while it is open
+    assert not list((tmp_path / "outbox").glob("open-*.json"))
+    orphan = tracker.client.create_run(tracker._experiment(), run_name="killed by SIGKILL")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / "outbox" / f"open-{dead.pid}-abc123.json").write_text(json.dumps([orphan.info.run_id]))
+    with tracker.run("next"):
+        pass
+    assert tracker.client.get_run(orphan.info.run_id).info.status == "KILLED"
+    assert not list((tmp_path / "outbox").glob("open-*.json"))
