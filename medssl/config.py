@@ -190,6 +190,10 @@ class FinetuneConfig(Section):
         "best", description="log a child's model when it beats the rung's earlier runs (every model that could "
                             "be registered), every child's, or none")
     monitor: Literal["val_loss", "val_auroc"] = "val_loss"
+    schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="fine-tuning lr: one warm-up epoch, then cosine decay over `epochs`; or constant")
+    views: ViewsConfig | None = Field(None, description="random views of the training images (fine-tuning "
+                                                        "protocol; made on the training device); none by default")
     seed: int = 0
 
 

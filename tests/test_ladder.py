@@ -311,3 +311,35 @@ def test_changed_settings_redo_finished_runs(tmp_path):
                          NullTracker())
     assert len(csv.read_text().splitlines()) == rows + 2  # both runs redone under the new settings
     assert (changed["settings_digest"] != first["settings_digest"].iloc[0]).all() and len(changed) == 2
+
+
+def test_finetune_lr_warms_up_for_one_epoch_then_decays_to_zero():
+    from medssl.finetune.classifier import _schedule
+    for schedule, expected in (("cosine", [1 / 3, 2 / 3, 1.0]), ("constant", [1.0, 1.0, 1.0])):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.3)
+        scheduler = _schedule(optimizer, FinetuneConfig(epochs=4, lr=0.3, schedule=schedule), steps_per_epoch=3)
+        lrs = []
+        for _ in range(12):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        assert lrs[:3] == pytest.approx([0.3 * f for f in expected])  # epoch 1
+        assert lrs[-1] < 0.05 if schedule == "cosine" else lrs[-1] == pytest.approx(0.3)
+        assert all(a >= b for a, b in zip(lrs[2:], lrs[3:])) or schedule == "constant"
+
+
+def test_finetune_views_change_training_and_are_part_of_the_seed():
+    from medssl.config import ViewsConfig
+    from medssl.finetune.classifier import fit
+    train, val = _datasets()
+    enc = EncoderConfig(name="vit", patch_size=8, hidden_size=16, num_layers=1, num_heads=2, mlp_dim=16)
+    flips = ViewsConfig(rotate_degrees=0, scale_range=(1, 1), crop_jitter=0, gamma_range=(1, 1), noise_std=0,
+                        blur_sigma=(0, 0), flip_prob=0.5)
+
+    def weights(views):
+        torch.manual_seed(0)
+        cfg = FinetuneConfig(epochs=2, patience=5, views=views)
+        return fit(build_encoder(enc, 2, [EDGE, EDGE]), train, val, 2, "finetune", cfg, seed=0).model.state_dict()
+    plain, a, b = weights(None), weights(flips), weights(flips)
+    assert all(torch.equal(a[k], b[k]) for k in a)          # same seed, same views, same weights
+    assert not all(torch.equal(a[k], plain[k]) for k in a)  # the views did reach the training batches

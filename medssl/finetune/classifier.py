@@ -5,8 +5,9 @@ Protocols
   logistic-regression head (a torch nn.Linear trained with cross-entropy; weight decay = L2 penalty) is fitted
   on them. Torch rather than sklearn so the head lives in the same Classifier that is saved, logged to MLflow
   and scored by `predict`, with one code path for binary and multi-class.
-- "finetune": encoder and head train together (AdamW); the encoder's learning rate is lr * encoder_lr_scale so
-  the pretrained features are adjusted, not overwritten.
+- "finetune": encoder and head train together (AdamW, one warm-up epoch then cosine decay); the encoder's
+  learning rate is lr * encoder_lr_scale so the pretrained features are adjusted, not overwritten; optional
+  random views of the training images (finetune.views), drawn from the run's seed.
 Both stop early on the validation loss (or AUROC) with `patience` epochs and keep the best epoch's weights.
 The binary operating point is chosen on the validation split and stored in the model (`threshold` buffer);
 the test split is never looked at here.
@@ -122,7 +123,8 @@ def fit(encoder: nn.Module, train_ds: Dataset, val_ds: Dataset, n_classes: int, 
                   {"params": model.head.parameters(), "lr": cfg.lr}]
         optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
         loader = train_loader(train_ds, y_train, cfg, seed)
-        best = _early_stopped(model, loader, val_ds, optimizer, loss_fn, cfg, monitor, device)
+        scheduler = _schedule(optimizer, cfg, len(loader))
+        best = _early_stopped(model, loader, val_ds, optimizer, scheduler, loss_fn, cfg, monitor, device, seed)
         model.load_state_dict(best["state"])
     threshold = _validation_threshold(best["val_scores"], best["val_y"], cfg.target_sensitivity)
     model.threshold.fill_(threshold)
@@ -142,18 +144,34 @@ def _linear_probe(head, train_ds, val_ds, n_classes, cfg, loss_fn, monitor, devi
             "val_y": val["y"], "history": history}
 
 
-def _early_stopped(module, loader, val_ds, optimizer, loss_fn, cfg, monitor, device) -> dict:
+def _schedule(optimizer, cfg: FinetuneConfig, steps_per_epoch: int):
+    """Per-step lr factor: one epoch of linear warm-up, then cosine decay to 0 at `epochs` (or constant).
+    With a handful of labelled images a constant lr keeps jumping around the minimum to the last epoch."""
+    from medssl.train.schedule import warmup_cosine
+    total = max(1, cfg.epochs * steps_per_epoch)
+    if cfg.schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return warmup_cosine(optimizer, min(steps_per_epoch, total), total)
+
+
+def _early_stopped(module, loader, val_ds, optimizer, scheduler, loss_fn, cfg, monitor, device, seed) -> dict:
+    from medssl.views import make_views
     best, history, waited = None, [], 0
+    views = torch.Generator(device=device).manual_seed(seed)  # the views are part of the seed, like the order
     for epoch in range(1, cfg.epochs + 1):
         module.train()
         for batch in loader:
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(module(batch["image"].float().to(device)), batch["label"].long().to(device))
+            images = batch["image"].float().to(device)
+            if cfg.views is not None:
+                images = make_views(images, cfg.views, views)
+            loss = loss_fn(module(images), batch["label"].long().to(device))
             if not torch.isfinite(loss):  # weights are already damaged: stop instead of training on NaN
                 raise TrainingError(f"non-finite training loss at epoch {epoch}", where="fine-tuning",
                                     fix="lower finetune.lr, or check the cached images for NaN/inf values")
             loss.backward()
             optimizer.step()
+            scheduler.step()
         val = evaluate_loss(module, val_ds, loss_fn, cfg.batch_size, device)
         history.append({"epoch": epoch, "val_loss": val["loss"], "val_auroc": val["auroc"]})
         score = -val["loss"] if monitor == "val_loss" else val["auroc"]
