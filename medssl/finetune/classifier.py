@@ -2,13 +2,14 @@
 
 Protocols
 - "linear": the encoder is frozen; its features are computed ONCE for the train and validation images and a
-  logistic-regression head (a torch nn.Linear trained with cross-entropy; weight decay = L2 penalty) is fitted
-  on them. Torch rather than sklearn so the head lives in the same Classifier that is saved, logged to MLflow
-  and scored by `predict`, with one code path for binary and multi-class.
+  converged, standardised scikit-learn logistic regression (strength chosen on validation) is fitted on them,
+  then folded into the torch head (probe_head.py), so the head lives in the same Classifier that is saved,
+  logged to MLflow and scored by `predict`, with one code path for binary and multi-class.
 - "finetune": encoder and head train together (AdamW, one warm-up epoch then cosine decay); the encoder's
   learning rate is lr * encoder_lr_scale so the pretrained features are adjusted, not overwritten; optional
   random views of the training images (finetune.views), drawn from the run's seed.
-Both stop early on the validation loss (or AUROC) with `patience` epochs and keep the best epoch's weights.
+Fine-tuning stops early on the validation loss (or AUROC) after `patience` epochs and keeps the best epoch's
+weights; the probe picks its regularisation strength by the same validation score.
 The binary operating point is chosen on the validation split and stored in the model (`threshold` buffer);
 the test split is never looked at here.
 """
