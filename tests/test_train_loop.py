@@ -320,3 +320,21 @@ def test_run_pretraining_resumes_exactly_through_the_real_loader_and_method(tmp_
     assert not torch.equal(at_step_2["encoder.conv1.weight"], uninterrupted["conv1.weight"])  # steps 3-4 moved it
     for name, value in uninterrupted.items():
         torch.testing.assert_close(resumed[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_changed_method_settings_refuse_to_resume_a_finished_run(tmp_path):
+    """A finished run 'resumed' with other views would train no step and return the old encoder as new."""
+    from medssl.config import EncoderConfig, PretrainConfig, ViewsConfig
+    from medssl.train.pretrain import run_pretraining
+    cache = _t1_cohort(4)
+
+    def pretrain(views, steps=2):
+        cfg = PretrainConfig(encoder=EncoderConfig(name="resnet10"), crop=[16, 16], views=views,
+                             train=TrainConfig(steps=steps, batch_size=2, warmup_steps=1))
+        return run_pretraining(cfg, cache, list(cache.arrays), None, tmp_path, CallRecorder(), spatial_dims=2,
+                               device="cpu", view_examples=0)
+    pretrain(ViewsConfig())
+    pretrain(ViewsConfig(), steps=3)  # longer: resumable
+    with pytest.raises(TrainingError, match=r"views.rotate_degrees: 10.0 -> 20.0") as err:
+        pretrain(ViewsConfig(rotate_degrees=20), steps=3)
+    assert "move" in err.value.fix and "checkpoints" in err.value.fix

@@ -32,8 +32,10 @@ from medssl.train.progress import TrainProgress
 from medssl.train.schedule import WarmupCosine, warmup_cosine
 
 console = Console(stderr=True)
-# settings that change which samples a step sees: a checkpoint written under other values cannot be resumed
-_DATA_KEYS = ("batch_size", "accumulate", "seed")
+# train settings a resumed run may change (longer, another lr or schedule, other logging or speed settings);
+# every other stored setting (data order, model, method, views, crop, ...) must match the checkpoint's
+RESUMABLE = {"steps", "lr", "warmup_steps", "grad_clip", "checkpoint_every", "keep_checkpoints", "log_every",
+             "probe_every", "workers", "compile", "device_crops", "precision"}
 
 
 @dataclass
@@ -95,13 +97,13 @@ def train(method: nn.Module, loader_factory: Callable, cfg: TrainConfig, out_dir
     if info.rank == 0:
         ckpt.remove_partial_saves(out_dir)
     barrier()  # every rank sees the same newest checkpoint (rank 0 may just have written one)
-    step, data, resumed = _resume(out_dir, method, optimizer, scheduler, cfg, info)
+    settings = {"train": cfg.model_dump(mode="json"), "world_size": info.world_size, **(config or {})}
+    step, data, resumed = _resume(out_dir, method, optimizer, scheduler, cfg, info, settings)
     model = wrap_model(method, device)
     model = torch.compile(model) if cfg.compile else model
     method.train()
     run = _Run(method, model, optimizer, scheduler, cfg, out_dir, tracker, device, info, probe,
-               keep_checkpoints, {"train": cfg.model_dump(mode="json"), "world_size": info.world_size,
-                                  **(config or {})}, channels_last, prepare)
+               keep_checkpoints, settings, channels_last, prepare)
     stream = BatchStream(loader_factory, data["epoch"], data["position"])
     loss = run.loop(stream, step, on_step)
     barrier()  # the final checkpoint exists before any rank returns
@@ -245,7 +247,7 @@ def _add_scalars(sums: dict, out: dict) -> None:
         sums[key] = sums[key] + value if key in sums else value
 
 
-def _resume(out_dir: Path, method, optimizer, scheduler, cfg: TrainConfig, info: DistInfo):
+def _resume(out_dir: Path, method, optimizer, scheduler, cfg: TrainConfig, info: DistInfo, settings: dict):
     """(step, data position, path) of the newest readable checkpoint, restored into the objects; else zeros.
     An unreadable newest file is skipped for the one before it (nothing good is lost because of it)."""
     for path in reversed(ckpt.list_checkpoints(out_dir)):
@@ -255,7 +257,7 @@ def _resume(out_dir: Path, method, optimizer, scheduler, cfg: TrainConfig, info:
             if info.rank == 0:
                 console.print(f"[yellow]skipping a checkpoint that cannot be read:[/] {err.what} ({path})")
             continue
-        _check_compatible(state, cfg, info, path)
+        _check_compatible(state.get("config", {}), settings, path)
         ckpt.restore_training_state(state, method, optimizer, scheduler, None, str(path))
         _apply_schedule_settings(scheduler, optimizer, cfg)
         ranks = state.get("rng_ranks")
@@ -266,16 +268,30 @@ def _resume(out_dir: Path, method, optimizer, scheduler, cfg: TrainConfig, info:
     return 0, {"seed": cfg.seed, "epoch": 0, "position": 0}, None
 
 
-def _check_compatible(state: dict, cfg: TrainConfig, info: DistInfo, path: Path) -> None:
-    saved = state.get("config", {}).get("train", {})
-    now = cfg.model_dump(mode="json")
-    changed = [f"train.{k}: {saved.get(k)} -> {now[k]}" for k in _DATA_KEYS if saved.get(k) != now[k]]
-    if state.get("config", {}).get("world_size", 1) != info.world_size:
-        changed.append(f"processes: {state['config'].get('world_size')} -> {info.world_size}")
+def _check_compatible(saved: dict, now: dict, path: Path) -> None:
+    """Refuse to resume under settings other than the checkpoint's, except the RESUMABLE train ones. Without
+    this, a changed view set or method would 'resume' a finished run, train no step, and hand back the old
+    encoder as if it were the new one."""
+    saved, now = _fixed_settings(saved), _fixed_settings(now)
+    changed = [f"{k}: {saved.get(k)} -> {now.get(k)}" for k in sorted(set(saved) | set(now))
+               if saved.get(k) != now.get(k)]
     if changed:
-        raise TrainingError("cannot resume: settings that decide the data order changed since the checkpoint "
-                            "(" + "; ".join(changed) + ")", where=str(path),
-                            fix="restore those settings to resume, or use a new output folder to start over")
+        raise TrainingError("cannot resume: settings changed since the checkpoint (" + "; ".join(changed[:6])
+                            + ("; ..." if len(changed) > 6 else "") + ")", where=str(path),
+                            fix=f"restore those settings to resume, or move {path.parent} away (or use a new "
+                                "output folder) to start over with the new ones")
+
+
+def _fixed_settings(config: dict, prefix: str = "") -> dict:
+    """Dotted keys of the stored settings that a resume must keep (world_size reads 'processes')."""
+    out = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_fixed_settings(value, f"{name}."))
+        elif not (prefix.endswith("train.") and key in RESUMABLE):
+            out["processes" if name == "world_size" else name] = value
+    return out
 
 
 def _apply_schedule_settings(scheduler, optimizer, cfg: TrainConfig) -> None:
