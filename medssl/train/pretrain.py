@@ -58,7 +58,9 @@ def run_pretraining(cfg: PretrainConfig, cache, image_ids, groups: dict | None, 
     if info.rank == 0:  # what "auto" decided, next to the setting, for whoever compares runs' speed
         tracker.set_tags({"medssl.crops_cut_on": device.type if on_device else "cpu loader"})
     factory = _loader_factory(source, t, info.world_size, workers)
-    config = {"pretrain": cfg.model_dump(mode="json", exclude={"train"}), "spatial_dims": spatial_dims}
+    # stored in every checkpoint; a resume must match all of it but the resumable train settings (loop.py)
+    config = {"pretrain": cfg.model_dump(mode="json", exclude={"train"}), "spatial_dims": spatial_dims,
+              "manifest_digest": manifest_digest}
     result = train(method, factory, t, out_dir, tracker if info.rank == 0 else _Silent(), device,
                    probe=probe, keep_checkpoints=keep_checkpoints, config=config, sync_batchnorm=sync_batchnorm,
                    prepare=prepare)
