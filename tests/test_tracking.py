@@ -163,17 +163,22 @@ def test_unreachable_server_at_run_start_fails_fast_and_clearly(tmp_path):
     assert time.monotonic() - start < 15
 
 
-def test_outage_queues_in_order_and_replays_exact_steps(tracker, monkeypatch):
-    real = tracker.client.log_batch
-    down = {"on": False}
+def make_flaky(tracker, monkeypatch, method: str, down: bool) -> dict:
+    """tracker.client.<method> fails like an unreachable server while the returned {"on": ...} is True."""
+    real, state = getattr(tracker.client, method), {"on": down}
 
     def flaky(*args, **kwargs):
-        if down["on"]:
+        if state["on"]:
             raise MlflowException("API request failed with exception ConnectionError")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tracker.client, "log_batch", flaky)
+    monkeypatch.setattr(tracker.client, method, flaky)
     tracker.outbox.retry_interval = 0
+    return state
+
+
+def test_outage_queues_in_order_and_replays_exact_steps(tracker, monkeypatch):
+    down = make_flaky(tracker, monkeypatch, "log_batch", down=False)
     with tracker.run("flaky") as run:
         tracker.log_metrics({"loss": 0.0}, step=0)
         down["on"] = True
@@ -253,16 +258,7 @@ def test_a_refused_call_is_dropped_and_training_goes_on(tracker):
 
 
 def test_a_model_registered_during_an_outage_is_registered_when_mlflow_is_back(tracker, tmp_path, monkeypatch):
-    real = tracker.client.create_model_version
-    down = {"on": True}
-
-    def flaky(*args, **kwargs):
-        if down["on"]:
-            raise MlflowException("API request failed with exception ConnectionError")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(tracker.client, "create_model_version", flaky)
-    tracker.outbox.retry_interval = 0
+    down = make_flaky(tracker, monkeypatch, "create_model_version", down=True)
     model = tmp_path / "model.txt"
     model.write_text("weights")
     name = f"queued-{os.getpid()}"
