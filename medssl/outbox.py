@@ -204,8 +204,7 @@ def recover(client, folder: Path) -> int:
     """Replay outbox files left in `folder` by processes that are gone. Returns how many calls were sent."""
     sent = 0
     for path in sorted(Path(folder).glob("outbox-*.jsonl")):
-        pid = int(path.name.split("-")[1])
-        if pid == os.getpid() or _alive(pid):
+        if not _left_by_dead_process(path):
             continue
         claimed = path.with_name(f"claimed-{os.getpid()}-{path.name}")
         try:
@@ -228,8 +227,7 @@ def _end_orphaned_runs(client, folder: Path) -> int:
     with the time of the process's last sign of life (the file's modification time) as their end."""
     ended = 0
     for path in sorted(Path(folder).glob("open-*.json")):
-        pid = int(path.name.split("-")[1])
-        if pid == os.getpid() or _alive(pid):
+        if not _left_by_dead_process(path):
             continue
         try:
             run_ids, end_time = json.loads(path.read_text()), int(path.stat().st_mtime * 1000)
@@ -257,6 +255,12 @@ def _read_ops(path: Path) -> list[dict]:
         except json.JSONDecodeError:
             console.print(f"[yellow]skipped a truncated line in {path}[/]")
     return ops
+
+
+def _left_by_dead_process(path: Path) -> bool:
+    """<kind>-<pid>-...: written by a process that is neither this one nor alive."""
+    pid = int(path.name.split("-")[1])
+    return pid != os.getpid() and not _alive(pid)
 
 
 def _alive(pid: int) -> bool:

@@ -67,15 +67,28 @@ def flip_samples(x: torch.Tensor, flips: torch.Tensor, per_sample: bool) -> torc
             axes = [a for a in range(nd) if row[a]]
             out[i] = x[i].flip([1 + a for a in axes]) if axes else x[i]
         return out
-    index = [torch.arange(b, device=x.device).view(b, *[1] * (nd + 1)),
-             torch.arange(c, device=x.device).view(1, c, *[1] * nd)]
+    along = []
     for axis, n in enumerate(spatial):
         forward = torch.arange(n, device=x.device)
-        along = torch.where(flips[:, axis, None], n - 1 - forward, forward)  # (B, n)
-        shape = [b, 1] + [1] * nd
-        shape[2 + axis] = n
-        index.append(along.view(shape))
-    return x[tuple(index)]
+        along.append(torch.where(flips[:, axis, None], n - 1 - forward, forward))  # (B, n)
+    return gather_windows(x, torch.arange(b, device=x.device), along)
+
+
+def gather_windows(source: torch.Tensor, rows: torch.Tensor, along: list[torch.Tensor],
+                   last: torch.Tensor | None = None) -> torch.Tensor:
+    """ONE gather of B windows: out[i, c, j1, j2..] = source[rows[i], c, along[0][i, j1], along[1][i, j2], ..
+    (, last[i])]. Broadcast index tensors, so no (B, C, *window) index is ever built.
+    source (N, C, *axes); rows (B,); along: one (B, n_a) index per axis; last (B,): a trailing axis (a slice)."""
+    b, nd = rows.shape[0], len(along)
+    ones = [1] * nd
+    index = [rows.view(b, 1, *ones), torch.arange(source.shape[1], device=source.device).view(1, -1, *ones)]
+    for axis, positions in enumerate(along):
+        shape = [b, 1] + ones
+        shape[2 + axis] = positions.shape[1]
+        index.append(positions.view(shape))
+    if last is not None:
+        index.append(last.view(b, 1, *ones))
+    return source[tuple(index)]
 
 
 def random_affine(x: torch.Tensor, cfg: ViewsConfig, gen: torch.Generator | None = None) -> torch.Tensor:

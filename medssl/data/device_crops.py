@@ -28,6 +28,7 @@ from rich.console import Console
 
 from medssl.data.cache import image_progress
 from medssl.errors import DataError
+from medssl.views import gather_windows
 
 console = Console(stderr=True)
 BYTES_PER_VOXEL = 2          # float16, as cached
@@ -106,7 +107,6 @@ class DeviceCrops:
         self.nd = len(self.crop)
         device = frame.device
         self._ranges = [torch.arange(c, device=device) for c in self.crop]
-        self._channels = torch.arange(frame.shape[1], device=device)
 
     @classmethod
     def load(cls, cache, image_ids: Sequence[str], crop: Sequence[int], spatial_dims: int,
@@ -127,25 +127,17 @@ class DeviceCrops:
                                                   zip(list(offsets[n]) + [0], shape[1:])))
                 frame[place] = array.to(device, non_blocking=False)
                 bar.advance(task)
-        console.print(f"{len(shapes)} training images on {device} ({frame.numel() * BYTES_PER_VOXEL / 2**30:.2f} GiB, "
+        size = frame.numel() * BYTES_PER_VOXEL / 2**30
+        console.print(f"{len(shapes)} training images on {device} ({size:.2f} GiB, "
                       f"{time.perf_counter() - start:.1f} s): crops are cut there")
         return cls(frame, crop)
 
     def gather(self, at: torch.Tensor) -> torch.Tensor:
         """(B, 2 + nd) positions [image, axial slice or -1, starts] -> (B, C, *crop) float32, one gather."""
         at = at.to(self.frame.device)
-        image = at[:, 0]
-        b, nd = at.shape[0], self.nd
-        starts = at[:, 2:2 + nd]                                           # (B, nd), frame = padded crop
-        lead = 2 + nd                                                      # dims of the result: B, C, crop...
-        index = [image.view(b, *[1] * (lead - 1)), self._channels.view(1, -1, *[1] * nd)]
-        for axis in range(nd):
-            shape = [b, 1] + [1] * nd
-            shape[2 + axis] = self.crop[axis]
-            index.append((starts[:, axis, None] + self._ranges[axis]).view(shape))
-        if self.frame.ndim == 3 + nd:                                      # 2D crops of 3D volumes: the slice
-            index.append(at[:, 1].view(b, *[1] * (lead - 1)))
-        return self.frame[tuple(index)].float()
+        along = [at[:, 2 + axis, None] + self._ranges[axis] for axis in range(self.nd)]  # frame = padded crop
+        axial = at[:, 1] if self.frame.ndim == 3 + self.nd else None  # 2D crops of 3D volumes: the slice
+        return gather_windows(self.frame, at[:, 0], along, axial).float()
 
     def fill(self, batch: dict) -> dict:
         """Replace the positions in a batch by the crops they point at ("image_at" -> "image", "pair_at" -> "pair")."""
