@@ -22,8 +22,8 @@ from rich.console import Console
 from rich.table import Table
 
 from medssl.config import DemoConfig
-from medssl.demo import build_demo_cohort
-from medssl.tracking import NullTracker, Tracker
+from medssl.demo.cohort import build_demo_cohort
+from medssl.tracking.tracker import NullTracker, Tracker
 
 
 def time_build(cfg: DemoConfig, workers: int, root: Path) -> dict:

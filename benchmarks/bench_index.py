@@ -30,9 +30,9 @@ from rich.console import Console
 from rich.table import Table
 from scipy import ndimage
 
-from medssl.data.dicom_writer import write_series
-from medssl.data.io import load_image
-from medssl.data.manifest import build_manifest, read_manifest
+from medssl.demo.dicom_writer import write_series
+from medssl.ingest.decode import load_image
+from medssl.ingest.manifest import build_manifest, read_manifest
 
 ITK_T1 = Path("/usr/share/doc/insighttoolkit5-examples/examples/Data/KmeansTest_T1UCharRaw.nii.gz")
 console = Console()
@@ -92,11 +92,11 @@ def time_medssl(folder: Path, work: Path, workers: int) -> dict:
 def time_cache(df, root: Path, work: Path, workers: int) -> float | None:
     try:
         from medssl.config import PreprocessConfig
-        from medssl.data.cache import VolumeCache
+        from medssl.preprocess.cache import VolumeCache
     except ImportError:
         return None
     t0 = time.perf_counter()
-    import medssl.data.transforms  # noqa: F401  (MONAI: a one-time import, reported on its own line)
+    import medssl.preprocess.transforms  # noqa: F401  (MONAI: a one-time import, reported on its own line)
     console.print(f"one-time import of the preprocessing chain (MONAI): {time.perf_counter() - t0:.2f} s")
     cache = VolumeCache(work / "cache", PreprocessConfig())
     t0 = time.perf_counter()

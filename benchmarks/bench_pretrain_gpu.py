@@ -116,8 +116,8 @@ def medssl_run(name: str, args, device) -> dict:
     method's on-device views -> the loop (bf16 autocast, fused AdamW, clipping, schedule, checkpoint, compile)."""
     import tempfile
     from medssl.config import EncoderConfig, MaskedConfig, PretrainConfig, SSLConfig, TrainConfig, ViewsConfig
-    from medssl.data.device_crops import DeviceCrops, device_crop_workers
-    from medssl.data.loaders import CropDataset, CropPositions, make_loader
+    from medssl.train.device_crops import DeviceCrops, device_crop_workers
+    from medssl.train.loaders import CropDataset, CropPositions, make_loader
     from medssl.ssl import build_method
     from medssl.train.loop import seed_everything, train
     size = 32 if args.tiny else 96
@@ -166,7 +166,7 @@ def medssl_run(name: str, args, device) -> dict:
 
 def time_views(views, bank, image_at, device, reps: int = 10) -> float:
     """ms for cutting a batch of crops on the device and making one view of each (MAE's input)."""
-    from medssl.views import make_views
+    from medssl.augment.views import make_views
     make_views(bank.gather(image_at), views)  # warm-up
     _sync(device)
     start = time.perf_counter()

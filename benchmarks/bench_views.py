@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from medssl.config import ViewsConfig
-from medssl.views import make_views
+from medssl.augment.views import make_views
 
 VOLUME = (180, 180, 150)  # the tutorial's cached CT volume after 2 mm resampling
 CROP = 96
@@ -161,7 +161,7 @@ def cpu_variants(args) -> dict:
 
 
 def device_variants(args) -> dict:
-    from medssl.data.device_crops import DeviceCrops
+    from medssl.train.device_crops import DeviceCrops
     device = torch.device(args.device)
     volume = torch.from_numpy(cached_volume()).half().to(device)  # float16, as cached; uploaded once
     bank = DeviceCrops(volume[None], [CROP] * 3)                   # what training gathers from

@@ -9,15 +9,14 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
 from medssl.errors import MedsslError
+from medssl.ui import console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Self-supervised pretraining and few-label evaluation for medical imaging.")
 manifest_app = typer.Typer(no_args_is_help=True, help="Index a folder of DICOM / NIfTI into a manifest.")
 app.add_typer(manifest_app, name="manifest")
-console = Console(stderr=True)
 
 OVERRIDES = typer.Argument(None, help="settings to override, e.g. pretrain.train.steps=500")
 
@@ -33,7 +32,7 @@ def manifest_build(
     nifti_modality: str = typer.Option("MR", help="modality recorded for NIfTI files"),
 ):
     """Scan FOLDER and write the manifest, its skipped report and its metadata."""
-    from medssl.stages import build_manifest_with_salt, print_manifest_summary
+    from medssl.pipeline.commands import build_manifest_with_salt, print_manifest_summary
     summary = build_manifest_with_salt(folder, out, labels=labels, join_on=join_on, workers=workers,
                                        max_image_mb=max_image_mb, nifti_modality=nifti_modality)
     print_manifest_summary(summary)
@@ -70,7 +69,7 @@ def demo_data(out: Path = typer.Argument(Path(".medssl/demo_data"), help="folder
               subjects: int = typer.Option(60), seed: int = typer.Option(0), size: int = typer.Option(48)):
     """Write the embedded demo cohort (DICOM series + NIfTI + labels.csv) built from real anatomy."""
     from medssl.config import DemoConfig
-    from medssl.demo import build_demo_cohort
+    from medssl.demo.cohort import build_demo_cohort
     cohort = build_demo_cohort(DemoConfig(subjects=subjects, seed=seed, size=size), out)
     console.print(f"demo cohort written to {cohort.folder} (labels: {cohort.labels_csv})")
 
@@ -82,7 +81,7 @@ def evaluate(model: str = typer.Argument(..., help="model folder/file, runs:/ID/
              manifest: Path = typer.Option(..., "--manifest", help="manifest of the external set"),
              out: Path = typer.Option(Path("outputs/evaluate"), "--out")):
     """Score a saved or registered model on another manifest (external validation)."""
-    from medssl.stages import evaluate_external
+    from medssl.pipeline.commands import evaluate_external
     evaluate_external(_load(pipeline, overrides), model, manifest, out)
 
 
@@ -93,7 +92,7 @@ def predict(model: str = typer.Argument(..., help="model folder/file, runs:/ID/m
             pipeline: Path = typer.Option(..., "--pipeline", help="pipeline whose preprocessing to use"),
             out: Path = typer.Option(Path("outputs/predictions.csv"), "--out")):
     """Write a predictions CSV for a folder of new scans."""
-    from medssl.stages import predict_folder
+    from medssl.pipeline.commands import predict_folder
     predict_folder(_load(pipeline, overrides), model, folder, out)
 
 
@@ -103,7 +102,7 @@ def _load(pipeline: Path, overrides):
 
 
 def _run_stages(pipeline: Path, overrides, *, dry_run: bool, force: list[str], only: str | None):
-    from medssl.pipeline import Pipeline
+    from medssl.pipeline.runner import Pipeline
     Pipeline(_load(pipeline, overrides), source=pipeline).run(dry_run=dry_run, force=force, until=only)
 
 

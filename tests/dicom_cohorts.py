@@ -12,7 +12,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
-from medssl.data.dicom_writer import affine_to_dicom, format_ds, write_image_2d, write_series
+from medssl.demo.dicom_writer import affine_to_dicom, format_ds, write_image_2d, write_series
 
 NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
 ITK_T1 = Path("/usr/share/doc/insighttoolkit5-examples/examples/Data/KmeansTest_T1UCharRaw.nii.gz")

@@ -13,11 +13,11 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-import medssl.data.scan as scan
-from medssl.data.dicom_writer import write_series
-from medssl.data.io import load_image
-from medssl.data.labels import read_labels
-from medssl.data.manifest import build_manifest, read_manifest
+import medssl.ingest.scan as scan
+from medssl.demo.dicom_writer import write_series
+from medssl.ingest.decode import load_image
+from medssl.ingest.labels import read_labels
+from medssl.ingest.manifest import build_manifest, read_manifest
 from medssl.errors import DataError
 
 from dicom_cohorts import real_volume

@@ -11,9 +11,9 @@ import pydicom
 import pytest
 
 from medssl.config import DemoConfig
-from medssl.demo import build_demo_cohort, load_anatomy, output_grid, plan_subjects, render_subject
+from medssl.demo.cohort import build_demo_cohort, load_anatomy, output_grid, plan_subjects, render_subject
 from medssl.errors import DataError
-from medssl.lesions import lesion_mask
+from medssl.demo.lesions import lesion_mask
 
 CFG = DemoConfig(subjects=8, size=24, positive_fraction=0.25, dicom_fraction=0.5, seed=3)
 

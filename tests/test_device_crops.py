@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from medssl.config import EncoderConfig, PretrainConfig, TrainConfig
-from medssl.data.device_crops import DeviceCrops, bank_bytes, frame_layout, use_device_crops
-from medssl.data.loaders import CropDataset, CropPositions, make_loader
+from medssl.train.device_crops import DeviceCrops, bank_bytes, frame_layout, use_device_crops
+from medssl.train.loaders import CropDataset, CropPositions, make_loader
 from medssl.errors import DataError
 from memory_cache import MemoryCache
 

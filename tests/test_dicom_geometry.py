@@ -12,9 +12,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from medssl.data.dicom_writer import affine_to_dicom, write_image_2d, write_series
-from medssl.data.io import load_image
-from medssl.data.manifest import build_manifest, read_manifest
+from medssl.demo.dicom_writer import affine_to_dicom, write_image_2d, write_series
+from medssl.ingest.decode import load_image
+from medssl.ingest.manifest import build_manifest, read_manifest
 
 from dicom_cohorts import oblique_affine, real_volume, write_enhanced
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from medssl.reviewer import check_experiment
+from medssl.tracking.reviewer import check_experiment
 from test_mlflow_server import Server, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]

@@ -11,9 +11,9 @@ from mlflow.tracking import MlflowClient
 from rich.console import Console
 
 from medssl.config import EncoderConfig, FinetuneConfig
-from medssl.data.splits import Rung
+from medssl.cohort.splits import Rung
 from medssl.models.encoders import build_encoder, save_encoder
-from medssl.tracking import Tracker
+from medssl.tracking.tracker import Tracker
 from memory_cache import MemoryCache
 
 EDGE = 16
@@ -79,8 +79,8 @@ def children_of(client, experiment_id, parent_id):
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_ladder_end_to_end_and_resume(tmp_path, store, spatial_dims):
-    from medssl.finetune.ladder import run_ladder
-    from medssl.finetune.predict import evaluate_model, predict
+    from medssl.ladder.ladder import run_ladder
+    from medssl.evaluate.predict import evaluate_model, predict
     cache, df = cohort(spatial_dims)
     encoder = tiny_encoder_file(tmp_path, spatial_dims)
     train0 = tuple(df.loc[(df["split"] == "train") & (df["label"] == 0), "image_id"][:3])
@@ -147,8 +147,8 @@ def test_ladder_end_to_end_and_resume(tmp_path, store, spatial_dims):
 
 def test_mismatches_fail_before_training_and_name_the_problem(tmp_path):
     from medssl.errors import DataError
-    from medssl.finetune.ladder import run_ladder
-    from medssl.tracking import NullTracker
+    from medssl.ladder.ladder import run_ladder
+    from medssl.tracking.tracker import NullTracker
     cache, df = cohort(2)
     cfg = FinetuneConfig(protocols=["finetune"], epochs=1, batch_size=4, bootstrap=10)
     three_d = tiny_encoder_file(tmp_path, 3)  # a 3D encoder given 2D images
@@ -177,9 +177,9 @@ def test_mismatches_fail_before_training_and_name_the_problem(tmp_path):
 
 
 def test_multiclass_ladder_without_mlflow(tmp_path, monkeypatch):
-    from medssl.finetune import ladder
-    from medssl.finetune.predict import load_model, predict, save_classifier
-    from medssl.tracking import NullTracker
+    from medssl.ladder import ladder
+    from medssl.evaluate.predict import load_model, predict, save_classifier
+    from medssl.tracking.tracker import NullTracker
     cache, df = cohort(2)
     df["label"] = [i % 3 for i in range(len(df))]  # three classes in every split
     train = df[df["split"] == "train"]
@@ -196,7 +196,7 @@ def test_multiclass_ladder_without_mlflow(tmp_path, monkeypatch):
     assert {"cm_2_2", "delta_auroc"} <= set(results.columns) and results["auroc"].between(0, 1).all()
 
     # a plain-dict classifier file round-trips and predicts one score per class
-    from medssl.finetune.classifier import Classifier
+    from medssl.ladder.classifier import Classifier
     from medssl.models.encoders import load_encoder
     enc, info = load_encoder(encoder)
     path = save_classifier(tmp_path / "clf.pt", Classifier(enc, 3, spatial_dims=2), info)
@@ -208,8 +208,8 @@ def test_multiclass_ladder_without_mlflow(tmp_path, monkeypatch):
 
 def test_predict_refuses_images_of_the_wrong_dimension(tmp_path):
     from medssl.errors import DataError
-    from medssl.finetune.classifier import Classifier
-    from medssl.finetune.predict import predict, save_classifier
+    from medssl.ladder.classifier import Classifier
+    from medssl.evaluate.predict import predict, save_classifier
     from medssl.models.encoders import load_encoder
     enc, info = load_encoder(tiny_encoder_file(tmp_path, 3))
     path = save_classifier(tmp_path / "clf3d.pt", Classifier(enc, 2, spatial_dims=3), info)
@@ -220,14 +220,14 @@ def test_predict_refuses_images_of_the_wrong_dimension(tmp_path):
 
 # ----------------------------------------------------------------------------- classifier pieces
 def _datasets(spatial_dims=2):
-    from medssl.data.loaders import ImageDataset
+    from medssl.train.loaders import ImageDataset
     cache, df = cohort(spatial_dims)
     part = {s: df[df["split"] == s] for s in ("train", "val")}
     return [ImageDataset(cache, list(p["image_id"]), list(p["label"])) for p in part.values()]
 
 
 def test_class_weights_and_balanced_sampler():
-    from medssl.finetune.classifier import class_weights, train_loader
+    from medssl.ladder.classifier import class_weights, train_loader
     y = [0] * 9 + [1] * 3
     # N / (K * n_k): 12 / (2 * 9) and 12 / (2 * 3)
     assert class_weights(y, 2, "weighted_loss").tolist() == pytest.approx([12 / 18, 2.0])
@@ -240,8 +240,8 @@ def test_class_weights_and_balanced_sampler():
 
 def test_early_stopping_and_validation_threshold():
     from medssl.evaluate.metrics import choose_threshold
-    from medssl.finetune.classifier import fit
-    from medssl.finetune.predict import score_dataset
+    from medssl.ladder.classifier import fit
+    from medssl.evaluate.predict import score_dataset
     train, val = _datasets()
     cfg = EncoderConfig(name="vit", patch_size=8, hidden_size=16, num_layers=1, num_heads=2, mlp_dim=16)
     torch.manual_seed(0)
@@ -257,7 +257,7 @@ def test_early_stopping_and_validation_threshold():
 
 def test_non_finite_loss_stops_with_a_training_error():
     from medssl.errors import TrainingError
-    from medssl.finetune.classifier import fit
+    from medssl.ladder.classifier import fit
     train, val = _datasets()
     train.cache = MemoryCache({i: np.full((1, EDGE, EDGE), np.nan, np.float32) for i in train.ids})
     cfg = EncoderConfig(name="vit", patch_size=8, hidden_size=16, num_layers=1, num_heads=2, mlp_dim=16)
@@ -269,8 +269,8 @@ def test_report_from_a_real_ladder_pools_seeds_over_the_same_patient_resamples(t
     """With one seed the pooled interval is that run's own interval; with two, both seeds' predictions are
     resampled together (same test patients), so the interval is no longer one run's."""
     from medssl.evaluate.report import build_report
-    from medssl.finetune.ladder import run_ladder
-    from medssl.tracking import NullTracker
+    from medssl.ladder.ladder import run_ladder
+    from medssl.tracking.tracker import NullTracker
     cache, df = cohort(2)
     cfg = FinetuneConfig(protocols=["linear"], epochs=1, batch_size=4, bootstrap=40)
     train = df[df["split"] == "train"]
@@ -297,8 +297,8 @@ def test_report_from_a_real_ladder_pools_seeds_over_the_same_patient_resamples(t
 
 
 def test_changed_settings_redo_finished_runs(tmp_path):
-    from medssl.finetune.ladder import run_ladder
-    from medssl.tracking import NullTracker
+    from medssl.ladder.ladder import run_ladder
+    from medssl.tracking.tracker import NullTracker
     cache, df = cohort(2)
     encoder, rungs = tiny_encoder_file(tmp_path, 2), rungs_of(df, (2,))
     cfg = FinetuneConfig(protocols=["linear"], epochs=1, batch_size=4, bootstrap=10)
@@ -314,7 +314,7 @@ def test_changed_settings_redo_finished_runs(tmp_path):
 
 
 def test_finetune_lr_warms_up_for_one_epoch_then_decays_to_zero():
-    from medssl.finetune.classifier import _schedule
+    from medssl.ladder.classifier import _schedule
     for schedule, expected in (("cosine", [1 / 3, 2 / 3, 1.0]), ("constant", [1.0, 1.0, 1.0])):
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.3)
         scheduler = _schedule(optimizer, FinetuneConfig(epochs=4, lr=0.3, schedule=schedule), steps_per_epoch=3)
@@ -330,7 +330,7 @@ def test_finetune_lr_warms_up_for_one_epoch_then_decays_to_zero():
 
 def test_finetune_views_change_training_and_are_part_of_the_seed():
     from medssl.config import ViewsConfig
-    from medssl.finetune.classifier import fit
+    from medssl.ladder.classifier import fit
     train, val = _datasets()
     enc = EncoderConfig(name="vit", patch_size=8, hidden_size=16, num_layers=1, num_heads=2, mlp_dim=16)
     flips = ViewsConfig(rotate_degrees=0, scale_range=(1, 1), crop_jitter=0, gamma_range=(1, 1), noise_std=0,

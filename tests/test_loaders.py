@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from medssl.config import PreprocessConfig
-from medssl.data.cache import VolumeCache
-from medssl.data.loaders import CropDataset, ImageDataset, make_loader
+from medssl.preprocess.cache import VolumeCache
+from medssl.train.loaders import CropDataset, ImageDataset, make_loader
 from medssl.errors import DataError
 
 T1 = Path(nib.__file__).parent / "tests" / "data" / "anatomical.nii"

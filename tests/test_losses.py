@@ -8,7 +8,7 @@ import torch
 import torch.multiprocessing as mp
 
 from medssl.ssl.losses import masked_patch_mse, nt_xent
-from medssl.ssl.patchify import patchify, random_masking, unpatchify
+from medssl.models.patchify import patchify, random_masking, unpatchify
 
 
 def reference_nt_xent(z1, z2, t):

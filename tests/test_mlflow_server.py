@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from medssl.reviewer import check_experiment, screenshot, ui_url
-from medssl.tracking import Tracker, lineage_tags
+from medssl.tracking.reviewer import check_experiment, screenshot, ui_url
+from medssl.tracking.tracker import Tracker, lineage_tags
 
 pytestmark = pytest.mark.slow
 

@@ -37,7 +37,7 @@ def test_missing_folder_is_a_message(tmp_path, capsys):
 def test_a_stage_revision_invalidates_it_and_everything_after(tmp_path, monkeypatch):
     """After an upgrade that changes what a stage writes, its finished work (and all downstream) reruns."""
     import dataclasses
-    from medssl import pipeline
+    from medssl.pipeline import runner as pipeline
     from medssl.config import load_pipeline
     monkeypatch.chdir(tmp_path)
     cfg = load_pipeline(PIPELINES[0], [f"workdir={tmp_path}/work"])

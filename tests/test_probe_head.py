@@ -5,7 +5,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from medssl.finetune.probe_head import _load_folded, fit_probe_head
+from medssl.ladder.probe_head import _load_folded, fit_probe_head
 
 
 def _data(n_classes, seed=0):

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medssl.data.io import load_image
-from medssl.data.manifest import build_manifest, read_manifest
+from medssl.ingest.decode import load_image
+from medssl.ingest.manifest import build_manifest, read_manifest
 from medssl.errors import DataError
 
 pytestmark = pytest.mark.timeout(120)
@@ -114,8 +114,8 @@ def _check_known(name: str, df, skipped) -> None:
 def test_fast_reader_agrees_with_pydicom(name: str):
     """Every real file the fast reader accepts gives the header (and pixels) pydicom gives."""
     import pydicom
-    from medssl.data.dicom_parse import parse, read_slice
-    from medssl.data.scan import _pydicom_header, dicom_header
+    from medssl.ingest.dicom.parse import parse, read_slice
+    from medssl.ingest.scan import _pydicom_header, dicom_header
     accepted = 0
     for path in sorted(p for p in SOURCES[name]().rglob("*") if p.is_file()):
         if parse(str(path)) is None:

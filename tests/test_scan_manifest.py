@@ -13,10 +13,10 @@ import pandas as pd
 import pytest
 from pydicom.data import get_testdata_file
 
-import medssl.data.scan as scan
-from medssl.data.dicom_writer import write_series
-from medssl.data.io import load_image
-from medssl.data.manifest import build_manifest, pseudonym, read_manifest, write_manifest
+import medssl.ingest.scan as scan
+from medssl.demo.dicom_writer import write_series
+from medssl.ingest.decode import load_image
+from medssl.ingest.manifest import build_manifest, pseudonym, read_manifest, write_manifest
 
 from dicom_cohorts import oblique_affine, real_volume, rotation, write_enhanced, write_messy_folder
 
@@ -253,7 +253,7 @@ def test_enhanced_repeated_positions_keep_first(tmp_path):
 def _reposition_frames(path: Path, slots: list[int], affine: np.ndarray) -> None:
     """Put frame f at the position of slice slots[f] (how multi-echo objects repeat positions)."""
     import pydicom
-    from medssl.data.dicom_writer import affine_to_dicom, format_ds
+    from medssl.demo.dicom_writer import affine_to_dicom, format_ds
     geo = affine_to_dicom(affine)
     ds = pydicom.dcmread(path)
     for item, k in zip(ds.PerFrameFunctionalGroupsSequence, slots):

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medssl.data.splits import (Rung, assign_splits, build_ladder, labelled_ids, pretrain_ids, read_splits,
+from medssl.cohort.splits import (Rung, assign_splits, build_ladder, labelled_ids, pretrain_ids, read_splits,
                                 write_splits)
 from medssl.errors import DataError
 
@@ -136,7 +136,7 @@ def test_splits_and_rungs_do_not_depend_on_the_pseudonymisation_salt():
     """The same files and seed give the same split on every machine, whatever salt made the ids."""
     import hashlib
 
-    from medssl.data.splits import assign_splits, build_ladder
+    from medssl.cohort.splits import assign_splits, build_ladder
 
     def manifest(salt: str) -> pd.DataFrame:
         rows = []

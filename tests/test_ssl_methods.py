@@ -106,7 +106,7 @@ def test_visible_patch_embedding_equals_the_conv_then_gather(spatial_dims, chann
     """MAE embeds only the visible patches with the patch conv's weights as a matrix: same tokens and same
     weight gradients as MONAI's conv over all patches followed by the gather."""
     from medssl.models.vit import ViTEncoder
-    from medssl.ssl.patchify import random_masking
+    from medssl.models.patchify import random_masking
     torch.manual_seed(0)
     enc = ViTEncoder(channels, [32] * spatial_dims, 8, 48, 1, 2, 64, spatial_dims)
     x = torch.randn(3, channels, *[32] * spatial_dims, dtype=torch.float64)

@@ -13,7 +13,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 from medssl.errors import TrackingError
-from medssl.tracking import NullTracker, Tracker, flatten, lineage_tags
+from medssl.tracking.tracker import NullTracker, Tracker, flatten, lineage_tags
 
 matplotlib.use("Agg")
 
@@ -210,7 +210,7 @@ def test_outbox_left_by_a_dead_process_is_replayed(tracker, tmp_path):
 
 
 def test_reviewer_check_on_a_local_store_names_what_is_missing(tracker, store, tmp_path):
-    from medssl.reviewer import check_experiment
+    from medssl.tracking.reviewer import check_experiment
     (tmp_path / "report").mkdir()
     (tmp_path / "report" / "table.csv").write_text("rung,auroc\n")
     with tracker.run("pipeline") as parent:

@@ -303,7 +303,7 @@ def test_run_pretraining_resumes_exactly_through_the_real_loader_and_method(tmp_
     from the step-2 checkpoint ends with the weights of the uninterrupted 4-step run."""
     from medssl.config import EncoderConfig, PretrainConfig
     from medssl.models.encoders import load_encoder
-    from medssl.tracking import NullTracker
+    from medssl.tracking.tracker import NullTracker
     from medssl.train import checkpoint as ckpt
     from medssl.train.pretrain import run_pretraining
     cache = _t1_cohort(5)

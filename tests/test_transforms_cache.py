@@ -13,8 +13,8 @@ import pytest
 from scipy.ndimage import map_coordinates
 
 from medssl.config import PreprocessConfig
-from medssl.data.cache import VolumeCache, settings_key
-from medssl.data.transforms import build_preprocess, make_input
+from medssl.preprocess.cache import VolumeCache, settings_key
+from medssl.preprocess.transforms import build_preprocess, make_input
 from medssl.errors import DataError
 
 T1 = Path(nib.__file__).parent / "tests" / "data" / "anatomical.nii"
@@ -119,7 +119,7 @@ DECODES: list[str] = []
 
 
 def nifti_loader(row, root):
-    """Stands in for medssl.data.io.load_image on NIfTI (same fields), and counts decodes."""
+    """Stands in for medssl.ingest.decode.load_image on NIfTI (same fields), and counts decodes."""
     DECODES.append(row["image_id"])
     img = nib.load(Path(root) / row["paths"])
     return Loaded(np.asarray(img.dataobj, dtype=np.float32)[None], img.affine, row["modality"], row["photometric"])
@@ -193,10 +193,10 @@ def test_missing_source_is_a_failure_not_a_crash(folder, tmp_path):
 # ---------------------------------------------------------------------------------------- through io.py
 def test_real_dicom_through_io_ct_window_and_monochrome1_radiograph(tmp_path, monkeypatch):
     """CT_small (CT, HU = raw - 1024) and RG1_UNCI (CR chest radiograph, MONOCHROME1) decoded by
-    medssl.data.io.load_image inside the cache; values checked against pydicom's own pixels."""
+    medssl.ingest.decode.load_image inside the cache; values checked against pydicom's own pixels."""
     pydicom = pytest.importorskip("pydicom")
     from pydicom.data import get_testdata_file
-    import medssl.data.io as io
+    import medssl.ingest.decode as io
     rows = []
     for image_id, name, modality, photometric in (("img-ct", "CT_small.dcm", "CT", "MONOCHROME2"),
                                                   ("img-cr", "RG1_UNCI.dcm", "CR", "MONOCHROME1")):

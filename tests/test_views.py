@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from medssl.config import ViewsConfig
-from medssl.views import RandomViews, gaussian_blur, make_views, random_cutout, two_views
+from medssl.augment.views import RandomViews, gaussian_blur, make_views, random_cutout, two_views
 
 OFF = ViewsConfig(flip_prob=0, rotate_degrees=0, scale_range=(1, 1), crop_jitter=0, intensity_scale=0,
                   intensity_shift=0, gamma_range=(1, 1), noise_std=0, blur_sigma=(0, 0), cutout_fraction=0)
@@ -109,7 +109,7 @@ def test_two_views_are_two_different_views():
 
 @pytest.mark.parametrize("spatial", [[6, 8], [4, 6, 8]])
 def test_broadcast_grid_equals_torch_affine_grid(spatial):
-    from medssl.views import affine_grid
+    from medssl.augment.views import affine_grid
     nd = len(spatial)
     theta = torch.randn(3, nd, nd + 1)
     rev = list(range(nd - 1, -1, -1))  # torch's theta maps (x, y, z) = reversed array axes
@@ -131,7 +131,7 @@ def test_blur_matches_scipy_per_sample(spatial_dims):
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_flip_paths_agree(spatial_dims):
-    from medssl.views import flip_samples
+    from medssl.augment.views import flip_samples
     x = anatomy(spatial_dims, batch=5)
     code = torch.tensor([0, 1, 2, 3, 2 ** spatial_dims - 1])
     flips = (code[:, None] >> torch.arange(spatial_dims)) & 1 == 1  # bit a = spatial axis a
@@ -143,7 +143,7 @@ def test_flip_paths_agree(spatial_dims):
 @pytest.mark.parametrize("shape", [(3, 1, 5, 6, 7), (1, 1, 12, 10, 14), (1, 1, 96, 96, 96)])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_trilinear_by_rows_equals_grid_sample(shape, threads):
-    from medssl.views import affine_grid, random_affine, trilinear_by_rows
+    from medssl.augment.views import affine_grid, random_affine, trilinear_by_rows
     x = torch.rand(shape)  # rough data: the largest step between neighbours
     wide = ViewsConfig(rotate_degrees=60, scale_range=(0.6, 1.5), crop_jitter=0.5)  # zoom-outs sample padding
     theta = random_affine(x, wide, torch.Generator().manual_seed(1))
@@ -160,14 +160,14 @@ def test_trilinear_by_rows_equals_grid_sample(shape, threads):
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_blur_paths_agree(spatial_dims):
-    from medssl.views import blur_by_matmul, blur_by_taps
+    from medssl.augment.views import blur_by_matmul, blur_by_taps
     x = torch.rand(3, 2, *[9, 10, 11][:spatial_dims])
     sigma = torch.tensor([0.0, 0.4, 1.0])
     assert torch.allclose(blur_by_taps(x, sigma, 3), blur_by_matmul(x, sigma, 3), atol=1e-6)
 
 
 def test_large_cpu_samples_are_made_one_at_a_time():
-    from medssl.views import _sample_by_sample
+    from medssl.augment.views import _sample_by_sample
     x = torch.rand(1, 1, 64, 64, 64).expand(2, -1, -1, -1, -1).half()  # two copies of one crop
     assert _sample_by_sample(x, ViewsConfig()) and not _sample_by_sample(x[..., :32], ViewsConfig())
     a = make_views(x, ViewsConfig(), torch.Generator().manual_seed(3))

@@ -14,7 +14,7 @@ from monai.networks.blocks import PatchEmbeddingBlock, TransformerBlock
 from torch import nn
 
 from medssl.errors import ConfigError
-from medssl.ssl.patchify import patchify
+from medssl.models.patchify import patchify
 
 
 def _require_einops() -> None:

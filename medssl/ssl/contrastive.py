@@ -11,7 +11,7 @@ from torch import nn
 from medssl.config import ContrastiveConfig, ViewsConfig
 from medssl.models.heads import projection_head
 from medssl.ssl.losses import nt_xent
-from medssl.views import make_views
+from medssl.augment.views import make_views
 
 
 def positive_views(batch: dict, positives: str, views: ViewsConfig) -> tuple[torch.Tensor, torch.Tensor]:

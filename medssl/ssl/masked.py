@@ -12,8 +12,8 @@ from medssl.config import MaskedConfig, ViewsConfig
 from medssl.errors import ConfigError
 from medssl.models.vit import ViTEncoder, transformer_blocks
 from medssl.ssl.losses import masked_patch_mse
-from medssl.ssl.patchify import patchify, random_masking
-from medssl.views import make_views
+from medssl.models.patchify import patchify, random_masking
+from medssl.augment.views import make_views
 
 
 class MAEDecoder(nn.Module):

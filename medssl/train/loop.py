@@ -20,7 +20,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-from rich.console import Console
 from torch import nn
 
 from medssl.config import TrainConfig
@@ -28,10 +27,10 @@ from medssl.errors import TrainingError
 from medssl.train import checkpoint as ckpt
 from medssl.train.batches import BatchStream, move_to_device, batch_samples
 from medssl.train.distributed import DistInfo, all_mean, barrier, current, gather_objects, wrap_model
-from medssl.train.progress import TrainProgress
+from medssl.ui import TrainProgress
 from medssl.train.schedule import WarmupCosine, warmup_cosine
+from medssl.ui import console
 
-console = Console(stderr=True)
 # train settings a resumed run may change (longer, another lr or schedule, other logging or speed settings);
 # every other stored setting (data order, model, method, views, crop, ...) must match the checkpoint's
 RESUMABLE = {"steps", "lr", "warmup_steps", "grad_clip", "checkpoint_every", "keep_checkpoints", "log_every",

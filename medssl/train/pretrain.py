@@ -34,8 +34,8 @@ def run_pretraining(cfg: PretrainConfig, cache, image_ids, groups: dict | None, 
     groups: {image_id: patient (or study) id} for patient/study positives. probe: an OnlineProbe (or any
     `probe(encoder, device) -> dict`) run every cfg.train.probe_every steps. Only rank 0 logs and writes.
     """
-    from medssl.data.device_crops import DeviceCrops, device_crop_workers, use_device_crops
-    from medssl.data.loaders import CropDataset, CropPositions
+    from medssl.train.device_crops import DeviceCrops, device_crop_workers, use_device_crops
+    from medssl.train.loaders import CropDataset, CropPositions
     from medssl.models.encoders import save_encoder
     from medssl.ssl import build_method, method_name
 
@@ -94,7 +94,7 @@ class _Silent:
 def _loader_factory(dataset, t, world_size: int, workers: int):
     if world_size > 1:
         return sharded_loader(dataset, t.batch_size, t.seed, workers)
-    from medssl.data.loaders import make_loader
+    from medssl.train.loaders import make_loader
 
     def factory(epoch: int, position: int):
         # one endless stream (epochs=None): the epoch stays 0 and `position` is the micro-batch to start at
@@ -119,7 +119,7 @@ def _log_views(tracker, dataset, cfg: PretrainConfig, n: int) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from medssl.views import make_views
+    from medssl.augment.views import make_views
 
     crops = torch.stack([dataset[i]["image"] for i in range(min(n, len(dataset)))])  # (n, C, *crop)
     gen = torch.Generator().manual_seed(cfg.train.seed)

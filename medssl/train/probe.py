@@ -12,7 +12,6 @@ import warnings
 
 import numpy as np
 import torch
-from rich.console import Console
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
@@ -20,8 +19,8 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import nn
+from medssl.ui import console
 
-console = Console(stderr=True)
 
 
 def knn_proba(train_emb: np.ndarray, train_y: np.ndarray, query: np.ndarray, k: int,
@@ -153,7 +152,7 @@ def make_probe(cache, image_ids, labels, crop: list[int], spatial_dims: int, k: 
     """An OnlineProbe over at most `max_images` labelled cached images (a class-stratified sample), centre-cropped
     to the pretraining crop; None (no probe) when fewer than two classes have two images each.
     Use labelled images of the training split only: val/test stay unseen until evaluation."""
-    from medssl.data.loaders import ImageDataset
+    from medssl.train.loaders import ImageDataset
     ids, y = _stratified_sample(list(image_ids), np.asarray(labels, dtype=int), max_images, seed)
     counts = np.bincount(y) if len(y) else np.array([])
     if (counts >= 2).sum() < 2:

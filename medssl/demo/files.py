@@ -1,18 +1,16 @@
 """Writing the demo cohort's studies the way users' data arrives: DICOM series and NIfTI (+ sidecar), and junk.
 
-Separate from medssl/demo.py (which draws the subjects) so each file keeps one job.
+Separate from demo/cohort.py (which draws the subjects) so each file keeps one job.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
 
-if TYPE_CHECKING:
-    from medssl.demo import Subject
+from medssl.demo.subject import Subject
 
 
 def _to_int16(image: np.ndarray) -> np.ndarray:
@@ -26,7 +24,7 @@ def write_dicom_study(image: np.ndarray, affine: np.ndarray, folder: Path, subje
                       date: int, seed: int) -> tuple[Path, np.ndarray]:
     """Axial series as scanners send it: i runs to the patient's Left, j to Posterior (LPS voxel order)."""
     from pydicom.uid import generate_uid
-    from medssl.data.dicom_writer import write_series
+    from medssl.demo.dicom_writer import write_series
     n = image.shape[0]
     flip = LPS_FLIP.copy()
     flip[:2, 3] *= n - 1

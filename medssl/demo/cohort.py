@@ -34,8 +34,10 @@ from scipy import ndimage
 
 from medssl.config import DemoConfig
 from medssl.errors import DataError
-from medssl.demo_files import write_dicom_study, write_junk, write_nifti_study
-from medssl.lesions import (Anatomy, Deformation, insert_lesion, lesion_mask, random_pose, random_subject_shape,
+from medssl.demo.subject import Subject
+from medssl.ui import progress_bar
+from medssl.demo.files import write_dicom_study, write_junk, write_nifti_study
+from medssl.demo.lesions import (Anatomy, Deformation, insert_lesion, lesion_mask, random_pose, random_subject_shape,
                             scanner_effects)
 
 ITK_T1 = Path("/usr/share/doc/insighttoolkit5-examples/examples/Data/KmeansTest_T1UCharRaw.nii.gz")
@@ -101,27 +103,6 @@ def output_grid(anatomy: Anatomy, size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ----------------------------------------------------------------------------------------- subjects
-@dataclass
-class Subject:
-    index: int
-    patient_id: str
-    patient_name: str
-    birth_date: str
-    sex: str
-    positive: bool
-    dicom: bool
-    n_studies: int
-
-    @property
-    def label_id(self) -> str:
-        """The id a labels CSV uses: PatientID for DICOM, the BIDS subject label for NIfTI."""
-        return self.patient_id if self.dicom else self.bids
-
-    @property
-    def bids(self) -> str:
-        return f"sub-{self.index + 1:04d}"
-
-
 def plan_subjects(cfg: DemoConfig, second_study_fraction: float) -> list[Subject]:
     """Who is positive, who is DICOM, who has two studies: exact counts, positions shuffled by the seed."""
     rng = np.random.default_rng([cfg.seed, 0])
@@ -274,7 +255,7 @@ def axial_slice(study: dict, affine: np.ndarray) -> dict:
 
 def _run_jobs(jobs: list[tuple], workers: int | None, progress: bool) -> list[list[dict]]:
     workers = min(workers or min(8, os.cpu_count() or 1), max(1, len(jobs) // 8))  # small cohorts: no pool
-    bar = _progress(len(jobs), progress)
+    bar = progress_bar("subjects", enabled=progress)
     with bar:
         task = bar.add_task("demo subjects", total=len(jobs))
         if workers <= 1:
@@ -288,14 +269,4 @@ def _tick(bar, task, rows: list[dict]) -> list[dict]:
     return rows
 
 
-def _progress(total: int, enabled: bool):
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
-    from rich.text import Text
 
-    class Rate(ProgressColumn):
-        def render(self, task) -> Text:
-            return Text(f"{task.speed or 0:.1f} subjects/s", style="progress.data.speed")
-
-    return Progress(TextColumn("[bold]demo subjects"), BarColumn(), MofNCompleteColumn(), Rate(),
-                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), disable=not enabled)

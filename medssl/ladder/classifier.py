@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from medssl.config import FinetuneConfig
 from medssl.errors import ConfigError, DataError, TrainingError
 from medssl.evaluate.metrics import choose_threshold, positive_scores
-from medssl.finetune.probe_head import fit_probe_head
+from medssl.ladder.probe_head import fit_probe_head
 from medssl.models.heads import linear_head
 
 PROTOCOLS = ("linear", "finetune")
@@ -156,7 +156,7 @@ def _schedule(optimizer, cfg: FinetuneConfig, steps_per_epoch: int):
 
 
 def _early_stopped(module, loader, val_ds, optimizer, scheduler, loss_fn, cfg, monitor, device, seed) -> dict:
-    from medssl.views import make_views
+    from medssl.augment.views import make_views
     best, history, waited = None, [], 0
     views = torch.Generator(device=device).manual_seed(seed)  # the views are part of the seed, like the order
     for epoch in range(1, cfg.epochs + 1):

@@ -19,9 +19,8 @@ from pathlib import Path
 
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
-from rich.console import Console
+from medssl.ui import console
 
-console = Console(stderr=True)
 
 # MLflow error codes that mean "the request is wrong", not "the server is away": retrying cannot help
 _PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",

@@ -24,13 +24,12 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from rich.console import Console
 
-from medssl.data.cache import image_progress
+from medssl.ui import progress_bar
 from medssl.errors import DataError
-from medssl.views import gather_windows
+from medssl.augment.views import gather_windows
+from medssl.ui import console
 
-console = Console(stderr=True)
 BYTES_PER_VOXEL = 2          # float16, as cached
 AUTO_SHARE = 0.4             # "auto" keeps images on the GPU when they take at most this share of free memory
 
@@ -119,7 +118,7 @@ class DeviceCrops:
         frame_size, offsets = frame_layout(shapes, crop)
         channels = max(s[0] for s in shapes)
         frame = torch.zeros(len(shapes), channels, *frame_size, dtype=torch.float16, device=device)
-        with image_progress() as bar:   # reading tens of GB from the cache takes a while: show it
+        with progress_bar("images") as bar:   # reading tens of GB from the cache takes a while: show it
             task = bar.add_task(f"images to {device}", total=len(shapes))
             for n, (image_id, shape) in enumerate(zip(image_ids, shapes)):
                 array = torch.from_numpy(np.ascontiguousarray(cache.get(image_id), dtype=np.float16))

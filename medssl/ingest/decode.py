@@ -23,8 +23,8 @@ import numpy as np
 import pydicom
 from PIL import Image
 
-from medssl.data.dicom import multiframe_geometry, plane_affine, stack_affine
-from medssl.data.dicom_parse import basic_fields, enhanced_geometry, read_slice
+from medssl.ingest.dicom.assemble import multiframe_geometry, plane_affine, stack_affine
+from medssl.ingest.dicom.parse import basic_fields, enhanced_geometry, read_slice
 from medssl.errors import DataError
 
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from medssl.errors import DataError, TrainingError
 from medssl.evaluate import plots
 from medssl.evaluate.metrics import classification_metrics, confusion_from_metrics, positive_scores
-from medssl.finetune.classifier import Classifier
+from medssl.ladder.classifier import Classifier
 
 FORMAT = "medssl-classifier/1"
 
@@ -129,7 +129,7 @@ def predict(model_source, cache, df: pd.DataFrame, out_csv: Path, batch_size: in
 def evaluate_model(model_source, cache, df: pd.DataFrame, label: str, out_dir: Path, tracker=None,
                    n_boot: int = 1000, seed: int = 0, batch_size: int = 16) -> dict:
     """External validation: the ladder's metrics (patient-bootstrap CIs) on the labelled images of `df`."""
-    from medssl.data.splits import label_codes
+    from medssl.cohort.splits import label_codes
     out_dir = Path(out_dir)
     model = load_model(model_source, getattr(tracker, "tracking_uri", None))
     codes = label_codes(df, label)
@@ -177,5 +177,5 @@ def _cached_ids(cache, image_ids) -> tuple[list[str], list[str]]:
 
 
 def _dataset(cache, ids, labels, model: Classifier):
-    from medssl.data.loaders import ImageDataset
+    from medssl.train.loaders import ImageDataset
     return ImageDataset(cache, ids, labels, spatial_dims=getattr(model, "spatial_dims", None))

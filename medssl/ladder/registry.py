@@ -8,10 +8,9 @@ from contextlib import contextmanager
 
 import pandas as pd
 import torch
-from rich.console import Console
+from medssl.ui import console
 
 MAX_EXAMPLE_VALUES = 32 ** 3  # larger inputs are logged with a signature but no input example
-console = Console(stderr=True)
 
 
 def log_model(tracker, model, sample: torch.Tensor) -> None:

@@ -26,7 +26,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 import medssl
 from medssl.errors import TrackingError
-from medssl.outbox import Outbox, console, is_permanent, recover, send_register
+from medssl.tracking.outbox import Outbox, console, is_permanent, recover, send_register
 
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value; longer values are cut with a marker
 MAX_TAG_CHARS = 8000

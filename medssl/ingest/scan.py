@@ -21,12 +21,10 @@ from pathlib import Path
 import pydicom
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
-from rich.text import Text
 
-from medssl.data.dicom_parse import HEAD_BYTES, basic_fields, enhanced_geometry, parse, parse_buffer
-from medssl.data.io import nifti_header, raster_header
+from medssl.ingest.dicom.parse import HEAD_BYTES, basic_fields, enhanced_geometry, parse, parse_buffer
+from medssl.ingest.decode import nifti_header, raster_header
+from medssl.ui import progress_bar
 
 RASTER_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*")  # PNG, JPEG, TIFF (LE/BE)
 CHUNK = 256          # files per worker task: big enough to amortise pickling, small enough for a live ETA
@@ -231,19 +229,6 @@ def _read_chunk(rels: list[str], root: str, max_image_mb: float) -> list[dict]:
     return [read_header(rel, root, max_image_mb) for rel in rels]
 
 
-class _RateColumn(ProgressColumn):
-    def render(self, task) -> Text:
-        speed = task.speed  # rich's windowed rate is empty for short scans: fall back to the overall rate
-        if not speed and task.elapsed:
-            speed = task.completed / task.elapsed
-        return Text(f"{speed or 0:,.0f} files/s", style="progress.data.speed")
-
-
-def _progress(enabled: bool) -> Progress:
-    return Progress(TextColumn("[bold]indexing"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
-                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), disable=not enabled)
-
-
 def scan_folder(folder: Path, *, workers: int | None = None, max_image_mb: float = 4096,
                 progress: bool = True, exclude: set[str] = frozenset()) -> ScanResult:
     """List `folder` recursively and read every file's header (no pixel data) in `workers` processes.
@@ -257,7 +242,7 @@ def scan_folder(folder: Path, *, workers: int | None = None, max_image_mb: float
     chunks = [rels[i:i + CHUNK] for i in range(0, len(rels), CHUNK)]
     workers = workers or os.cpu_count() or 1
     if workers == 1 or len(rels) < IN_PROCESS_BELOW:
-        with _progress(progress) as bar:
+        with progress_bar("files", enabled=progress) as bar:
             task = bar.add_task("index", total=len(rels))
             for chunk in chunks:
                 _collect(result, _read_chunk(chunk, str(folder), max_image_mb))
@@ -274,7 +259,7 @@ def _scan_in_pool(result: ScanResult, chunks: list[list[str]], workers: int, max
     with ProcessPoolExecutor(max_workers=min(workers, len(chunks))) as pool:
         # submitting first forks the workers before the progress bar starts its refresh thread
         futures = {pool.submit(_read_chunk, c, str(result.root), max_image_mb): c for c in chunks}
-        with _progress(progress) as bar:
+        with progress_bar("files", enabled=progress) as bar:
             task = bar.add_task("index", total=result.n_files)
             for future in as_completed(futures):
                 _collect(result, _chunk_result(future, futures[future]))

@@ -18,9 +18,9 @@ from pathlib import Path
 import nibabel as nib
 import pandas as pd
 
-from medssl.data.dicom import assemble
-from medssl.data.labels import JoinReport, join_labels, path_keys, read_labels
-from medssl.data.scan import scan_folder
+from medssl.ingest.dicom.assemble import assemble
+from medssl.ingest.labels import JoinReport, join_labels, path_keys, read_labels
+from medssl.ingest.scan import scan_folder
 from medssl.errors import DataError
 
 FORMAT = "medssl-manifest/1"

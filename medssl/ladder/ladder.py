@@ -20,23 +20,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from medssl.config import EncoderConfig, FinetuneConfig
 from medssl.errors import ConfigError, DataError, MedsslError
 from medssl.evaluate.bootstrap import paired_bootstrap
 from medssl.evaluate.metrics import classification_metrics, multiclass_metrics, positive_scores, resample_metrics
-from medssl.finetune.classifier import FeatureSet, check_images, check_labels, features, fit
-from medssl.finetune.predict import score_dataset, write_evaluation
-from medssl.finetune.registry import log_model, register_best
-from medssl.finetune.results import append_result, finished_keys, read_results, settings_digest
+from medssl.ladder.classifier import FeatureSet, check_images, check_labels, features, fit
+from medssl.evaluate.predict import score_dataset, write_evaluation
+from medssl.ladder.registry import log_model, register_best
+from medssl.ladder.results import append_result, finished_keys, read_results, settings_digest
+from medssl.ui import console, progress_bar
 
 INITS = ("scratch", "ssl")  # scratch first: the SSL row then carries the paired difference
 RESULTS = "results.csv"
 LOG_MODELS = ("all", "best", "none")
 PAIRED = ("auroc", "auprc")  # threshold-free, so the two models' own thresholds do not blur the difference
-console = Console(stderr=True)
 
 
 @dataclass
@@ -82,16 +80,14 @@ def run_ladder(cfg: FinetuneConfig, encoder_source, cache, df: pd.DataFrame, lab
     results_csv = ctx.out_dir / RESULTS
     done = finished_keys(results_csv, ctx.digest)
     plan = [(rung, protocol, init) for rung in rungs for protocol in cfg.protocols for init in INITS]
-    with _progress() as progress:
-        task = progress.add_task("ladder", total=len(plan), pace="")
-        started, ran = time.monotonic(), 0
+    with progress_bar("runs") as progress:
+        task = progress.add_task("ladder", total=len(plan))
         for rung, protocol, init in plan:
             key = child_key(rung, protocol, init)
             if key not in done:
                 progress.update(task, description=f"ladder {key}")
                 append_result(results_csv, _safe_child(ctx, rung, protocol, init))
-                ran += 1
-            progress.update(task, advance=1, pace=f"{(time.monotonic() - started) / max(ran, 1):.1f} s/run")
+            progress.advance(task)
     results = read_results(results_csv)
     if "settings_digest" in results:  # rows of earlier settings stay in the file but are not this ladder's
         results = results[results["settings_digest"].astype(str) == ctx.digest].reset_index(drop=True)
@@ -107,7 +103,7 @@ def run_ladder(cfg: FinetuneConfig, encoder_source, cache, df: pd.DataFrame, lab
 
 def _context(cfg, encoder_source, cache, df, label, out_dir, tracker, encoder_cfg, spatial_dims, img_size,
              log_models, class_names, monitor) -> LadderContext:
-    from medssl.data.splits import label_codes, labelled_ids
+    from medssl.cohort.splits import label_codes, labelled_ids
     from medssl.models.encoders import load_encoder
     _, info = load_encoder(encoder_source)  # fails early on a missing or broken encoder file
     codes = label_codes(df, label)
@@ -204,7 +200,7 @@ def _encoder(ctx: LadderContext, init: str, seed: int):
 
 
 def _dataset(ctx: LadderContext, ids: list[str]):
-    from medssl.data.loaders import ImageDataset
+    from medssl.train.loaders import ImageDataset
     # spatial_dims: a 2D encoder on 3D cached volumes sees their central axial slice (the loader's rule)
     return ImageDataset(ctx.cache, ids, [ctx.codes[i] for i in ids], spatial_dims=ctx.spatial_dims)
 
@@ -305,8 +301,4 @@ def _print_failures(results: pd.DataFrame) -> None:
             console.print(f"  {row['key']}: {row['error']}")
 
 
-def _progress() -> Progress:
-    # throughput as seconds per child run (runs take seconds to hours: runs/s would read 0.00)
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[pace]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=console, transient=False)
+

@@ -6,7 +6,7 @@ made from this experiment's runs, and the report artifact on the parent. It uses
 uses, so a green check means the UI shows it too. A non-HTTP tracking URI (local `mlflow.db`) has no REST
 API; then the same questions go through `MlflowClient`.
 
-    python -m medssl.reviewer http://127.0.0.1:5000 demo [--screenshot out.png]
+    python -m medssl.tracking.reviewer http://127.0.0.1:5000 demo [--screenshot out.png]
 """
 from __future__ import annotations
 

@@ -16,15 +16,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from rich.console import Console
 from rich.table import Table
 
 from medssl.config import PipelineConfig
 from medssl.errors import MedsslError
-from medssl import stages
-from medssl.scale import apply_scale
+from medssl.pipeline.stages import (cache as cache_stage, demo as demo_stage, ladder as ladder_stage,
+                                    manifest as manifest_stage, pretrain as pretrain_stage,
+                                    report as report_stage, splits as splits_stage)
+from medssl.pipeline.context import Context, input_listing, where_to_look
+from medssl.pipeline.scale import apply_scale
+from medssl.ui import console
 
-console = Console(stderr=True)
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,7 @@ class Stage:
     name: str
     needs: tuple[str, ...]
     settings: Callable[[PipelineConfig], object]   # the part of the config this stage reads
-    run: Callable[["stages.Context"], dict]         # returns the outputs to record (paths, counts)
+    run: Callable[[Context], dict]               # returns the outputs to record (paths, counts)
     doc: str
     # raise when the stage's code writes something else for the same settings (e.g. the split order changed):
     # finished work recorded under the old revision then reruns after an upgrade instead of being reused
@@ -40,18 +42,18 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("demo", (), lambda c: c.data.demo, stages.run_demo, "build the demo cohort from real anatomy"),
-    Stage("manifest", ("demo",), lambda c: (c.data, c.manifest), stages.run_manifest,
+    Stage("demo", (), lambda c: c.data.demo, demo_stage.run_demo, "build the demo cohort from real anatomy"),
+    Stage("manifest", ("demo",), lambda c: (c.data, c.manifest), manifest_stage.run_manifest,
           "scan the folder, assemble DICOM series, join labels"),
-    Stage("splits", ("manifest",), lambda c: c.split, stages.run_splits,
+    Stage("splits", ("manifest",), lambda c: c.split, splits_stage.run_splits,
           "patient-level train/val/test splits and label ladders", revision=2),  # 2: ordered by source path
-    Stage("cache", ("splits",), lambda c: c.preprocess, stages.run_cache,
+    Stage("cache", ("splits",), lambda c: c.preprocess, cache_stage.run_cache,
           "decode, orient, resample and normalise every image once"),
-    Stage("pretrain", ("cache",), lambda c: c.pretrain, stages.run_pretrain,
+    Stage("pretrain", ("cache",), lambda c: c.pretrain, pretrain_stage.run_pretrain,
           "self-supervised pretraining of the encoder"),
-    Stage("ladder", ("pretrain",), lambda c: c.finetune, stages.run_ladder,
+    Stage("ladder", ("pretrain",), lambda c: c.finetune, ladder_stage.run_ladder,
           "fine-tune at each label budget, SSL vs scratch"),
-    Stage("report", ("ladder",), lambda c: None, stages.run_report,
+    Stage("report", ("ladder",), lambda c: None, report_stage.run_report,
           "label-efficiency curve and table"),
 )
 
@@ -87,7 +89,7 @@ class Pipeline:
     def __init__(self, cfg: PipelineConfig, source: Path | None = None):
         self.cfg = apply_scale(cfg)
         self.source = source
-        self.ctx = stages.Context.create(self.cfg)
+        self.ctx = Context.create(self.cfg)
         self.stages = [s for s in STAGES if s.name != "demo" or self.cfg.data.demo is not None]
 
     # ------------------------------------------------------------------ fingerprints and records
@@ -95,7 +97,7 @@ class Pipeline:
         prints: dict[str, str] = {}
         for stage in self.stages:
             upstream = [prints[n] for n in stage.needs if n in prints]
-            extra = stages.input_listing(self.cfg) if stage.name == "manifest" and not self.cfg.data.demo else ""
+            extra = input_listing(self.cfg) if stage.name == "manifest" and not self.cfg.data.demo else ""
             prints[stage.name] = _digest([stage.name, stage.revision, stage.settings(self.cfg), upstream, extra])
         return prints
 
@@ -139,7 +141,7 @@ class Pipeline:
             self.ctx.tracker.log_params({"pipeline": self.cfg.model_dump(mode="json")})
             for stage, fingerprint, todo in plan:
                 self._run_stage(stage, fingerprint, todo)
-        console.print(stages.where_to_look(self.ctx))
+        console.print(where_to_look(self.ctx))
 
     def _run_stage(self, stage: Stage, fingerprint: str, todo: bool) -> None:
         if not todo:

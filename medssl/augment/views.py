@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medssl.config import ViewsConfig
-from medssl.views_cpu import blur_by_taps, gaussian_taps, trilinear_by_rows
+from medssl.augment.views_cpu import blur_by_taps, gaussian_taps, trilinear_by_rows
 
 
 def _uniform(n: int, low: float, high: float, x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:

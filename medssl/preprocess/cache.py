@@ -23,18 +23,14 @@ from typing import Callable, Mapping
 
 import numpy as np
 import pandas as pd
-from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
-from rich.text import Text
 
 from medssl.config import PreprocessConfig
 from medssl.errors import DataError, MedsslError
+from medssl.ui import console, progress_bar
 
 CACHE_VERSION = 1            # bump when the preprocessing code changes what it writes
 STORE_DTYPE = np.float16
 INDEX_SAVE_SECONDS = 10.0    # an interrupted build keeps what it finished up to this long ago
-console = Console(stderr=True)
 
 
 def settings_key(cfg: PreprocessConfig) -> str:
@@ -57,13 +53,13 @@ _CHAINS: dict[str, object] = {}   # per process: the MONAI chain is built once, 
 
 
 def _load_with_io(row: Mapping, root: Path):
-    from medssl.data import io      # looked up at call time so tests can count decodes
+    from medssl.ingest import decode as io      # looked up at call time so tests can count decodes
     return io.load_image(row, root)
 
 
 def preprocess_one(row: dict, root: str, cfg_json: dict, out: str, load: Callable | None = None) -> list[int]:
     """Decode, preprocess and store one image; returns its stored shape. Raises on any problem."""
-    from medssl.data.transforms import build_preprocess, make_input
+    from medssl.preprocess.transforms import build_preprocess, make_input
     key = json.dumps(cfg_json, sort_keys=True)
     if key not in _CHAINS:
         _CHAINS[key] = build_preprocess(PreprocessConfig.model_validate(cfg_json))
@@ -88,17 +84,6 @@ def _reason(err: BaseException) -> str:
     if isinstance(err, MedsslError):
         return err.what + (f" ({err.where})" if err.where else "")
     return f"{type(err).__name__}: {err}"
-
-
-class _RateColumn(ProgressColumn):
-    def render(self, task) -> Text:
-        return Text(f"{task.speed:.1f} img/s" if task.speed else "- img/s")
-
-
-def image_progress() -> Progress:
-    """The bar of work done image by image: count, images/s, elapsed, ETA."""
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
-                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
 
 
 # ------------------------------------------------------------------------------- the cache
@@ -158,13 +143,13 @@ class VolumeCache:
         """Preprocess every row not cached yet (or whose source changed), in parallel processes.
         Returns {image_id: reason} for the images that failed; never raises for one bad image."""
         # import MONAI here, once: forked workers inherit it instead of each paying its ~5 s import
-        import medssl.data.transforms  # noqa: F401
+        import medssl.preprocess.transforms  # noqa: F401
         manifest_root = Path(manifest_root)
         todo, failures = self.stale(df, manifest_root)
         if workers is None:
             workers = min(os.cpu_count() or 1, 8)
         workers = max(1, min(workers, len(todo) or 1))
-        with image_progress() as progress:
+        with progress_bar("images") as progress:
             task = progress.add_task(f"preprocessing ({workers} proc.)", total=len(todo))
             for image_id, result in self._run(todo, manifest_root, workers):
                 if isinstance(result, str):

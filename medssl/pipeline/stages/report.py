@@ -1,0 +1,13 @@
+"""Stage `report`: the label-efficiency curve, table and verdicts, on the parent run."""
+from __future__ import annotations
+
+from medssl.pipeline.context import Context
+
+
+def run_report(ctx: Context) -> dict:
+    import pandas as pd
+    from medssl.evaluate.report import build_report
+    results = pd.read_csv(ctx.outputs["ladder"]["results"])
+    artifacts = build_report(results, ctx.paths.report)
+    ctx.tracker.log_artifacts(ctx.paths.report, "report")  # on the parent run: the reviewer's first stop
+    return {"paths": [str(p) for p in artifacts.values()], **{k: str(v) for k, v in artifacts.items()}}
