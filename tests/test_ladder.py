@@ -196,7 +196,7 @@ def test_multiclass_ladder_without_mlflow(tmp_path, monkeypatch):
     assert {"cm_2_2", "delta_auroc"} <= set(results.columns) and results["auroc"].between(0, 1).all()
 
     # a plain-dict classifier file round-trips and predicts one score per class
-    from medssl.ladder.classifier import Classifier
+    from medssl.models.classifier import Classifier
     from medssl.models.encoders import load_encoder
     enc, info = load_encoder(encoder)
     path = save_classifier(tmp_path / "clf.pt", Classifier(enc, 3, spatial_dims=2), info)
@@ -208,7 +208,7 @@ def test_multiclass_ladder_without_mlflow(tmp_path, monkeypatch):
 
 def test_predict_refuses_images_of_the_wrong_dimension(tmp_path):
     from medssl.errors import DataError
-    from medssl.ladder.classifier import Classifier
+    from medssl.models.classifier import Classifier
     from medssl.evaluate.predict import predict, save_classifier
     from medssl.models.encoders import load_encoder
     enc, info = load_encoder(tiny_encoder_file(tmp_path, 3))

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from medssl.errors import DataError, TrainingError
 from medssl.evaluate import plots
 from medssl.evaluate.metrics import classification_metrics, confusion_from_metrics, positive_scores
-from medssl.ladder.classifier import Classifier
+from medssl.models.classifier import Classifier
 
 FORMAT = "medssl-classifier/1"
 
