@@ -28,7 +28,7 @@ from medssl.evaluate.metrics import classification_metrics, multiclass_metrics, 
 from medssl.ladder.classifier import FeatureSet, check_images, check_labels, features, fit
 from medssl.evaluate.predict import score_dataset, write_evaluation
 from medssl.ladder.registry import log_model, register_best
-from medssl.ladder.results import append_result, finished_keys, read_results, settings_digest
+from medssl.ladder.results import print_failures, append_result, finished_keys, read_results, settings_digest
 from medssl.ui import console, progress_bar
 
 INITS = ("scratch", "ssl")  # scratch first: the SSL row then carries the paired difference
@@ -91,7 +91,7 @@ def run_ladder(cfg: FinetuneConfig, encoder_source, cache, df: pd.DataFrame, lab
     results = read_results(results_csv)
     if "settings_digest" in results:  # rows of earlier settings stay in the file but are not this ladder's
         results = results[results["settings_digest"].astype(str) == ctx.digest].reset_index(drop=True)
-    _print_failures(results)
+    print_failures(results)
     if cfg.register_model and log_models != "none" and getattr(tracker, "experiment", None):
         register_best(tracker, results, registered_model_prefix or f"{tracker.experiment}-{label}", _lineage(ctx))
     if getattr(tracker, "active_run_id", None):  # the ladder's own run, when the caller opened one
@@ -291,14 +291,3 @@ def _best_so_far(ctx: LadderContext, rung_name: str) -> float:
     logged = done["model_logged"].astype(str).str.lower() == "true"
     mine = done[(done["status"] == "ok") & (done["rung"] == rung_name) & logged]
     return float(mine["val_auroc"].max()) if len(mine) else float("-inf")
-
-
-def _print_failures(results: pd.DataFrame) -> None:
-    failed = results[results["status"] != "ok"]
-    if len(failed):
-        console.print(f"[red]{len(failed)} of {len(results)} ladder runs failed[/] (kept in results.csv):")
-        for _, row in failed.iterrows():
-            console.print(f"  {row['key']}: {row['error']}")
-
-
-

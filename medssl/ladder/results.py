@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from medssl.ui import console
+
 
 def finished_keys(results_csv: Path, digest: str | None = None) -> set[str]:
     """Children that finished ("ok"), under the same settings when `digest` is given."""
@@ -53,3 +55,11 @@ def settings_digest(settings: dict, encoder_source: str) -> str:
     source = Path(encoder_source)
     encoder = hashlib.sha256(source.read_bytes()).hexdigest() if source.is_file() else str(encoder_source)
     return hashlib.sha256(json.dumps({**settings, "encoder": encoder}, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def print_failures(results: pd.DataFrame) -> None:
+    failed = results[results["status"] != "ok"]
+    if len(failed):
+        console.print(f"[red]{len(failed)} of {len(results)} ladder runs failed[/] (kept in results.csv):")
+        for _, row in failed.iterrows():
+            console.print(f"  {row['key']}: {row['error']}")

@@ -28,7 +28,7 @@ from medssl.train import checkpoint as ckpt
 from medssl.train.batches import BatchStream, move_to_device, batch_samples
 from medssl.train.distributed import DistInfo, all_mean, barrier, current, gather_objects, wrap_model
 from medssl.ui import TrainProgress
-from medssl.train.schedule import WarmupCosine, warmup_cosine
+from medssl.train.schedule import WarmupCosine, build_optimizer, warmup_cosine
 from medssl.ui import console
 
 # train settings a resumed run may change (longer, another lr or schedule, other logging or speed settings);
@@ -45,15 +45,6 @@ class _Window:
     samples: int = 0
     wait_s: float = 0.0
     start: float = field(default_factory=time.perf_counter)
-
-
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; no weight decay on biases and norm scales (1-D tensors); fused kernels on CUDA."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type == "cuda")
 
 
 def seed_everything(seed: int) -> None:

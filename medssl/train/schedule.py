@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 
@@ -35,3 +36,12 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
                   min_ratio: float = 0.0) -> LambdaLR:
     """The scheduler the training loop uses; call `.step()` once per optimizer step."""
     return LambdaLR(optimizer, WarmupCosine(warmup_steps, total_steps, min_ratio))
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; no weight decay on biases and norm scales (1-D tensors); fused kernels on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type == "cuda")

@@ -1,0 +1,32 @@
+"""Fine-tuning at each rung: protocols, early stopping, thresholds, registration."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from medssl.config.base import Section
+from medssl.config.pretrain import ViewsConfig
+
+
+class FinetuneConfig(Section):
+    protocols: list[Literal["linear", "finetune"]] = ["linear", "finetune"]
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    encoder_lr_scale: float = Field(0.1, gt=0, le=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    imbalance: Literal["weighted_loss", "balanced_sampler", "none"] = "weighted_loss"
+    patience: int = Field(5, ge=1)
+    target_sensitivity: float | None = Field(None, gt=0, le=1)
+    bootstrap: int = Field(1000, ge=10)
+    register_model: bool = True
+    log_models: Literal["all", "best", "none"] = Field(
+        "best", description="log a child's model when it beats the rung's earlier runs (every model that could "
+                            "be registered), every child's, or none")
+    monitor: Literal["val_loss", "val_auroc"] = "val_loss"
+    schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="fine-tuning lr: one warm-up epoch, then cosine decay over `epochs`; or constant")
+    views: ViewsConfig | None = Field(None, description="random views of the training images (fine-tuning "
+                                                        "protocol; made on the training device); none by default")
+    seed: int = 0

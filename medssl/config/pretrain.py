@@ -1,0 +1,90 @@
+"""The encoder, the SSL method, its views and the training loop."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from medssl.config.base import Section
+
+
+class EncoderConfig(Section):
+    name: Literal["resnet10", "resnet18", "resnet34", "resnet50", "vit"] = "resnet18"
+    in_channels: int = Field(1, ge=1)
+    width: float = Field(1.0, gt=0, le=4, description="ResNet only: channel-width multiplier")
+    patch_size: int = Field(16, ge=2, description="ViT only")
+    hidden_size: int = Field(768, ge=8, description="ViT only")
+    num_layers: int = Field(12, ge=1, description="ViT only")
+    num_heads: int = Field(12, ge=1, description="ViT only")
+    mlp_dim: int = Field(3072, ge=8, description="ViT only")
+
+
+class ViewsConfig(Section):
+    """Random views made batched on the training device (medssl/views.py)."""
+    flip_prob: float = Field(0.5, ge=0, le=1)
+    rotate_degrees: float = Field(10.0, ge=0)
+    scale_range: tuple[float, float] = (0.9, 1.1)
+    crop_jitter: float = Field(0.1, ge=0, lt=1, description="random zoom-in share of the crop")
+    intensity_scale: float = Field(0.1, ge=0)
+    intensity_shift: float = Field(0.1, ge=0)
+    gamma_range: tuple[float, float] = (0.8, 1.25)
+    noise_std: float = Field(0.05, ge=0)
+    blur_sigma: tuple[float, float] = (0.0, 1.0)
+    cutout_fraction: float = Field(0.0, ge=0, lt=1)
+
+
+class ContrastiveConfig(Section):
+    weight: float = Field(1.0, gt=0)
+    temperature: float = Field(0.1, gt=0)
+    projection_dim: int = Field(128, ge=8)
+    positives: Literal["views", "patient", "study"] = "views"
+
+
+class MaskedConfig(Section):
+    weight: float = Field(1.0, gt=0)
+    mask_ratio: float = Field(0.75, gt=0, lt=1)
+    norm_pix_loss: bool = True
+    decoder_dim: int = Field(256, ge=8)
+    decoder_depth: int = Field(2, ge=1)
+    decoder_heads: int = Field(8, ge=1)
+
+
+class SSLConfig(Section):
+    """Both keys set = reconstruction + contrastive (the MONAI tutorial's recipe)."""
+    contrastive: ContrastiveConfig | None = None
+    masked: MaskedConfig | None = None
+
+    @model_validator(mode="after")
+    def _at_least_one(self):
+        if self.contrastive is None and self.masked is None:
+            raise ValueError("choose at least one SSL objective: ssl.contrastive and/or ssl.masked")
+        return self
+
+
+class TrainConfig(Section):
+    steps: int = Field(200, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    accumulate: int = Field(1, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept on disk")
+    log_every: int = Field(10, ge=1)
+    probe_every: int | None = Field(None, ge=1, description="steps between online kNN/logistic probes")
+    seed: int = 0
+    workers: int = Field(0, ge=0)
+    device_crops: Literal["auto", "on", "off"] = Field(
+        "auto", description="keep the training images on the training device and cut crops there (auto: on a "
+                            "GPU, when they take at most 40% of its free memory); same crops either way")
+    compile: bool = False
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+
+
+class PretrainConfig(Section):
+    encoder: EncoderConfig = EncoderConfig()
+    ssl: SSLConfig = SSLConfig(contrastive=ContrastiveConfig())
+    views: ViewsConfig = ViewsConfig()
+    train: TrainConfig = TrainConfig()
+    crop: list[int] = Field([32, 32, 32], description="crop given to the model, voxels")
