@@ -2,7 +2,67 @@
 
 Append-only so a crash loses at most the child that was running; the latest row per child wins when read
 back, so a child that failed and later succeeded reads as succeeded. Consumers (report, resume) read it with
-`read_results`.
+`read_results`. Parallel ladders (worker processes or torchrun ranks) write one shard per rank
+(`results.rank<r>.csv`) that rank 0 merges into `results.csv` (`merge_shards`).
+
+THE CONTRACT (what the report and any other reader may rely on)
+
+Children. One child = (repeat, rung, seed, arm, protocol). Every arm of one (repeat, rung, seed) uses the
+SAME labelled patients (the rung), the same seed and the same test patients (the repeat's test split), so
+any two arms of one (repeat, rung, seed) form a paired comparison on identical test images.
+  arm       protocol   what it is
+  ssl       linear     frozen SSL encoder + logistic-regression probe (C chosen inside the rung)
+  ssl       finetune   SSL encoder fine-tuned (epochs chosen inside the rung)
+  scratch   finetune   the same network from random init, same schedule and tuning effort as ssl/finetune
+  random_features linear  frozen RANDOMLY initialised encoder + the same probe (never called "scratch")
+  features  linear     engineered image features (baselines.py) + the same probe, C chosen inside the rung
+
+results.csv columns (one row per child; unknown extra columns may appear and must be ignored):
+  key                "r<repeat>/<rung>/seed<seed>/<arm>/<protocol>", unique per child
+  settings_digest    identity of the settings; rows of another digest are stale (not this ladder's)
+  repeat             int, index of the patient-level split repeat (split.repeats); 0 when not repeated
+  rung               str, e.g. "per_class_5" = 5 labelled PATIENTS of every class (all their images)
+  seed               int, the rung's draw (which patients) and the training seed offset
+  arm                ssl | scratch | features | random_features
+  protocol           linear | finetune
+  init               legacy alias of arm (will be removed; read `arm`)
+  status, error      "ok" | "failed"; the failure's first line (metrics are empty on failed rows)
+  validation         "inner" (every choice made by cross-validation inside the rung's patients) or
+                     "split" (opt-in legacy: the labelled validation split chose epochs/C/threshold)
+  labels_note        "" under inner validation; "uses N extra validation labels" under validation: split
+  n_labelled_patients  labelled patients of the rung (its budget, all classes)
+  n_extra_val_patients labelled validation-split patients used for choices (0 under inner validation)
+  n_patients_used    n_labelled_patients + n_extra_val_patients: EVERY labelled patient this child saw
+                     outside the test split (training, early stopping, C, threshold, model selection)
+  n_labelled         labelled images of the rung used for training
+  rung_class_patients JSON {class name: patients in the rung}
+  class_names        JSON list: class_names[code] is the name of class code `code` in the predictions
+  positive_class     binary: the name of the positive class (the condition; code 1 in the predictions);
+                     multi-class: ""
+  inner_folds        K of the inner cross-validation (0 under validation: split)
+  chosen_epochs      finetune: the epochs chosen (inner CV) and used for the refit on the whole rung
+  chosen_C           linear/features: the inverse L2 strength chosen (inner CV)
+  threshold          binary operating point on the positive-class probability, chosen on out-of-fold
+                     predictions of the rung's own patients (inner) or on the validation split (split);
+                     NaN for multi-class (argmax)
+  val_auroc, val_loss  the selection score behind the choices (out-of-fold under inner validation)
+  n_test_patients, n_test_images   size of the repeat's test split
+  run_id, model_logged  MLflow child run id ("" without MLflow); whether its model was logged
+  predictions        path of the child's test prediction file (below)
+  bootstrap_seed, bootstrap_n   the per-child patient bootstrap behind the *_ci_low/_ci_high columns
+  metrics            binary: auroc auprc balanced_accuracy sensitivity specificity sens_at_spec90
+                     sens_at_spec95 f1 brier ece cm_<t>_<p> (+ <name>_ci_low/_ci_high for auroc auprc
+                     balanced_accuracy sensitivity specificity f1, per-child patient bootstrap, 95%);
+                     multi-class: auroc (macro OvR) balanced_accuracy f1 brier cm_<t>_<p> (+ CIs)
+                     All binary metrics describe the POSITIVE class named in positive_class.
+
+Prediction file (`predictions` column; children/<key with non [A-Za-z0-9_.-] runs as "__">/predictions.csv),
+one row per test image, written once the child finished:
+  image_id, label (int code, as class_names), patient_id (pseudonymous; the bootstrap's resampling unit),
+  score (binary: probability of the positive class = prob_1) or score_<k> (multi-class),
+  prob_0 .. prob_<K-1> (class probabilities, rows sum to 1), predicted (code at `threshold` / argmax).
+Images of one test split appear in every child of that (repeat) in the same order, so pairing arms is a join
+on image_id (or a positional match).
 """
 from __future__ import annotations
 
