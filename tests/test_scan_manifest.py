@@ -60,7 +60,8 @@ def _row(df: pd.DataFrame, prefix: str) -> pd.Series:
 
 def test_rows_and_formats(manifest, messy):
     _, df, _, _ = manifest
-    expected = {"dicom-series": 3, "dicom-2d": 1, "dicom-multiframe": 1 + messy[1]["emri"], "nifti": 1,
+    # the gap series is two contiguous blocks
+    expected = {"dicom-series": 4, "dicom-2d": 1, "dicom-multiframe": 1 + messy[1]["emri"], "nifti": 1,
                 "image-2d": 1}
     assert df["format"].value_counts().to_dict() == expected
     assert set(df["spatial_dims"]) == {2, 3}
@@ -92,9 +93,10 @@ def test_slice_order_follows_the_normal(manifest, messy):
 def test_problems_flagged(manifest):
     _, df, _, out = manifest
     assert "duplicate SOPInstanceUID" in _row(df, "p2/")["problems"]
-    gap = _row(df, "p3/mr/")
-    assert "missing slices" in gap["problems"] and "not in the main stack" in gap["problems"]
-    assert gap["n_files"] == 11
+    gap = df[df["paths"].str.startswith("p3/mr/")]  # slice 6 of 12 missing: blocks 0..5 and 7..11
+    assert sorted(gap["n_files"]) == [5, 6] and gap["series_id"].nunique() == 1
+    assert gap["problems"].str.contains("split into 2 contiguous blocks").all()
+    assert gap["problems"].str.contains("not in the main stack").all()
     skipped = pd.read_csv(out.with_suffix(".skipped.csv"), dtype=str)
     reasons = dict(zip(skipped["path"], skipped["reason"]))
     assert reasons["p1/scout/IM00000.dcm"].startswith("localizer: scout")
@@ -111,11 +113,11 @@ def test_labels_joined(manifest):
     assert str(df["label"].dtype) == "Int64"
     assert _row(df, "p1/t1/")["label"] == 0            # raw PatientID in the labels file
     assert _row(df, "p2/")["label"] == 1               # pseudonymous pat- id in the labels file
-    assert _row(df, "p3/mr/")["label"] == 1
+    assert (df[df["paths"].str.startswith("p3/mr/")]["label"] == 1).all()
     assert pd.isna(_row(df, "p4/")["label"])
     assert summary.unmatched_labels == ["NOBODY"]
-    assert (summary.n_labelled, summary.n_unlabelled) == (3, len(df) - 3)
-    assert meta["counts"]["labelled"] == 3 and meta["counts"]["unmatched_labels"] == 1
+    assert (summary.n_labelled, summary.n_unlabelled) == (4, len(df) - 4)
+    assert meta["counts"]["labelled"] == 4 and meta["counts"]["unmatched_labels"] == 1
 
 
 def test_join_on_path(messy, tmp_path):
@@ -134,8 +136,9 @@ def test_join_on_series_uid(messy, tmp_path):
     summary = build_manifest(root, tmp_path / "m.csv", labels=tmp_path / "by_series.csv", salt=SALT, workers=1,
                              progress=False)
     df, meta = read_manifest(tmp_path / "m.csv")
-    assert meta["label_columns"] == ["label", "grade"] and summary.n_labelled == 2
-    assert (_row(df, "p1/t1/")["label"], _row(df, "p3/mr/")["label"], _row(df, "p3/mr/")["grade"]) == (1, 0, 2)
+    assert meta["label_columns"] == ["label", "grade"] and summary.n_labelled == 3
+    gap = df[df["paths"].str.startswith("p3/mr/")]
+    assert _row(df, "p1/t1/")["label"] == 1 and gap["label"].tolist() == [0, 0] and gap["grade"].tolist() == [2, 2]
     assert pd.isna(_row(df, "p1/t1/")["grade"])
 
 

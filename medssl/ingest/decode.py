@@ -22,6 +22,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 from PIL import Image
+from pydicom.pixels import apply_modality_lut
 
 from medssl.ingest.dicom.assemble import multiframe_geometry, plane_affine, stack_affine
 from medssl.ingest.dicom.parse import basic_fields, enhanced_geometry, read_slice
@@ -153,8 +154,16 @@ def _read_slice(path: Path) -> tuple[np.ndarray, Mapping]:
         slope, intercept = _rescale(fields)
         return pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept), fields
     ds = pydicom.dcmread(path, force=True)  # preamble-less files were accepted by the scan
+    return _modality_units(ds.pixel_array, ds), ds
+
+
+def _modality_units(pixels: np.ndarray, ds) -> np.ndarray:
+    """Stored values -> modality units: a Modality LUT Sequence through pydicom's apply_modality_lut (it
+    takes precedence over rescale, as the standard says), else RescaleSlope / Intercept."""
+    if "ModalityLUTSequence" in ds and int(ds.get("SamplesPerPixel", 1) or 1) == 1:
+        return np.asarray(apply_modality_lut(pixels, ds), dtype=np.float32)
     slope, intercept = _rescale(ds)
-    return _grey(ds.pixel_array, ds) * np.float32(slope) + np.float32(intercept), ds
+    return _grey(pixels, ds) * np.float32(slope) + np.float32(intercept)
 
 
 def _load_series(paths: list[Path]) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -190,9 +199,12 @@ def _load_multiframe(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     ds = pydicom.dcmread(path, force=True)  # preamble-less files were accepted by the scan
     h = basic_fields(ds, str(path), "")
     enhanced_geometry(ds, h)
-    frames = _grey(ds.pixel_array, ds).reshape(h["frames"], h["rows"], h["cols"])  # (F, R, C)
-    slopes, intercepts = _frame_rescale(ds, h["frames"])
-    frames = frames * slopes[:, None, None] + intercepts[:, None, None]
+    if "ModalityLUTSequence" in ds:  # one LUT for every frame
+        frames = _modality_units(ds.pixel_array, ds).reshape(h["frames"], h["rows"], h["cols"])  # (F, R, C)
+    else:
+        frames = _grey(ds.pixel_array, ds).reshape(h["frames"], h["rows"], h["cols"])  # (F, R, C)
+        slopes, intercepts = _frame_rescale(ds, h["frames"])
+        frames = frames * slopes[:, None, None] + intercepts[:, None, None]
     order, affine, problems = multiframe_geometry(h)
     return np.ascontiguousarray(frames[order].transpose(2, 1, 0))[None], affine, problems  # (1, X, Y, Z)
 

@@ -47,21 +47,41 @@ def order_positions(iop, ipps) -> np.ndarray:
     return np.argsort(distance, kind="stable")
 
 
+def _positions(iop, ipps_sorted) -> np.ndarray:
+    return np.asarray(ipps_sorted, dtype=float) @ slice_normal(iop)
+
+
+def contiguous_blocks(iop, ipps_sorted) -> list[np.ndarray]:
+    """Indices of the runs of slices with no missing slice between them.
+
+    Decision (stated in `problems` too): a series with missing slices is SPLIT at each gap (a step over 1.5x
+    the usual one) into contiguous blocks, each its own image whose affine holds its slices at their true
+    positions. Resampling would invent the missing anatomy; one uniform grid would misplace every slice after
+    the gap."""
+    gaps = np.diff(_positions(iop, ipps_sorted))
+    if len(gaps) < 2:
+        return [np.arange(len(gaps) + 1)]
+    cuts = np.flatnonzero(gaps > 1.5 * float(np.median(gaps))) + 1
+    return np.split(np.arange(len(gaps) + 1), cuts)
+
+
 def spacing_problems(iop, ipps_sorted) -> list[str]:
-    """Missing slices (a gap well above the usual step) and uneven spacing, in words."""
-    distance = np.asarray(ipps_sorted, dtype=float) @ slice_normal(iop)
+    """Uneven spacing within one contiguous block, with the worst slice's distance from the uniform grid the
+    affine assumes (first to last slice over n-1 steps)."""
+    distance = _positions(iop, ipps_sorted)
     gaps = np.diff(distance)
-    if len(gaps) < 1:
+    if len(gaps) < 2 or gaps.max() - gaps.min() <= max(0.01, 0.01 * float(np.median(gaps))):
         return []
-    usual = float(np.median(gaps))
-    problems = []
-    missing = np.flatnonzero(gaps > 1.5 * usual)
-    if missing.size:
-        count = int(sum(round(gaps[m] / usual) - 1 for m in missing))
-        problems.append(f"missing slices: about {count} missing after slice(s) {', '.join(map(str, missing[:5]))}")
-    elif gaps.max() - gaps.min() > max(0.01, 0.01 * usual):
-        problems.append(f"uneven slice spacing: {gaps.min():.3g}..{gaps.max():.3g} mm")
-    return problems
+    grid = np.linspace(distance[0], distance[-1], len(distance))
+    return [f"uneven slice spacing: {gaps.min():.3g}..{gaps.max():.3g} mm (a slice lies up to "
+            f"{np.abs(distance - grid).max():.3g} mm from the uniform grid)"]
+
+
+def gap_problem(blocks: list[np.ndarray], index: int, what: str = "slices") -> str:
+    """The note each block of a split series carries."""
+    block = blocks[index]
+    return (f"missing slices: the series has gaps, so it was split into {len(blocks)} contiguous blocks; this is "
+            f"block {index + 1} ({what} {block[0]}..{block[-1]} of the sorted series)")
 
 
 # ------------------------------------------------------------------------------------------ assembly
@@ -104,6 +124,12 @@ def multiframe_geometry(h: dict) -> tuple[np.ndarray, np.ndarray, list[str]]:
     mixed = ["frames in several orientations: the first one is used"] if h.get("mixed_planes") else []
     if iop and ipps:
         order, problems = _distinct_positions(iop, ipps, order_positions(iop, ipps))
+        blocks = contiguous_blocks(iop, np.asarray(ipps, dtype=float)[order])
+        if len(blocks) > 1:  # one file is one image: keep its largest contiguous block of frames
+            largest = max(range(len(blocks)), key=lambda b: len(blocks[b]))
+            problems.append(gap_problem(blocks, largest, "frames") + f"; the other {len(order) - len(blocks[largest])}"
+                            f" frame(s) are not used")
+            order = order[blocks[largest]]
         ordered = np.asarray(ipps, dtype=float)[order]
         if len(order) > 1:
             step = (ordered[-1] - ordered[0]) / (len(order) - 1)
@@ -187,15 +213,28 @@ def assemble_series(hs: list[dict]) -> tuple[list[dict], list[tuple[str, str]]]:
     skipped, problems = skipped + more_skipped, problems + more
     if len(stack) == 1:
         return [image_2d(stack[0], problems)], skipped
+    blocks = contiguous_blocks(stack[0]["iop"], [h["ipp"] for h in stack])
+    images = []
+    for b, block in enumerate(blocks):
+        part = [stack[i] for i in block]
+        notes = problems + ([gap_problem(blocks, b)] if len(blocks) > 1 else [])
+        if len(part) == 1:  # one slice between two gaps has no 3D neighbours to share a grid with
+            skipped.append((part[0]["path"], "missing slices: lone slice between two gaps of its series"))
+        else:
+            images.append(_stack_image(part, notes))
+    return images, skipped
+
+
+def _stack_image(stack: list[dict], problems: list[str]) -> dict:
+    """One contiguous block of sorted slices; the affine runs from the first slice's IPP to the last one's."""
     first = stack[0]
     ipps = np.asarray([h["ipp"] for h in stack], dtype=float)
-    problems += spacing_problems(first["iop"], ipps)
+    problems = problems + spacing_problems(first["iop"], ipps)
     spacing = first["spacing"] or [1.0, 1.0]
     affine = stack_affine(first["iop"], ipps[0], spacing, (ipps[-1] - ipps[0]) / (len(stack) - 1))
     shape = [first["cols"], first["rows"], len(stack)]
-    image = _record(first, "dicom-series", [h["path"] for h in stack], affine, shape,
-                    [spacing[1], spacing[0], float(np.linalg.norm(affine[:3, 2]))], problems)
-    return [image], skipped
+    return _record(first, "dicom-series", [h["path"] for h in stack], affine, shape,
+                   [spacing[1], spacing[0], float(np.linalg.norm(affine[:3, 2]))], problems)
 
 
 def _too_large(image: dict, max_image_mb: float) -> str | None:

@@ -17,15 +17,21 @@ import os
 import struct
 
 import numpy as np
+from pydicom.charset import convert_encodings
+from pydicom.values import convert_text
 
 IMPLICIT_LE, EXPLICIT_LE = "1.2.840.10008.1.2", "1.2.840.10008.1.2.1"
 LONG_VRS = {b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"OD", b"OL", b"OV", b"UC", b"UR", b"SV", b"UV"}
 UNDEFINED = 0xFFFFFFFF
 PIXEL_DATA = 0x7FE00010
-# (group << 16 | element) -> (key, kind): kind "s" = string (multi-valued by "\"), "u" = uint16
+MODALITY_LUT_SEQUENCE = 0x00283000  # a LUT instead of (or besides) rescale: decoded by pydicom's apply_modality_lut
+# (group << 16 | element) -> (key, kind): kind "s" = default-repertoire string (multi-valued by "\"),
+# "t" = text whose bytes follow SpecificCharacterSet (decoded by pydicom's own convert_text, so this reader
+# and pydicom give one PatientID for one patient), "u" = uint16
 WANTED = {
+    0x00080005: ("SpecificCharacterSet", "s"),
     0x00080008: ("ImageType", "s"), 0x00080016: ("SOPClassUID", "s"), 0x00080018: ("SOPInstanceUID", "s"),
-    0x00080060: ("Modality", "s"), 0x00100020: ("PatientID", "s"), 0x00180015: ("BodyPartExamined", "s"),
+    0x00080060: ("Modality", "s"), 0x00100020: ("PatientID", "t"), 0x00180015: ("BodyPartExamined", "s"),
     0x00180050: ("SliceThickness", "s"), 0x00180088: ("SpacingBetweenSlices", "s"),
     0x0020000D: ("StudyInstanceUID", "s"), 0x0020000E: ("SeriesInstanceUID", "s"),
     0x00200032: ("ImagePositionPatient", "s"), 0x00200037: ("ImageOrientationPatient", "s"),
@@ -98,8 +104,20 @@ def _skip_undefined(buf: bytes, pos: int, explicit: bool) -> int:
 def _value(raw: bytes, kind: str):
     if kind == "u":
         return struct.unpack_from("<H", raw)[0] if len(raw) >= 2 else None
-    text = raw.rstrip(b"\0 ").decode("latin-1").strip()
+    if kind == "t":
+        return raw  # decoded once the character set is known (see _decode_text)
+    text = raw.rstrip(b"\0 ").decode("ascii").strip()  # non-ASCII here: outside the lane (UnicodeDecodeError)
     return text.split("\\") if "\\" in text else text
+
+
+def _decode_text(out: dict) -> None:
+    """Decode the "t" values with the file's SpecificCharacterSet, exactly as pydicom does."""
+    charset = out.get("SpecificCharacterSet")
+    encodings = convert_encodings(charset if charset else None)
+    for key, kind in WANTED.values():
+        if kind == "t" and isinstance(out.get(key), bytes):
+            value = convert_text(out[key], encodings)
+            out[key] = value if isinstance(value, str) else list(value)
 
 
 def parse_buffer(buf: bytes) -> dict | None:
@@ -113,9 +131,12 @@ def parse_buffer(buf: bytes) -> dict | None:
                 if length == UNDEFINED:
                     raise _Outside
                 out["pixel_offset"], out["pixel_length"] = start, length
+                _decode_text(out)
                 return out
             if tag >> 16 in (0x0004, 0x5200) or (tag >> 16) > 0x7FE0:  # DICOMDIR / functional groups / no pixels
                 raise _Outside
+            if tag == MODALITY_LUT_SEQUENCE:
+                out["modality_lut"] = True
             if tag in WANTED:
                 if start + length > len(buf):
                     raise _Outside
@@ -124,8 +145,8 @@ def parse_buffer(buf: bytes) -> dict | None:
             if length == UNDEFINED and vr == b"UN":
                 raise _Outside
             pos = _skip_undefined(buf, start, explicit) if length == UNDEFINED else start + length
-    except (_Outside, struct.error, UnicodeDecodeError, RecursionError):
-        return None
+    except (_Outside, struct.error, UnicodeError, LookupError, ValueError, RecursionError):
+        return None  # odd or unknown character sets included: pydicom decides (and warns) instead
 
 
 def parse(path: str) -> dict | None:
@@ -151,9 +172,9 @@ def read_slice(path: str) -> tuple[np.ndarray, dict] | None:
 
 def _pixels(buf: bytes, fields: dict) -> np.ndarray | None:
     """(Rows, Columns) raw stored values, or None when the layout needs pydicom's care
-    (colour, several frames, BitsStored < BitsAllocated, unusual bit depths, short pixel data)."""
+    (colour, several frames, BitsStored < BitsAllocated, unusual bit depths, short pixel data, a modality LUT)."""
     bits, stored = fields.get("BitsAllocated"), fields.get("BitsStored")
-    if fields.get("SamplesPerPixel", 1) != 1 or str(fields.get("NumberOfFrames") or "1") != "1" \
+    if fields.get("modality_lut") or fields.get("SamplesPerPixel", 1) != 1 or str(fields.get("NumberOfFrames") or "1") != "1" \
             or bits not in (8, 16, 32) or stored != bits:
         return None
     dtype = np.dtype(f"<{'i' if fields.get('PixelRepresentation') == 1 else 'u'}{bits // 8}")
@@ -238,7 +259,7 @@ def basic_fields(ds, path: str, modality: str, ts: str | None = None) -> dict:
     return {
         "kind": "dicom", "size": os.path.getsize(path), "modality": modality,
         "sop_uid": str(ds.get("SOPInstanceUID", "") or ""), "series_uid": str(ds.get("SeriesInstanceUID", "") or ""),
-        "study_uid": str(ds.get("StudyInstanceUID", "") or ""), "patient_id": str(ds.get("PatientID", "") or ""),
+        "study_uid": str(ds.get("StudyInstanceUID", "") or ""), "patient_id": str(ds.get("PatientID", "") or "").strip(),
         "body_part": str(ds.get("BodyPartExamined", "") or ""),
         "image_type": [str(v).upper() for v in _as_list(ds.get("ImageType"))],
         "rows": int(ds.get("Rows", 0) or 0), "cols": int(ds.get("Columns", 0) or 0),
