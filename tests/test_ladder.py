@@ -280,19 +280,19 @@ def test_report_from_a_real_ladder_pools_seeds_over_the_same_patient_resamples(t
     assert (results["status"] == "ok").all()
     one = results[results["seed"] == 0]
     paths = build_report(one, tmp_path / "r1", console=Console(file=open(tmp_path / "o1", "w")))  # n_boot: 40
-    summary = pd.read_csv(paths["summary_csv"]).set_index("init")
-    for init in ("ssl", "scratch"):
+    summary = pd.read_csv(paths["summary_csv"]).set_index("arm")  # linear "scratch" is random features
+    for init, arm in (("ssl", "ssl"), ("scratch", "random_features")):
         row = one[one["init"] == init].iloc[0]
-        assert summary.loc[init, "auroc_ci_method"] == "seed-pooled"
-        assert summary.loc[init, "auroc_ci_low"] == pytest.approx(row["auroc_ci_low"])
-        assert summary.loc[init, "auroc_ci_high"] == pytest.approx(row["auroc_ci_high"])
+        assert summary.loc[arm, "ci_method"] == "pooled resamples"
+        assert summary.loc[arm, "auroc_ci_low"] == pytest.approx(row["auroc_ci_low"])
+        assert summary.loc[arm, "auroc_ci_high"] == pytest.approx(row["auroc_ci_high"])
     ssl = one[one["init"] == "ssl"].iloc[0]
-    assert summary.loc["ssl", "delta_auroc_ci_low"] == pytest.approx(ssl["delta_auroc_ci_low"])
-    assert summary.loc["ssl", "delta_auroc_ci_high"] == pytest.approx(ssl["delta_auroc_ci_high"])
+    assert summary.loc["ssl", "delta_auroc_vs_random_features_ci_low"] == pytest.approx(ssl["delta_auroc_ci_low"])
+    assert summary.loc["ssl", "delta_auroc_vs_random_features_ci_high"] == pytest.approx(ssl["delta_auroc_ci_high"])
 
     both = pd.read_csv(build_report(results, tmp_path / "r2", n_boot=40,
                                     console=Console(file=open(tmp_path / "o2", "w")))["summary_csv"])
-    assert set(both["seeds"]) == {2} and (both["auroc_ci_method"] == "seed-pooled").all()
+    assert set(both["seeds"]) == {2} and (both["ci_method"] == "pooled resamples").all()
     assert (both["auroc_ci_low"] <= both["auroc_ci_high"]).all()
 
 

@@ -1,10 +1,14 @@
-"""Cluster (patient-level) bootstrap confidence intervals and paired SSL-vs-scratch differences.
+"""Cluster (patient-level) bootstrap confidence intervals and paired SSL-vs-other-arm differences.
 
 Images of one patient are correlated, so resampling images would make intervals too narrow. Each
 bootstrap replicate draws patients with replacement (as many as there are) and takes ALL images of every
 drawn patient. A replicate in which a class is missing (AUROC undefined) is skipped and counted, never
 silently filled in. The paired bootstrap evaluates both models on the SAME replicate, so the interval of
 the difference reflects the difference, not the two models' separate sampling noise.
+
+`resample_weights` gives all replicates at once as a (B, N) matrix of how often each image was drawn (the same
+draws as `patient_resamples` for the same seed), which `medssl.evaluate.resampled` turns into metrics without a
+per-replicate loop; `bootstrap_intervals` is that fast path for one model.
 """
 from __future__ import annotations
 
@@ -28,6 +32,33 @@ def patient_resamples(groups, n_boot: int, seed: int) -> Iterator[np.ndarray]:
     for _ in range(n_boot):
         picked = rng.integers(0, len(members), size=len(members))
         yield np.concatenate([members[g] for g in picked])
+
+
+def patient_draws(groups, n_boot: int, seed: int) -> np.ndarray:
+    """(B, G) patient codes drawn with replacement (codes in order of first appearance in `groups`).
+    One call draws the same numbers as `patient_resamples`' B calls of size G with the same seed."""
+    n_patients = len(pd.unique(pd.Series(list(groups))))
+    return np.random.default_rng(seed).integers(0, n_patients, size=(n_boot, n_patients))
+
+
+def resample_weights(groups, n_boot: int, seed: int, draws: np.ndarray | None = None) -> np.ndarray:
+    """(B, N): how many times each image is in each replicate (its patient's draw count). `draws`
+    (B, G) overrides the random draws (tests, hand computations)."""
+    codes, uniques = pd.factorize(pd.Series(list(groups)))
+    draws = patient_draws(groups, n_boot, seed) if draws is None else np.asarray(draws, int)
+    n_boot, n_patients = draws.shape[0], len(uniques)
+    flat = (draws + n_patients * np.arange(n_boot)[:, None]).ravel()
+    per_patient = np.bincount(flat, minlength=n_boot * n_patients).reshape(n_boot, n_patients)  # (B, G)
+    return per_patient[:, codes].astype(float)  # (B, N)
+
+
+def bootstrap_intervals(y_true, score, predicted, groups, n_boot: int, seed: int = 0,
+                        alpha: float = 0.05) -> tuple[dict[str, tuple[float, float]], int]:
+    """`bootstrap_ci` of every vectorised metric (resampled.VECTOR_METRICS), all replicates in one pass."""
+    from medssl.evaluate.resampled import replicate_metrics
+    values = replicate_metrics(resample_weights(groups, n_boot, seed), y_true, score, predicted)
+    skipped = int(np.isnan(values["auroc"]).sum())
+    return {name: _percentiles(v[np.isfinite(v)], alpha) for name, v in values.items()}, skipped
 
 
 def bootstrap_ci(metric_fn: MetricFn, y_true, score, groups, n_boot: int, seed: int = 0,
@@ -73,8 +104,8 @@ def paired_bootstrap(metric_fn: MetricFn, y_true, score_a, score_b, groups, n_bo
     return out, skipped
 
 
-def _percentiles(values: list[float], alpha: float) -> tuple[float, float]:
-    if not values:  # every replicate lacked a class: no interval, say so with NaN
+def _percentiles(values, alpha: float) -> tuple[float, float]:
+    if not len(values):  # every replicate lacked a class: no interval, say so with NaN
         return float("nan"), float("nan")
     low, high = np.percentile(np.asarray(values, float), [100 * alpha / 2, 100 * (1 - alpha / 2)])
     return float(low), float(high)

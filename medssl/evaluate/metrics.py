@@ -131,20 +131,21 @@ def classification_metrics(y_true, y_score, threshold: float | None = None, grou
                            n_boot: int = 0, seed: int = 0) -> dict[str, float]:
     """Point metrics, plus 95% patient-bootstrap CIs (`<name>_ci_low/_ci_high`) when groups and n_boot>0.
 
-    `y_score`: (N,) positive-class probabilities or (N, K) class probabilities (K = 2 is binary).
+    `y_score`: (N,) positive-class probabilities or (N, K) class probabilities (K = 2 is binary). The
+    intervals come from all replicates at once (bootstrap.bootstrap_intervals): no metric call per replicate.
     """
-    from medssl.evaluate.bootstrap import BOOT_METRICS, bootstrap_ci
+    from medssl.evaluate.bootstrap import BOOT_METRICS, bootstrap_intervals
     score = positive_scores(y_score)
     if score.ndim == 1:
         threshold = 0.5 if threshold is None else threshold
-        out = binary_metrics(y_true, score, threshold)
-        boot_fn = lambda y, s: resample_metrics(y, s, threshold)  # noqa: E731 - the threshold stays fixed
+        out, predicted = binary_metrics(y_true, score, threshold), (score >= threshold).astype(int)
     else:
-        out, boot_fn = multiclass_metrics(y_true, score), multiclass_metrics
+        out, predicted = multiclass_metrics(y_true, score), score.argmax(axis=1)
     if groups is not None and n_boot > 0:
-        cis, skipped = bootstrap_ci(boot_fn, y_true, score, groups, n_boot, seed, names=BOOT_METRICS)
-        for name, (low, high) in cis.items():
-            out[f"{name}_ci_low"], out[f"{name}_ci_high"] = low, high
+        cis, skipped = bootstrap_intervals(y_true, score, predicted, groups, n_boot, seed)
+        for name in BOOT_METRICS:
+            if name in cis and name in out:
+                out[f"{name}_ci_low"], out[f"{name}_ci_high"] = cis[name]
         out["boot_skipped"] = float(skipped)
     return out
 

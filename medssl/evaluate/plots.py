@@ -12,7 +12,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 from sklearn import metrics as skm
 
-INIT_COLOURS = {"ssl": "tab:blue", "scratch": "tab:orange"}
+ARM_COLOURS = {"ssl": "tab:blue", "scratch": "tab:orange", "features": "tab:green", "random_features": "tab:grey"}
+ARM_NAMES = {"ssl": "SSL init", "scratch": "scratch", "features": "engineered features",
+             "random_features": "random features (frozen random encoder)"}
 
 
 def roc_figure(y_true, score, title: str = "") -> Figure:
@@ -60,27 +62,31 @@ def confusion_figure(cm: np.ndarray, class_names: list[str] | None = None, title
 
 
 def label_efficiency_figure(summary: pd.DataFrame, metric: str = "auroc") -> Figure:
-    """One panel per protocol: metric vs labelled images, SSL vs scratch, bands = bootstrap 95% CI.
+    """One panel per (site, protocol): metric vs labelled budget per arm, bands = pooled 95% intervals.
 
-    `summary` rows: protocol, init, n_labelled, <metric>, <metric>_ci_low, <metric>_ci_high (seed means).
+    `summary` rows: site, protocol, arm, n_labelled, <metric>, <metric>_ci_low, <metric>_ci_high. Arms that
+    have no protocol of their own (protocol "-", e.g. engineered features) appear in every panel of their site.
     """
-    protocols = list(dict.fromkeys(summary["protocol"]))
-    fig = Figure(figsize=(5 * max(len(protocols), 1), 4.2))
-    for i, protocol in enumerate(protocols):
-        ax = fig.add_subplot(1, len(protocols), i + 1)
-        for init, part in summary[summary["protocol"] == protocol].groupby("init"):
+    summary = summary if "site" in summary else summary.assign(site="internal")
+    panels = [(s, p) for s, p in dict.fromkeys(zip(summary["site"], summary["protocol"])) if p != "-"]
+    panels = panels or list(dict.fromkeys(zip(summary["site"], summary["protocol"])))
+    fig = Figure(figsize=(5 * max(len(panels), 1), 4.2))
+    for i, (site, protocol) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        here = summary[(summary["site"] == site) & summary["protocol"].isin([protocol, "-"])]
+        for arm, part in here.groupby("arm", sort=False):
             part = part.sort_values("n_labelled")
-            colour = INIT_COLOURS.get(init)
-            label = "SSL init" if init == "ssl" else "scratch" + (" (frozen random)" if protocol == "linear" else "")
-            ax.plot(part["n_labelled"], part[metric], marker="o", color=colour, label=label)
+            colour = ARM_COLOURS.get(arm)
+            ax.plot(part["n_labelled"], part[metric], marker="o", color=colour, label=ARM_NAMES.get(arm, arm))
             if f"{metric}_ci_low" in part:
                 ax.fill_between(part["n_labelled"], part[f"{metric}_ci_low"], part[f"{metric}_ci_high"],
-                                color=colour, alpha=0.2, lw=0)
+                                color=colour, alpha=0.15, lw=0)
         ax.set_xscale("log")
-        ticks = sorted(summary.loc[summary["protocol"] == protocol, "n_labelled"].unique())
+        ticks = sorted(here["n_labelled"].dropna().unique())
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks])  # the rungs themselves, not powers of ten
         ax.minorticks_off()
-        ax.set(xlabel="labelled training images", ylabel=f"test {metric.upper()}", title=protocol)
+        ax.set(xlabel="labelled (rung budget)", ylabel=f"test {metric.upper()}",
+               title=protocol if site == "internal" else f"{site}: {protocol}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

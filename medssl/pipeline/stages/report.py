@@ -1,4 +1,5 @@
-"""Stage `report`: the label-efficiency curve, table and verdicts, on the parent run."""
+"""Stage `report`: the label-efficiency curve, table and verdicts, on the parent
+run (metrics, table, description): the reviewer's first stop."""
 from __future__ import annotations
 
 from medssl.pipeline.context import Context
@@ -8,6 +9,5 @@ def run_report(ctx: Context) -> dict:
     import pandas as pd
     from medssl.evaluate.report import build_report
     results = pd.read_csv(ctx.outputs["ladder"]["results"])
-    artifacts = build_report(results, ctx.paths.report)
-    ctx.tracker.log_artifacts(ctx.paths.report, "report")  # on the parent run: the reviewer's first stop
+    artifacts = build_report(results, ctx.paths.report, tracker=ctx.tracker, run_id=ctx.parent_run_id)
     return {"paths": [str(p) for p in artifacts.values()], **{k: str(v) for k, v in artifacts.items()}}
