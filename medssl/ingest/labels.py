@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from medssl.errors import DataError
+from medssl.ingest.masks import MASK_COLUMN, mask_table
 
 ID_COLUMNS = ("path", "series_uid", "study_uid", "patient_id")  # most specific first: "auto" takes the first present
 INTEGER = re.compile(r"^[+-]?\d+(\.0*)?$")
@@ -29,6 +30,7 @@ class LabelTable:
     id_column: str
     codes: pd.DataFrame                     # index: id (str), columns: label columns, Int64 codes
     names: dict[str, dict[int, str]]        # {column: {code: class name}}
+    masks: pd.Series | None = None          # index: id, values: absolute mask paths ("" = none); ingest/masks.py
 
 
 @dataclass
@@ -114,16 +116,17 @@ def read_labels(source: Path, join_on: str = "auto") -> LabelTable:
     frame = _read_csv(source)
     column = _id_column(frame, source, join_on)
     _check_ids(frame[column], source, column)
-    label_columns = [c for c in frame.columns if c not in ID_COLUMNS]
-    if not label_columns:
+    label_columns = [c for c in frame.columns if c not in ID_COLUMNS and c != MASK_COLUMN]
+    if not label_columns and MASK_COLUMN not in frame.columns:
         raise DataError("labels file has an id column but no label column", where=str(source),
-                        fix="add a column such as 'label' with class codes or names")
+                        fix="add a column such as 'label' with class codes or names (or 'mask' with label-map paths)")
     ids = frame[column].map(normalise_path) if column == "path" else frame[column]
     codes, names = pd.DataFrame(index=pd.Index(ids, name=column)), {}
     for name in label_columns:
         values, names[name] = _codes(frame[name], source, name)
         codes[name] = values.to_numpy()
-    return LabelTable(source, column, codes, names)
+    masks = mask_table(frame, source).set_axis(codes.index) if MASK_COLUMN in frame.columns else None
+    return LabelTable(source, column, codes, names, masks)
 
 
 def path_keys(paths: list[str]) -> list[str]:

@@ -20,6 +20,7 @@ import pandas as pd
 
 from medssl.ingest.dicom.assemble import assemble
 from medssl.ingest.labels import JoinReport, join_labels, path_keys, read_labels
+from medssl.ingest.masks import attach_masks, join_masks, mask_files
 from medssl.ingest.scan import scan_folder
 from medssl.errors import DataError
 
@@ -219,10 +220,11 @@ def _read_labels(labels: Path, join_on: str):
 
 def _join(images: list[dict], labels: Path | None, join_on: str, salt: str):
     if labels is None:
-        return pd.DataFrame(index=range(len(images))), JoinReport(0, len(images)), {}
+        return pd.DataFrame(index=range(len(images))), JoinReport(0, len(images)), {}, None
     table = _read_labels(labels, join_on)
-    codes, report = join_labels(table, _image_keys(images, table.id_column, salt))
-    return codes, report, table.names
+    keys = _image_keys(images, table.id_column, salt)
+    codes, report = join_labels(table, keys)
+    return codes, report, table.names, None if table.masks is None else join_masks(table.masks, keys)
 
 
 def build_manifest(folder: Path, out_csv: Path, labels: Path | None = None, join_on: str = "auto", salt: str = "",
@@ -233,15 +235,18 @@ def build_manifest(folder: Path, out_csv: Path, labels: Path | None = None, join
     if not folder.is_dir():
         raise DataError(f"not a folder: {folder}", where="FOLDER / data.folder",
                         fix="give the folder that holds the DICOM / NIfTI files")
-    if labels is not None:
-        _read_labels(labels, join_on)  # fail fast on a broken labels file, before minutes of scanning
+    # fail fast on a broken labels file, before minutes of scanning; mask files are labels, never images
+    masks = _read_labels(labels, join_on).masks if labels is not None else None
     outputs = [out_csv, _sidecar(out_csv, ".skipped.csv"), _sidecar(out_csv, ".meta.json")]
     scan = scan_folder(folder, workers=workers, max_image_mb=max_image_mb, progress=progress,
-                       exclude=_excluded(folder, labels, *outputs))
+                       exclude=_excluded(folder, labels, *outputs, *mask_files(masks, folder)))
     images, skipped = _collect_images(scan, nifti_modality, image_modality, max_image_mb)
-    codes, report, names = _join(images, labels, join_on, salt)
+    codes, report, names, mask_paths = _join(images, labels, join_on, salt)
     df = pd.DataFrame([_row(image, salt) for image in images], columns=COLUMNS + ["split", "problems"])
     df = pd.concat([df.iloc[:, :len(COLUMNS)], codes.set_axis(df.index), df[["split", "problems"]]], axis=1)
+    if mask_paths is not None:   # ingest/masks.py: mask, mask_grid, mask_labels and the has_mask label column
+        df = attach_masks(df, images, mask_paths, folder)
+        codes["has_mask"], names["has_mask"] = df["has_mask"].to_numpy(), {0: "empty", 1: "foreground"}
     by_reason = Counter(reason.split(":")[0] for _, reason in skipped)
     counts = {"files": scan.n_files, "images": len(df), "skipped": dict(by_reason),
               "with_problems": int((df["problems"] != "").sum()), "labelled": report.n_labelled,

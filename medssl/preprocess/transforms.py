@@ -158,10 +158,12 @@ def _per_rank(values: Sequence, rank: int, keep) -> list:
     return values + [keep] * (rank - len(values))
 
 
-def _geometry(cfg: PreprocessConfig, rank: int) -> Compose:
-    steps = [Orientationd("image", axcodes="RAS", labels=RAS_LABELS)] if rank == 3 else []
+def _geometry(cfg: PreprocessConfig, rank: int, keys: tuple[str, ...] = ("image",)) -> Compose:
+    """keys beyond "image" are label maps (preprocess/masks.py): the same steps, nearest-neighbour."""
+    modes = ["bilinear"] + ["nearest"] * (len(keys) - 1)
+    steps = [Orientationd(list(keys), axcodes="RAS", labels=RAS_LABELS)] if rank == 3 else []
     if cfg.spacing is not None:   # non-positive pixdim keeps that axis' native spacing (MONAI convention)
-        steps.append(Spacingd("image", pixdim=_per_rank(cfg.spacing, rank, -1.0), mode="bilinear",
+        steps.append(Spacingd(list(keys), pixdim=_per_rank(cfg.spacing, rank, -1.0), mode=modes,
                               padding_mode="border", dtype=torch.float32))
     return Compose(steps)
 
@@ -186,16 +188,18 @@ class Preprocess(Compose):
             raise cause from None
 
 
-def build_preprocess(cfg: PreprocessConfig) -> Compose:
-    """The whole chain for one pipeline's settings (see the module docstring for the order and why)."""
+def build_preprocess(cfg: PreprocessConfig, label_key: str | None = None) -> Compose:
+    """The whole chain for one pipeline's settings (see the module docstring for the order and why).
+    `label_key`: a label map in the same dict goes through the same spatial steps, nearest-neighbour."""
     ranks = (2, 3) if cfg.spatial_dims == 2 else (3,)
-    steps = [MatchSpatialDimsd("image", cfg.spatial_dims, cfg.slices_from_3d),
-             ByRankd("image", {r: _geometry(cfg, r) for r in ranks}),
+    keys = ("image",) + ((label_key,) if label_key else ())
+    steps = [MatchSpatialDimsd(list(keys), cfg.spatial_dims, cfg.slices_from_3d),
+             ByRankd("image", {r: _geometry(cfg, r, keys) for r in ranks}),
              NormalizeModalityd("image", cfg.ct_window, cfg.mr_percentiles)]
     if cfg.foreground_crop:
-        steps.append(CropForegroundd("image", source_key="image", select_fn=_above_background,
+        steps.append(CropForegroundd(list(keys), source_key="image", select_fn=_above_background,
                                      allow_smaller=True, start_coord_key=None, end_coord_key=None))
     if cfg.size is not None:      # -1 keeps the native length of the slice axis for slices_from_3d
-        steps.append(ByRankd("image", {r: Compose([ResizeWithPadOrCropd("image", _per_rank(cfg.size, r, -1))])
+        steps.append(ByRankd("image", {r: Compose([ResizeWithPadOrCropd(list(keys), _per_rank(cfg.size, r, -1))])
                                        for r in ranks}))
     return Preprocess(steps)
