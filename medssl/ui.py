@@ -2,8 +2,6 @@
 progress bars of long work, each with count, throughput, elapsed time and ETA."""
 from __future__ import annotations
 
-import time
-
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
@@ -43,8 +41,8 @@ def progress_bar(unit: str, *, enabled: bool = True, extra: str | None = None) -
 class TrainProgress:
     """The training bar: steps, ETA, samples/s (all ranks) and the latest loss; silent on ranks other than 0."""
 
-    def __init__(self, total: int, done: int, enabled: bool = True, world_size: int = 1):
-        self.enabled, self.world_size = enabled, world_size
+    def __init__(self, total: int, done: int, enabled: bool = True):
+        self.enabled = enabled
         self._bar = progress_bar("steps", enabled=enabled,
                                  extra="{task.fields[rate]:.1f} samples/s  loss {task.fields[loss]}")
         self._task = self._bar.add_task("pretrain", total=total, completed=done, rate=0.0, loss="-")
@@ -56,8 +54,6 @@ class TrainProgress:
     def __exit__(self, *exc) -> None:
         self._bar.__exit__(*exc)
 
-    def advance(self, window, loss: float) -> None:
-        if not self.enabled:
-            return
-        elapsed = max(time.perf_counter() - window.start, 1e-9)
-        self._bar.update(self._task, advance=1, rate=window.samples * self.world_size / elapsed, loss=f"{loss:.4f}")
+    def advance(self, samples_per_s: float, loss: float) -> None:
+        if self.enabled:
+            self._bar.update(self._task, advance=1, rate=samples_per_s, loss=f"{loss:.4f}")

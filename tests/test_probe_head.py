@@ -2,10 +2,11 @@
 import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from medssl.ladder.probe_head import _load_folded, fit_probe_head
+from medssl.models.probe import fit_probe_head, load_folded
 
 
 def _data(n_classes, seed=0):
@@ -19,12 +20,11 @@ def _data(n_classes, seed=0):
 def test_folded_head_equals_the_sklearn_pipeline_binary_and_multiclass():
     for k in (2, 3):
         x, y = _data(k)
-        scaler = StandardScaler().fit(x)
-        model = LogisticRegression(C=1.0, max_iter=5000).fit(scaler.transform(x), y)
+        model = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=5000)).fit(x, y)
         head = nn.Linear(5, k).double()
-        _load_folded(head, model, scaler, k)
+        load_folded(head, model, k)
         ours = torch.softmax(head(torch.as_tensor(x)), dim=1).detach().numpy()
-        np.testing.assert_allclose(ours, model.predict_proba(scaler.transform(x)), atol=1e-8)
+        np.testing.assert_allclose(ours, model.predict_proba(x), atol=1e-8)
 
 
 def test_fit_picks_the_strength_with_the_best_validation_score():

@@ -3,7 +3,7 @@
 Protocols
 - "linear": the encoder is frozen; its features are computed ONCE for the train and validation images and a
   converged, standardised scikit-learn logistic regression (strength chosen on validation) is fitted on them,
-  then folded into the torch head (probe_head.py), so the head lives in the same Classifier that is saved,
+  then folded into the torch head (models/probe.py), so the head lives in the same Classifier that is saved,
   logged to MLflow and scored by `predict`, with one code path for binary and multi-class.
 - "finetune": encoder and head train together (AdamW, one warm-up epoch then cosine decay); the encoder's
   learning rate is lr * encoder_lr_scale so the pretrained features are adjusted, not overwritten; optional
@@ -26,8 +26,8 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from medssl.config import FinetuneConfig
 from medssl.errors import ConfigError, DataError, TrainingError
 from medssl.evaluate.metrics import choose_threshold, positive_scores
-from medssl.ladder.probe_head import fit_probe_head
 from medssl.models.classifier import Classifier
+from medssl.models.probe import fit_probe_head
 
 PROTOCOLS = ("linear", "finetune")
 
@@ -115,7 +115,7 @@ def fit(encoder: nn.Module, train_ds: Dataset, val_ds: Dataset, n_classes: int, 
 
 
 def _linear_probe(head, train_ds, val_ds, n_classes, cfg, loss_fn, monitor, device, seed) -> dict:
-    """Converged logistic regression on the frozen features (probe_head.py); strength chosen on validation."""
+    """Converged logistic regression on the frozen features (models/probe.py); strength chosen on validation."""
     def score(candidate):
         val = evaluate_loss(candidate, val_ds, loss_fn, cfg.batch_size, device)
         return (-val["loss"] if monitor == "val_loss" else val["auroc"]), val

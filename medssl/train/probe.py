@@ -1,26 +1,22 @@
 """Online "is it learning?" probe: embed a small labelled subset with the frozen encoder, score it.
 
 Every `train.probe_every` steps the loop calls `probe(encoder, device)`; the scores are logged next to the loss:
-kNN on cosine similarity and logistic regression, each as balanced accuracy and AUROC. Without a separate
+kNN on cosine similarity and logistic regression (models/probe.py, the one the ladder's linear protocol uses), each as balanced accuracy and AUROC. Without a separate
 validation subset, scores are out-of-fold predictions from stratified cross-validation on the labelled subset.
 The probe reads no global random state (folds use their own seed) so it never changes the training run.
 """
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import torch
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 from sklearn.model_selection import StratifiedKFold
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 from torch import nn
-from medssl.ui import console
 
+from medssl.models.probe import logistic_proba
+from medssl.ui import console
 
 
 def knn_proba(train_emb: np.ndarray, train_y: np.ndarray, query: np.ndarray, k: int,
@@ -35,16 +31,6 @@ def knn_proba(train_emb: np.ndarray, train_y: np.ndarray, query: np.ndarray, k: 
     votes = np.zeros((len(query), n_classes))
     np.add.at(votes, (np.repeat(np.arange(len(query)), k), train_y[top].ravel()), weights.ravel())
     return votes / votes.sum(axis=1, keepdims=True).clip(1e-12)
-
-
-def logreg_proba(train_emb: np.ndarray, train_y: np.ndarray, query: np.ndarray, seed: int = 0) -> np.ndarray:
-    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=1.0, random_state=seed))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        model.fit(train_emb, train_y)
-    proba = np.zeros((len(query), int(train_y.max()) + 1))
-    proba[:, model.classes_] = model.predict_proba(query)
-    return proba
 
 
 def classification_scores(y: np.ndarray, proba: np.ndarray) -> dict[str, float]:
@@ -81,7 +67,7 @@ def score_embeddings(emb: np.ndarray, y: np.ndarray, k: int = 20, folds: int = 5
     knn, logreg = [], []
     for (train_idx, _), query in zip(fits, queries):
         knn.append(knn_proba(emb[train_idx], y[train_idx], query, k, n_classes))
-        logreg.append(_pad(logreg_proba(emb[train_idx], y[train_idx], query, seed), n_classes))
+        logreg.append(_pad(logistic_proba(emb[train_idx], y[train_idx], query, seed), n_classes))
     out = {f"knn_{m}": v for m, v in classification_scores(truth, np.concatenate(knn)).items()}
     out.update({f"logreg_{m}": v for m, v in classification_scores(truth, np.concatenate(logreg)).items()})
     return out
