@@ -10,5 +10,6 @@ from medssl.config.preprocess import PreprocessConfig
 from medssl.config.pretrain import EncoderConfig, ViewsConfig, ContrastiveConfig, MaskedConfig, SSLConfig, TrainConfig, PretrainConfig
 from medssl.config.finetune import FinetuneConfig
 from medssl.config.tracking import TrackingConfig
+from medssl.config.evaluate import EvaluateConfig, ExternalSiteConfig
 from medssl.config.pipeline import PipelineConfig
 from medssl.config.loading import _read_yaml, _resolve_uses, apply_overrides, deep_merge, load_pipeline, validate

@@ -8,6 +8,7 @@ from pydantic import Field
 from medssl.config.base import Section
 from medssl.config.cohort import SplitConfig
 from medssl.config.data import DataConfig, ManifestConfig
+from medssl.config.evaluate import EvaluateConfig
 from medssl.config.finetune import FinetuneConfig
 from medssl.config.preprocess import PreprocessConfig
 from medssl.config.pretrain import PretrainConfig
@@ -25,3 +26,4 @@ class PipelineConfig(Section):
     pretrain: PretrainConfig = PretrainConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     tracking: TrackingConfig = TrackingConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()

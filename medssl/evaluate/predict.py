@@ -127,12 +127,15 @@ def predict(model_source, cache, df: pd.DataFrame, out_csv: Path, batch_size: in
 
 
 def evaluate_model(model_source, cache, df: pd.DataFrame, label: str, out_dir: Path, tracker=None,
-                   n_boot: int = 1000, seed: int = 0, batch_size: int = 16) -> dict:
-    """External validation: the ladder's metrics (patient-bootstrap CIs) on the labelled images of `df`."""
+                   n_boot: int = 1000, seed: int = 0, batch_size: int = 16, codes: pd.Series | None = None,
+                   class_names: dict | None = None) -> dict:
+    """External validation: the ladder's metrics (patient-bootstrap CIs) on the labelled images of `df`.
+    `codes`: the labels as TRAINING class codes (evaluate.external.training_codes matches them by name);
+    default: the manifest's own codes."""
     from medssl.cohort.splits import label_codes
     out_dir = Path(out_dir)
     model = load_model(model_source, getattr(tracker, "tracking_uri", None))
-    codes = label_codes(df, label)
+    codes = label_codes(df, label) if codes is None else codes
     labelled = df[codes.notna()]
     ids, _ = _cached_ids(cache, labelled["image_id"])
     y_by_id = dict(zip(labelled["image_id"], codes[codes.notna()].astype(int)))
@@ -144,7 +147,7 @@ def evaluate_model(model_source, cache, df: pd.DataFrame, label: str, out_dir: P
     y = np.array([y_by_id[i] for i in ids])
     groups = labelled.set_index("image_id").loc[ids, "patient_id"].tolist()
     values = classification_metrics(y, probs, float(model.threshold), groups=groups, n_boot=n_boot, seed=seed)
-    paths = write_evaluation(out_dir, ids, y, probs, values, float(model.threshold), groups)
+    paths = write_evaluation(out_dir, ids, y, probs, values, float(model.threshold), groups, class_names)
     if tracker is not None:  # its own run (a child of whatever run is open), never the training run
         with tracker.run("external-validation", tags={"medssl.stage": "evaluate", "medssl.model": str(model_source)}):
             tracker.log_params({"model": str(model_source), "label": label, "images": len(ids), "n_boot": n_boot})
@@ -154,7 +157,8 @@ def evaluate_model(model_source, cache, df: pd.DataFrame, label: str, out_dir: P
     return values
 
 
-def write_evaluation(out_dir: Path, ids, y, probs, values: dict, threshold: float, groups=None) -> list[Path]:
+def write_evaluation(out_dir: Path, ids, y, probs, values: dict, threshold: float, groups=None,
+                     class_names: dict | None = None) -> list[Path]:
     """predictions.csv (with patient_id when `groups` is given: the report's pooled bootstrap needs it),
     metrics.json and the ROC / PR / confusion-matrix images of one evaluated model."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -168,7 +172,12 @@ def write_evaluation(out_dir: Path, ids, y, probs, values: dict, threshold: floa
     return [out_dir / "predictions.csv", out_dir / "metrics.json",
             plots.save(plots.roc_figure(y, scores), out_dir / "roc.png"),
             plots.save(plots.pr_figure(y, scores), out_dir / "pr.png"),
-            plots.save(plots.confusion_figure(confusion_from_metrics(values)), out_dir / "confusion.png")]
+            plots.save(plots.confusion_figure(confusion_from_metrics(values), _names(class_names, probs.shape[1])),
+                       out_dir / "confusion.png")]
+
+
+def _names(class_names: dict | None, n_classes: int) -> list[str] | None:
+    return [str(class_names.get(k, k)) for k in range(n_classes)] if class_names else None
 
 
 def _cached_ids(cache, image_ids) -> tuple[list[str], list[str]]:

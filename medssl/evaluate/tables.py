@@ -95,3 +95,26 @@ def rich_table(summary: pd.DataFrame, failed: pd.DataFrame) -> Table:
 
 def verdict_panel(verdicts: list[str]) -> Panel:
     return Panel("\n".join(verdicts) or "no finished SSL run to judge", title="Does SSL help?", expand=False)
+
+
+# ------------------------------------------------------------------------ one evaluated model (medssl evaluate)
+def evaluation_tables(values: dict, class_names: dict | None = None) -> tuple[Table, Table]:
+    """(metrics with their patient-bootstrap 95% CI, confusion matrix with class names) of one model."""
+    metrics = Table(title="External validation", box=box.SIMPLE_HEAD)
+    for column, justify in (("metric", "left"), ("value", "right"), ("95% CI (patient bootstrap)", "right")):
+        metrics.add_column(column, justify=justify)
+    for column, header in TABLE_METRICS + [("threshold", "Threshold")]:
+        if column in values:
+            low, high = values.get(f"{column}_ci_low"), values.get(f"{column}_ci_high")
+            interval = f"[{_num(low)}, {_num(high)}]" if low is not None and not pd.isna(low) else ""
+            metrics.add_row(header, _num(values[column]), interval)
+    from medssl.evaluate.metrics import confusion_from_metrics
+    cm = confusion_from_metrics(values)  # (K, K): rows = truth
+    names = [str((class_names or {}).get(k, k)) for k in range(cm.shape[0])]
+    confusion = Table(title="Confusion matrix (rows: true class, columns: predicted)", box=box.SIMPLE_HEAD)
+    confusion.add_column("true \\ predicted")
+    for name in names:
+        confusion.add_column(name, justify="right")
+    for name, counts in zip(names, cm):
+        confusion.add_row(name, *(str(int(c)) for c in counts))
+    return metrics, confusion

@@ -14,18 +14,38 @@ def print_manifest_summary(summary) -> None:
 
 
 def evaluate_external(cfg: PipelineConfig, model: str, manifest: Path, out: Path) -> dict:
-    """Score a model on another manifest, preprocessed exactly as its pipeline's training data."""
-    from medssl.preprocess.cache import VolumeCache
-    from medssl.ingest.manifest import read_manifest
+    """Score a model on another manifest, preprocessed exactly as its pipeline's training data but in the
+    site's own cache; labels matched to the training classes by name. Prints a table, writes the files."""
+    import re
+    from medssl.evaluate.external import class_names, training_codes
     from medssl.evaluate.predict import evaluate_model
-    cache = VolumeCache(cfg.preprocess.cache_dir, cfg.preprocess)
+    from medssl.evaluate.tables import evaluation_tables
+    from medssl.ingest.manifest import read_manifest
+    from medssl.pipeline.external_sites import site_dir
+    from medssl.preprocess.cache import VolumeCache
     df, meta = read_manifest(manifest)
+    site = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(manifest).stem)
+    names = _training_names(cfg) or class_names(meta, df, cfg.split.label)
+    codes = training_codes(df, meta, cfg.split.label, names, site)
+    cache = VolumeCache(site_dir(cfg, site) / "cache", cfg.preprocess)  # never the training cache
     cache.build(df, Path(meta["root"]), workers=cfg.manifest.workers)
-    tracker = open_tracker(cfg)
-    values = evaluate_model(model, cache, df, cfg.split.label, out, tracker, n_boot=cfg.finetune.bootstrap)
-    shown = {k: round(v, 4) for k, v in values.items() if isinstance(v, float)}
-    console.print(f"external validation on {manifest}: {shown}\n  files: {out}")
+    values = evaluate_model(model, cache, df, cfg.split.label, out, open_tracker(cfg), n_boot=cfg.finetune.bootstrap,
+                            codes=codes, class_names=names)
+    for table in evaluation_tables(values, names):
+        console.print(table)
+    console.print(f"external validation on {manifest}\n  files: {out} (confusion matrix picture: "
+                  f"{Path(out) / 'confusion.png'}, predictions.csv, metrics.json, roc.png, pr.png)")
     return values
+
+
+def _training_names(cfg: PipelineConfig) -> dict[int, str]:
+    """{code: class name} of the pipeline's training manifest, when it has been built."""
+    from medssl.ingest.manifest import read_manifest
+    if not Path(cfg.manifest.out).is_file():
+        return {}
+    df, meta = read_manifest(cfg.manifest.out)
+    from medssl.evaluate.external import class_names
+    return class_names(meta, df, cfg.split.label)
 
 
 def predict_folder(cfg: PipelineConfig, model: str, folder: Path, out: Path):

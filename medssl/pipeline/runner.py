@@ -53,7 +53,7 @@ STAGES: tuple[Stage, ...] = (
           "self-supervised pretraining of the encoder"),
     Stage("ladder", ("pretrain",), lambda c: c.finetune, ladder_stage.run_ladder,
           "fine-tune at each label budget, SSL vs scratch"),
-    Stage("report", ("ladder",), lambda c: None, report_stage.run_report,
+    Stage("report", ("ladder",), lambda c: c.evaluate, report_stage.run_report,
           "label-efficiency curve and table"),
 )
 
