@@ -13,6 +13,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
+import medssl.ingest.listing as listing
 import medssl.ingest.scan as scan
 from medssl.demo.dicom_writer import write_series
 from medssl.ingest.decode import load_image
@@ -108,13 +109,13 @@ def test_unreadable_directory(tmp_path: Path, monkeypatch):
     locked = root / "locked"
     locked.mkdir()
     (locked / "x.dcm").write_bytes(b"")
-    real_list = scan._list_dir
+    real_list = listing._list_dir
     if os.geteuid() == 0:
-        def listing(path):
+        def fake_listing(path):
             if Path(path) == locked:
                 raise PermissionError(13, "Permission denied", str(path))
             return real_list(path)
-        monkeypatch.setattr(scan, "_list_dir", listing)
+        monkeypatch.setattr(listing, "_list_dir", fake_listing)
     else:
         locked.chmod(0)
     try:
@@ -206,5 +207,6 @@ def test_unknown_label_ids_are_reported_not_fatal(tmp_path: Path):
     (tmp_path / "labels.csv").write_text("patient_id,label\nGOOD-1,1\nNOBODY,0\n")
     summary = build_manifest(tmp_path / "data", tmp_path / "m.csv", labels=tmp_path / "labels.csv", salt="s",
                              workers=1, progress=False)
-    assert summary.unmatched_labels == ["NOBODY"] and summary.n_labelled == 1
-    assert "1 label rows matched no image" in summary.render()
+    from medssl.ingest.manifest import pseudonym
+    assert summary.unmatched_labels == [f"{pseudonym('pat-', 'NOBODY', 's')} (line 3)"] and summary.n_labelled == 1
+    assert "1 label rows matched no image" in summary.render() and "NOBODY" not in summary.render()

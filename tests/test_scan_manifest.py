@@ -115,7 +115,7 @@ def test_labels_joined(manifest):
     assert _row(df, "p2/")["label"] == 1               # pseudonymous pat- id in the labels file
     assert (df[df["paths"].str.startswith("p3/mr/")]["label"] == 1).all()
     assert pd.isna(_row(df, "p4/")["label"])
-    assert summary.unmatched_labels == ["NOBODY"]
+    assert summary.unmatched_labels == [f"{pseudonym('pat-', 'NOBODY', SALT)} (line 5)"]  # never the raw id
     assert (summary.n_labelled, summary.n_unlabelled) == (4, len(df) - 4)
     assert meta["counts"]["labelled"] == 4 and meta["counts"]["unmatched_labels"] == 1
 

@@ -26,6 +26,7 @@ from pydicom.pixels import apply_modality_lut
 
 from medssl.ingest.dicom.assemble import multiframe_geometry, plane_affine, stack_affine
 from medssl.ingest.dicom.parse import basic_fields, enhanced_geometry, read_slice
+from medssl.ingest.nifti_header import nifti_shape, nonfinite_problem
 from medssl.errors import DataError
 
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -41,58 +42,11 @@ class LoadedImage:
 
 
 # ------------------------------------------------------------------------------------------ NIfTI
-def _nifti_shape(shape: tuple) -> tuple[list[int], int]:
-    """(spatial shape, channels) of a NIfTI array shape; trailing singleton axes beyond 4 are ignored."""
-    shape = list(shape)
-    while len(shape) > 3 and shape[-1] == 1:
-        shape.pop()
-    if len(shape) > 4:
-        raise DataError(f"NIfTI with {len(shape)} dimensions {tuple(shape)} is not supported",
-                        fix="split it into 3D or 4D files")
-    channels = shape[3] if len(shape) == 4 else 1
-    spatial = shape[:3]
-    if len(spatial) == 3 and spatial[2] == 1:
-        spatial = spatial[:2]  # one slice: a 2D image
-    return spatial, channels
-
-
-def _nonfinite_problem(data: np.ndarray) -> str | None:
-    nan, inf = int(np.isnan(data).sum()), int(np.isinf(data).sum())
-    if nan + inf == 0:
-        return None
-    if nan + inf == data.size:
-        raise DataError("the image holds no finite voxel (all NaN / Inf)", fix="re-export the image")
-    return f"non-finite voxels: {nan} NaN, {inf} Inf (replaced at load: NaN -> 0, Inf -> finite max/min)"
-
-
-def nifti_header(path: str, max_image_mb: float) -> dict:
-    """What the manifest needs from a NIfTI file; float data is read once to flag NaN / Inf voxels."""
-    img = nib.load(path)
-    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):  # e.g. CIFTI-2 matrices: not voxel grids
-        return {"skip": f"unsupported: {type(img).__name__} is not a NIfTI volume"}
-    spatial, channels = _nifti_shape(img.shape)
-    dtype = img.header.get_data_dtype()
-    declared_mb = int(np.prod(img.shape, dtype=np.int64)) * dtype.itemsize / 2**20
-    if declared_mb > max_image_mb:
-        return {"skip": f"too large: header declares {img.shape} {dtype} = {declared_mb:,.0f} MB "
-                        f"> max_image_mb={max_image_mb:g}"}
-    affine = np.asarray(img.affine, dtype=float)
-    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        return {"skip": "bad geometry: the NIfTI affine is singular or not finite"}
-    problems = []
-    if np.issubdtype(dtype, np.floating) or img.header.get_slope_inter()[0] not in (None, 1.0):
-        problem = _nonfinite_problem(np.asanyarray(img.dataobj))
-        problems += [problem] if problem else []
-    zooms = [float(z) for z in img.header.get_zooms()[:len(spatial)]]
-    return {"kind": "nifti", "spatial_dims": len(spatial), "shape": spatial, "channels": channels,
-            "spacing": zooms, "affine": affine, "problems": problems}
-
-
 def _load_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     img = nib.load(path)
-    spatial, channels = _nifti_shape(img.shape)
+    spatial, channels = nifti_shape(img.shape)
     data = np.asarray(img.get_fdata(dtype=np.float32)).reshape(*spatial, channels)  # (X, Y[, Z], C)
-    problem = _nonfinite_problem(data)
+    problem = nonfinite_problem(int(np.isnan(data).sum()), int(np.isinf(data).sum()), data.size)
     if problem:
         finite = data[np.isfinite(data)]
         data = np.nan_to_num(data, nan=0.0, posinf=finite.max(), neginf=finite.min())
@@ -215,6 +169,20 @@ def _load_2d(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
         raise DataError(f"expected one frame, found pixel array {plane.shape}", where=str(path),
                         fix="rebuild the manifest: the file changed since it was indexed")
     return np.ascontiguousarray(plane.T)[None], plane_affine(basic_fields(ds, str(path), "")), []  # (1, X, Y)
+
+
+def decodable(path: str, frames: int = 1) -> bool:
+    """Whether the pixels of one DICOM file decode (used to choose among copies of one SOPInstanceUID)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if frames > 1:
+                pydicom.dcmread(path, force=True).pixel_array  # noqa: B018 - decoding is the test
+            else:
+                _read_slice(Path(path))
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "not this copy"
+        return False
 
 
 # ------------------------------------------------------------------------------------------ entry point

@@ -2,15 +2,17 @@
 
 A labels CSV has one id column and one or more label columns:
 * id column: `patient_id` (the DICOM PatientID, or the manifest's pseudonymous "pat-..." id), `study_uid`,
-  `series_uid` (raw UIDs or "stu-..." / "ser-..."), or `path` (a file or folder relative to the scanned
-  folder; a folder labels every image under it, the most specific folder wins). join_on="auto" picks the
-  one present (the most specific when several are).
+  `series_uid` (raw UIDs or "stu-..." / "ser-..."), or `path` (a file or folder: relative to the scanned
+  folder, relative to the labels file's own folder, or absolute; a folder labels every image under it, the
+  most specific folder wins). join_on="auto" picks the one present (the most specific when several are).
+* any further columns (e.g. a segmentation `mask`) ride along: the join is generic over columns.
 * label columns: every other column. Integer codes (0, 1, 2, ...) or class names ("benign", "malignant"),
   which get codes in sorted order; an empty cell means unlabelled. Mixing numbers and names in one column,
   or non-integer numbers, is an error that names the file, column and row.
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +39,8 @@ class LabelTable:
 class JoinReport:
     n_labelled: int = 0
     n_unlabelled: int = 0
-    unmatched: list[str] = field(default_factory=list)   # ids of label rows that matched no image
+    unmatched: list[str] = field(default_factory=list)   # raw ids of label rows that matched no image: in
+    unmatched_rows: list[int] = field(default_factory=list)  # memory only; shown as pseudonyms + file lines
 
 
 def _where(source: Path, row: int | None = None, column: str | None = None) -> str:
@@ -107,7 +110,8 @@ def _codes(values: pd.Series, source: Path, column: str) -> tuple[pd.Series, dic
 
 
 def normalise_path(value: str) -> str:
-    return value.replace("\\", "/").strip("/").removeprefix("./")
+    """Forward slashes, no trailing slash or leading "./"; an absolute path keeps its leading "/"."""
+    return value.replace("\\", "/").rstrip("/").removeprefix("./")
 
 
 def read_labels(source: Path, join_on: str = "auto") -> LabelTable:
@@ -138,10 +142,32 @@ def path_keys(paths: list[str]) -> list[str]:
     return sorted(set(keys), key=lambda k: (-k.count("/"), k))
 
 
-def join_labels(table: LabelTable, image_keys: list[list[str]]) -> tuple[pd.DataFrame, JoinReport]:
+def path_aliases(ids, folder: Path, labels_file: Path) -> list[list[str]]:
+    """What each label path may mean, as paths relative to the scanned `folder`: itself (relative to the
+    folder), relative to the labels file's folder, or absolute. Aliases outside the folder are dropped."""
+    folder, base = Path(folder).resolve(), Path(labels_file).resolve().parent
+    out = []
+    for value in ids:
+        raw = Path(str(value).replace("\\", "/"))
+        found = [] if raw.is_absolute() else [normalise_path(str(value))]
+        for candidate in ([raw] if raw.is_absolute() else [base / raw]):
+            resolved = Path(os.path.normpath(candidate))
+            if resolved.is_relative_to(folder):
+                found.append(normalise_path(resolved.relative_to(folder).as_posix()) or ".")
+        out.append(list(dict.fromkeys(found)))
+    return out
+
+
+def join_labels(table: LabelTable, image_keys: list[list[str]],
+                row_keys: list[list[str]] | None = None) -> tuple[pd.DataFrame, JoinReport]:
     """Labels for each image (rows in `image_keys` order); `image_keys[n]` lists the ids image n answers
-    to, most specific first. Unlabelled images get <NA>."""
-    index = {key: pos for pos, key in enumerate(table.codes.index)}
+    to, most specific first; `row_keys[r]` the ids label row r answers to (default: its id). Unlabelled
+    images get <NA>; every column of the table is joined, whatever it holds."""
+    row_keys = row_keys if row_keys is not None else [[key] for key in table.codes.index]
+    index = {}
+    for pos, keys in enumerate(row_keys):
+        for key in keys:
+            index.setdefault(key, pos)
     matched_rows, picks = set(), []
     for keys in image_keys:
         pos = next((index[k] for k in keys if k in index), None)
@@ -149,7 +175,9 @@ def join_labels(table: LabelTable, image_keys: list[list[str]]) -> tuple[pd.Data
         if pos is not None:
             matched_rows.add(pos)
     out = pd.DataFrame({c: pd.array([table.codes[c].iloc[p] if p is not None else pd.NA for p in picks],
-                                    dtype="Int64") for c in table.codes.columns})
+                                    dtype="Int64" if c in table.names else object)  # label codes / other
+                        for c in table.codes.columns})
     labelled = int(out.notna().any(axis=1).sum()) if len(out.columns) else 0
-    unmatched = [str(k) for pos, k in enumerate(table.codes.index) if pos not in matched_rows]
-    return out, JoinReport(labelled, len(image_keys) - labelled, unmatched)
+    missed = [pos for pos in range(len(table.codes.index)) if pos not in matched_rows]
+    return out, JoinReport(labelled, len(image_keys) - labelled, [str(table.codes.index[p]) for p in missed],
+                           [p + 2 for p in missed])  # +2: the header line, and people count from 1

@@ -8,8 +8,6 @@ them), so folder and file names must not themselves carry identifying informatio
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -18,17 +16,17 @@ from pathlib import Path
 import nibabel as nib
 import pandas as pd
 
+from medssl.ingest.decode import decodable
 from medssl.ingest.dicom.assemble import assemble
-from medssl.ingest.labels import JoinReport, join_labels, path_keys, read_labels
+from medssl.ingest.labels import JoinReport, join_labels, path_aliases, path_keys, read_labels
+from medssl.ingest.manifest_io import COLUMNS, read_manifest, shared_paths, sidecar, write_build, write_manifest  # noqa: F401
 from medssl.ingest.masks import attach_masks, join_masks, mask_files
+from medssl.ingest.redact import display_path
 from medssl.ingest.scan import scan_folder
 from medssl.errors import DataError
 
-FORMAT = "medssl-manifest/1"
-COLUMNS = ["image_id", "patient_id", "study_id", "series_id", "format", "modality", "body_part", "spatial_dims",
-           "channels", "shape", "spacing", "orientation", "photometric", "n_files", "paths"]
-INT_COLUMNS = ("spatial_dims", "channels", "n_files")
 PREFIX = {"patient_id": "pat-", "study_uid": "stu-", "series_uid": "ser-"}
+KEY_OF = {"patient_id": "patient_key", "study_uid": "study_key", "series_uid": "series_key"}  # id column -> image key
 
 
 @dataclass
@@ -41,7 +39,7 @@ class ManifestSummary:
     label_columns: list[str] = field(default_factory=list)
     n_labelled: int = 0
     n_unlabelled: int = 0
-    unmatched_labels: list[str] = field(default_factory=list)
+    unmatched_labels: list[str] = field(default_factory=list)  # shown forms: pseudonyms / redacted paths + line
 
     def render(self) -> str:
         lines = [f"manifest {self.out_csv}: {self.n_images} images from {self.n_files} files",
@@ -56,7 +54,7 @@ class ManifestSummary:
             lines.append(f"  labels {self.label_columns}: {self.n_labelled} labelled, {self.n_unlabelled} unlabelled, "
                          f"{len(self.unmatched_labels)} label rows matched no image")
             if self.unmatched_labels:
-                lines.append(f"    unmatched ids (first 5): {', '.join(self.unmatched_labels[:5])}")
+                lines.append(f"    unmatched (pseudonymised, first 5): {', '.join(self.unmatched_labels[:5])}")
         return "\n".join(lines)
 
 
@@ -134,49 +132,8 @@ def _image_keys(images: list[dict], id_column: str, salt: str) -> list[list[str]
     """What each image answers to in the labels' id column: raw value and its pseudonym (or its paths)."""
     if id_column == "path":
         return [path_keys(image["paths"]) for image in images]
-    key = {"patient_id": "patient_key", "study_uid": "study_key", "series_uid": "series_key"}[id_column]
+    key = KEY_OF[id_column]
     return [[image[key], pseudonym(PREFIX[id_column], image[key], salt)] for image in images]
-
-
-# ------------------------------------------------------------------------------------------ files
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def _sidecar(path: Path, suffix: str) -> Path:
-    return Path(path).with_suffix(suffix)
-
-
-def write_manifest(df: pd.DataFrame, meta: dict, path: Path) -> dict:
-    """Write NAME.csv and NAME.meta.json; meta["digest"] becomes the SHA-256 of the CSV bytes. Returns meta."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = df.to_csv(index=False, lineterminator="\n").encode()
-    meta = {**meta, "digest": hashlib.sha256(data).hexdigest(), "format": FORMAT}
-    _write_atomic(path, data)
-    _write_atomic(_sidecar(path, ".meta.json"), json.dumps(meta, indent=2, default=str).encode())
-    return meta
-
-
-def read_manifest(path: Path) -> tuple[pd.DataFrame, dict]:
-    """(rows, meta). Integer columns come back as int, label columns as nullable Int64 (<NA> = unlabelled)."""
-    path, meta_path = Path(path), _sidecar(Path(path), ".meta.json")
-    if not path.is_file() or not meta_path.is_file():
-        raise DataError(f"manifest not found: {path if not path.is_file() else meta_path}", where=str(path),
-                        fix="build it first: medssl manifest build FOLDER --out NAME.csv")
-    meta = json.loads(meta_path.read_text())
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    missing = [c for c in COLUMNS if c not in df.columns]
-    if missing:
-        raise DataError(f"manifest lacks columns {missing}", where=str(path), fix="rebuild the manifest")
-    for column in INT_COLUMNS:
-        df[column] = df[column].astype(int)
-    for column in meta.get("label_columns", []):
-        df[column] = pd.to_numeric(df[column].replace("", None)).astype("Int64")
-    meta["label_names"] = {c: {int(k): v for k, v in names.items()} for c, names in meta.get("label_names", {}).items()}
-    return df, meta
 
 
 # ------------------------------------------------------------------------------------------ build
@@ -198,7 +155,8 @@ def _sidecars(nifti_paths: list[str]) -> set[str]:
 
 def _collect_images(scan, nifti_modality: str, image_modality: str,
                     max_image_mb: float) -> tuple[list[dict], list[tuple[str, str]]]:
-    images, skipped = assemble([h for h in scan.headers if h["kind"] == "dicom"], max_image_mb)
+    dicom = [dict(h, path_abs=str(scan.root / h["path"])) for h in scan.headers if h["kind"] == "dicom"]
+    images, skipped = assemble(dicom, max_image_mb, decodable=lambda h: decodable(h["path_abs"], h["frames"]))
     nifti = [h for h in scan.headers if h["kind"] == "nifti"]
     for kind, modality in (("nifti", nifti_modality), ("raster", image_modality)):
         records = [_file_record(h, modality) for h in scan.headers if h["kind"] == kind]
@@ -218,30 +176,74 @@ def _read_labels(labels: Path, join_on: str):
     return table
 
 
-def _join(images: list[dict], labels: Path | None, join_on: str, salt: str):
+def shown_id(id_column: str, value: str, salt: str) -> str:
+    """A label id as it may be printed or logged: paths redacted, raw ids as their pseudonyms."""
+    if id_column == "path":
+        return display_path(value, salt)
+    prefix = PREFIX[id_column]
+    return value if value.startswith(prefix) and len(value) == len(prefix) + 12 else pseudonym(prefix, value, salt)
+
+
+def _nothing_matched(table, images: list[dict], aliases: list[list[str]] | None, folder: Path, salt: str):
+    """The error when no label row matches any image: one row, what it was tried as, what images look like."""
+    column, first = table.id_column, str(table.codes.index[0])
+    if column == "path":
+        tried = ", ".join(f"'{display_path(a, salt)}'" for a in aliases[0]) or "nothing inside the folder"
+        example = display_path(images[0]["paths"][0], salt)
+        detail = (f"row 2 ('{display_path(first, salt)}') was tried as {tried} relative to the scanned folder "
+                  f"{display_path(folder.name, salt)} (as written, relative to the labels file, and absolute); "
+                  f"image paths look like '{example}'")
+    else:
+        detail = (f"ids were compared with each image's raw {column} and its pseudonym; row 2 is "
+                  f"{shown_id(column, first, salt)}, images' ids look like "
+                  f"{pseudonym(PREFIX[column], images[0][KEY_OF[column]], salt)}")
+    return DataError(f"no row of the labels file matched any of the {len(images)} images: {detail}",
+                     where=str(table.source), fix="write the ids the way the scan sees them (see the example), "
+                                                  "or set join_on to the right column")
+
+
+def _join(images: list[dict], labels: Path | None, join_on: str, salt: str, folder: Path):
     if labels is None:
-        return pd.DataFrame(index=range(len(images))), JoinReport(0, len(images)), {}, None
+        return pd.DataFrame(index=range(len(images))), JoinReport(0, len(images)), {}, None, None
     table = _read_labels(labels, join_on)
+    aliases = path_aliases(table.codes.index, folder, labels) if table.id_column == "path" else None
     keys = _image_keys(images, table.id_column, salt)
-    codes, report = join_labels(table, keys)
-    return codes, report, table.names, None if table.masks is None else join_masks(table.masks, keys)
+    codes, report = join_labels(table, keys, aliases)
+    if images and len(report.unmatched) == len(table.codes.index):
+        raise _nothing_matched(table, images, aliases, folder, salt)
+    masks = None if table.masks is None else join_masks(_aliased(table.masks, aliases), keys)
+    return codes, report, table.names, table.id_column, masks
+
+
+def _aliased(masks: pd.Series, aliases: list[list[str]] | None) -> pd.Series:
+    """The mask column keyed like the label join: by every alias of each label path."""
+    if aliases is None:
+        return masks
+    return pd.Series({alias: value for value, names in zip(masks.to_numpy(), aliases) for alias in names},
+                     dtype=object)
+
+
+def _unmatched_shown(report: JoinReport, id_column: str | None, salt: str) -> list[str]:
+    return [f"{shown_id(id_column, raw, salt)} (line {line})" for raw, line in zip(report.unmatched,
+                                                                                  report.unmatched_rows)]
 
 
 def build_manifest(folder: Path, out_csv: Path, labels: Path | None = None, join_on: str = "auto", salt: str = "",
                    workers: int | None = None, max_image_mb: float = 4096, nifti_modality: str = "MR",
                    image_modality: str = "OT", progress: bool = True) -> ManifestSummary:
-    """Scan `folder`, assemble images, join labels; write out_csv + .skipped.csv + .meta.json."""
+    """Scan `folder`, assemble images, join labels; write out_csv + .skipped.csv + .meta.json and their
+    identifier-free NAME.shared.* copies (what may be logged or shared)."""
     folder, out_csv = Path(folder).resolve(), Path(out_csv)
     if not folder.is_dir():
         raise DataError(f"not a folder: {folder}", where="FOLDER / data.folder",
                         fix="give the folder that holds the DICOM / NIfTI files")
     # fail fast on a broken labels file, before minutes of scanning; mask files are labels, never images
     masks = _read_labels(labels, join_on).masks if labels is not None else None
-    outputs = [out_csv, _sidecar(out_csv, ".skipped.csv"), _sidecar(out_csv, ".meta.json")]
+    outputs = [out_csv, sidecar(out_csv, ".skipped.csv"), sidecar(out_csv, ".meta.json"), *shared_paths(out_csv)]
     scan = scan_folder(folder, workers=workers, max_image_mb=max_image_mb, progress=progress,
                        exclude=_excluded(folder, labels, *outputs, *mask_files(masks, folder)))
     images, skipped = _collect_images(scan, nifti_modality, image_modality, max_image_mb)
-    codes, report, names, mask_paths = _join(images, labels, join_on, salt)
+    codes, report, names, id_column, mask_paths = _join(images, labels, join_on, salt, folder)
     df = pd.DataFrame([_row(image, salt) for image in images], columns=COLUMNS + ["split", "problems"])
     df = pd.concat([df.iloc[:, :len(COLUMNS)], codes.set_axis(df.index), df[["split", "problems"]]], axis=1)
     if mask_paths is not None:   # ingest/masks.py: mask, mask_grid, mask_labels and the has_mask label column
@@ -254,8 +256,7 @@ def build_manifest(folder: Path, out_csv: Path, labels: Path | None = None, join
     meta = {"root": str(folder), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "label_columns": list(codes.columns), "label_names": names, "counts": counts, "join_on": join_on,
             "nifti_modality": nifti_modality, "image_modality": image_modality}
-    write_manifest(df, meta, out_csv)
-    skipped_df = pd.DataFrame(sorted(skipped), columns=["path", "reason"])
-    _write_atomic(outputs[1], skipped_df.to_csv(index=False, lineterminator="\n").encode())
+    write_build(df, pd.DataFrame(sorted(skipped), columns=["path", "reason"]), meta, out_csv, salt)
     return ManifestSummary(out_csv, scan.n_files, len(df), dict(by_reason), counts["with_problems"],
-                           list(codes.columns), report.n_labelled, report.n_unlabelled, report.unmatched)
+                           list(codes.columns), report.n_labelled, report.n_unlabelled,
+                           _unmatched_shown(report, id_column, salt))

@@ -23,7 +23,10 @@ from pydicom.pixels import get_decoder
 from pydicom.uid import UID
 
 from medssl.ingest.dicom.parse import HEAD_BYTES, basic_fields, enhanced_geometry, parse, parse_buffer
-from medssl.ingest.decode import nifti_header, raster_header
+from medssl.ingest.decode import raster_header
+from medssl.ingest.listing import list_files
+from medssl.ingest.nifti_header import nifti_header
+from medssl.ingest.redact import clean_reason
 from medssl.ui import progress_bar
 
 RASTER_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*")  # PNG, JPEG, TIFF (LE/BE)
@@ -37,45 +40,6 @@ class ScanResult:
     headers: list[dict] = field(default_factory=list)   # one per readable image file
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative path, "category: detail")
     n_files: int = 0
-
-
-def _list_dir(path: str) -> list[os.DirEntry]:
-    """One directory's entries; a seam so tests can simulate unreadable directories when running as root."""
-    with os.scandir(path) as it:
-        return list(it)
-
-
-def _entry(entry: os.DirEntry, rel: str, seen: set, stack: list, files: list, skipped: list) -> None:
-    if entry.is_dir():  # symlinked folders are followed (datasets are often linked in), each real one once
-        real = os.path.realpath(entry.path)
-        if real not in seen:
-            seen.add(real)
-            stack.append(entry.path)
-    elif entry.is_file():
-        if "|" in rel:
-            skipped.append((rel, "unsupported: '|' in the path (it separates paths in the manifest)"))
-        else:
-            files.append(rel)
-
-
-def list_files(folder: Path) -> tuple[list[str], list[tuple[str, str]]]:
-    """Relative paths of all regular files under `folder` (sorted), and what could not be listed."""
-    root = str(folder)
-    files, skipped, stack, seen = [], [], [root], {os.path.realpath(root)}
-    while stack:
-        current = stack.pop()
-        try:
-            entries = _list_dir(current)
-        except OSError as err:
-            skipped.append((os.path.relpath(current, root), f"unreadable directory: {err.strerror or err}"))
-            continue
-        for entry in entries:
-            rel = os.path.relpath(entry.path, root)
-            try:
-                _entry(entry, rel, seen, stack, files, skipped)
-            except OSError as err:
-                skipped.append((rel, f"unreadable: {err.strerror or err}"))
-    return sorted(files), skipped
 
 
 # objects that carry pixels but are not images to learn from
@@ -129,7 +93,19 @@ def _pixels_problem(h: dict, span: tuple | None, max_image_mb: float) -> str | N
     offset, length = span
     if length not in (None, 0xFFFFFFFF) and offset is not None and offset + length > h["size"]:
         return f"truncated: pixel data needs {length} bytes, the file ends {offset + length - h['size']} early"
+    need = _native_bytes(h)
+    if need is not None and length not in (None, 0xFFFFFFFF) and length < need:
+        return (f"truncated: pixel data holds {length:,} bytes, {h['frames']} frame(s) of {h['rows']}x{h['cols']} "
+                f"x {h['spp']} sample(s) at {h['bits']} bits need {need:,}")
     return codec_problem(h["ts"])
+
+
+def _native_bytes(h: dict) -> int | None:
+    """Bytes uncompressed pixel data must hold to fill every declared frame; None for encapsulated data."""
+    if h["ts"] not in NATIVE and UID(h["ts"]).is_encapsulated:
+        return None
+    samples = 2 if h["photometric"] == "YBR_FULL_422" else h["spp"]  # 4:2:2 stores 2 samples per pixel
+    return -(-h["rows"] * h["cols"] * h["frames"] * samples * h["bits"] // 8)
 
 
 def _checked(src, path: str, ts: str | None, span: tuple | None, max_image_mb: float, force: bool) -> dict:
@@ -220,7 +196,7 @@ def read_header(rel: str, root: str, max_image_mb: float) -> dict:
             header = _header(os.path.join(root, rel), max_image_mb)
     except Exception as err:  # one file must never stop the scan; the reason keeps the evidence
         message = str(err).splitlines()[0][:200] if str(err) else ""
-        header = {"skip": f"unreadable: {type(err).__name__}: {message}"}
+        header = {"skip": f"unreadable: {type(err).__name__}: {clean_reason(message)}"}
     header["path"] = rel
     return header
 
@@ -271,7 +247,7 @@ def _chunk_result(future, chunk: list[str]) -> list[dict]:
     try:
         return future.result()
     except Exception as err:
-        return [{"path": rel, "skip": f"worker failed: {type(err).__name__}: {err}"} for rel in chunk]
+        return [{"path": rel, "skip": f"worker failed: {type(err).__name__}: {clean_reason(str(err))}"} for rel in chunk]
 
 
 def _collect(result: ScanResult, headers: list[dict]) -> None:

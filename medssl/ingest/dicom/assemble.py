@@ -145,22 +145,34 @@ def multiframe_geometry(h: dict) -> tuple[np.ndarray, np.ndarray, list[str]]:
 
 def multiframe_image(h: dict) -> dict:
     order, affine, problems = multiframe_geometry(h)
+    problems = _twins_problem([h]) + problems
     spacing = h.get("spacing") or [1.0, 1.0]
     step = float(np.linalg.norm(affine[:3, 2]))
     return _record(h, "dicom-multiframe", [h["path"]], affine, [h["cols"], h["rows"], len(order)],
                    [spacing[1], spacing[0], step], problems)
 
 
-def _drop_duplicate_sops(hs: list[dict]) -> tuple[list[dict], list[tuple[str, str]], list[str]]:
-    kept, skipped, seen = [], [], {}
-    for h in hs:
-        first = seen.setdefault(h["sop_uid"], h["path"]) if h["sop_uid"] else h["path"]
-        if first != h["path"]:
-            skipped.append((h["path"], f"duplicate: same SOPInstanceUID as {first}"))
-        else:
-            kept.append(h)
-    problems = [f"duplicate SOPInstanceUID: {len(skipped)} file(s) dropped, one copy kept"] if skipped else []
-    return kept, skipped, problems
+def drop_duplicate_sops(hs: list[dict], decodable=None) -> tuple[list[dict], list[tuple[str, str]]]:
+    """One file per SOPInstanceUID. Among copies (sorted by path) the first that `decodable(header)` accepts
+    is kept (the first copy when none does or no check is given); each kept copy counts its dropped twins."""
+    groups: dict = {}
+    for h in sorted(hs, key=lambda h: h["path"]):
+        groups.setdefault(h["sop_uid"] or "\0" + h["path"], []).append(h)
+    kept, skipped = [], []
+    for copies in groups.values():
+        ok = {id(h): bool(decodable(h)) for h in copies} if decodable and len(copies) > 1 else {}
+        keep = next((h for h in copies if ok.get(id(h))), copies[0])
+        keep["twins"] = len(copies) - 1
+        kept.append(keep)
+        skipped += [(h["path"], f"duplicate: same SOPInstanceUID as {keep['path']}"
+                     + ("" if ok.get(id(h), True) else " (this copy's pixels do not decode)"))
+                    for h in copies if h is not keep]
+    return kept, skipped
+
+
+def _twins_problem(hs: list[dict]) -> list[str]:
+    dropped = sum(h.get("twins", 0) for h in hs)
+    return [f"duplicate SOPInstanceUID: {dropped} file(s) dropped, one copy kept"] if dropped else []
 
 
 def _main_stack(hs: list[dict]) -> tuple[list[dict], list[tuple[str, str]], list[str]]:
@@ -201,7 +213,7 @@ def assemble_series(hs: list[dict]) -> tuple[list[dict], list[tuple[str, str]]]:
     hs = sorted(hs, key=lambda h: h["path"])
     if hs[0]["modality"] in PROJECTION or any(not (h["iop"] and h["ipp"]) for h in hs):
         return [image_2d(h) for h in hs], []
-    hs, skipped, problems = _drop_duplicate_sops(hs)
+    skipped, problems = [], _twins_problem(hs)
     stack, more_skipped, more = _main_stack(hs)
     skipped, problems = skipped + more_skipped, problems + more
     if not stack:
@@ -246,9 +258,12 @@ def _too_large(image: dict, max_image_mb: float) -> str | None:
             f"> max_image_mb={max_image_mb:g}")
 
 
-def assemble(headers: list[dict], max_image_mb: float = float("inf")) -> tuple[list[dict], list[tuple[str, str]]]:
-    """All DICOM headers of a scan -> images (multi-frame files alone, single frames by series) + set-asides."""
-    images, skipped, series = [], [], {}
+def assemble(headers: list[dict], max_image_mb: float = float("inf"),
+             decodable=None) -> tuple[list[dict], list[tuple[str, str]]]:
+    """All DICOM headers of a scan -> images (multi-frame files alone, single frames by series) + set-asides.
+    `decodable(header) -> bool` chooses among copies of one SOPInstanceUID (asked only where there are copies)."""
+    headers, skipped = drop_duplicate_sops(headers, decodable)
+    images, series = [], {}
     for h in headers:
         if h["frames"] > 1:
             images.append(multiframe_image(h))

@@ -24,8 +24,9 @@ def run_manifest(ctx: Context) -> dict:
                                 f"{m.out.with_suffix('.skipped.csv')}")
         ctx.tracker.log_dataset(df, meta.get("digest"), ctx.cfg.name)
         ctx.tracker.log_metrics({"images": len(df), "skipped": _count_rows(m.out.with_suffix(".skipped.csv"))})
-        for suffix in (".csv", ".skipped.csv", ".meta.json"):
-            ctx.tracker.log_artifact(m.out.with_suffix(suffix), "manifest")
+        from medssl.ingest.manifest_io import shared_paths
+        for path in shared_paths(m.out):  # the identifier-free copies: no source paths, no absolute root
+            ctx.tracker.log_artifact(path, "manifest")
     return {"paths": [str(m.out)], "images": len(df), "digest": meta.get("digest")}
 
 
