@@ -3,8 +3,8 @@
 A replicate of a patient bootstrap is a multiset of images, so it is fully described by how many times each
 image was drawn: row b of `weights` (B, N). Every metric below is the scikit-learn metric of the expanded
 replicate (`np.repeat(images, weights[b])`), computed for all rows together:
-- AUROC is Mann-Whitney's U with ties counted half: sort the scores once, sum the weights per distinct score
-  (B, U), and count for each positive level the negative weight strictly below it plus half of the tied one.
+- AUROC is Mann-Whitney's U with ties counted half: for each positive image, the replicate's negative weight
+  strictly below its score plus half the tied weight (one cumulative sum over the sorted negatives).
   K > 2 classes: one-vs-rest per class, macro mean (scikit-learn's `multi_class="ovr", average="macro"`);
 - average precision (AUPRC) from cumulative positive / negative weights at the distinct scores, descending;
 - balanced accuracy, sensitivity, specificity, F1 (macro for K > 2), Brier from weighted confusion counts.
@@ -25,25 +25,39 @@ def replicate_metrics(weights: np.ndarray, y, scores, predicted) -> dict[str, np
     y, scores, predicted = np.asarray(y, int), np.asarray(scores, float), np.asarray(predicted, int)
     n_classes = 2 if scores.ndim == 1 else scores.shape[1]
     onehot = np.eye(n_classes)[y]  # (N, K)
-    per_class = weights @ onehot  # (B, K) weight of each class in each replicate
+    per_class = class_sums(weights, y, n_classes)  # (B, K) weight of each class in each replicate
     present = np.bincount(y, minlength=n_classes) > 0
     valid = (per_class[:, present] > 0).all(axis=1)  # (B,)
-    out = {"auroc": _auroc(weights, y, scores), **_confusion_metrics(weights, onehot, predicted, per_class)}
+    out = {"auroc": _auroc(weights, y, scores), **_confusion_metrics(weights, y, predicted, per_class)}
     if scores.ndim == 1:
         out["auprc"] = average_precision(weights, y == 1, scores)
         loss = (scores - y) ** 2  # (N,)
     else:
         loss = ((scores - onehot) ** 2).sum(axis=1)  # Brier's multi-class score, as multiclass_metrics
-    out["brier"] = weights @ loss / weights.sum(axis=1)
+    out["brier"] = (weights * loss).sum(axis=1) / weights.sum(axis=1)
     return {name: np.where(valid, value, np.nan) for name, value in out.items()}
 
 
+def class_sums(weights: np.ndarray, codes: np.ndarray, n_classes: int) -> np.ndarray:
+    """(B, K): replicate weight of the images of each code. Column sums, not a BLAS product: (B, N) @ (N, K)
+    is memory-bound, and BLAS threads on a shared CPU made it 100x slower than this."""
+    return np.stack([weights[:, codes == k].sum(axis=1) for k in range(n_classes)], axis=1)
+
+
 def binary_auroc(weights: np.ndarray, positive: np.ndarray, score: np.ndarray) -> np.ndarray:
-    """(B,) Mann-Whitney AUROC of `score` for the boolean `positive` (N,), ties counted half."""
-    pos_level, neg_level = _level_sums(weights, positive, score, descending=False)  # (B, U) each
-    neg_below = np.cumsum(neg_level, axis=1) - neg_level
-    wins = (pos_level * (neg_below + 0.5 * neg_level)).sum(axis=1)
-    pairs = pos_level.sum(axis=1) * neg_level.sum(axis=1)
+    """(B,) Mann-Whitney AUROC of `score` for the boolean `positive` (N,), ties counted half: for every
+    positive image, the replicate's negative weight strictly below its score plus half the tied weight,
+    read off one cumulative sum over the negatives sorted by score (binary search for the tie bounds)."""
+    negative = ~positive
+    order = np.argsort(score[negative], kind="stable")
+    sorted_neg = score[negative][order]  # (n_neg,)
+    cum = np.zeros((weights.shape[0], len(sorted_neg) + 1))
+    np.cumsum(weights[:, negative][:, order], axis=1, out=cum[:, 1:])  # (B, n_neg + 1)
+    low = np.searchsorted(sorted_neg, score[positive], "left")  # negatives strictly below each positive
+    high = np.searchsorted(sorted_neg, score[positive], "right")  # ... plus the tied ones
+    w_pos = weights[:, positive]  # (B, n_pos)
+    wins = (w_pos * (cum[:, low] + 0.5 * (cum[:, high] - cum[:, low]))).sum(axis=1)
+    pairs = w_pos.sum(axis=1) * cum[:, -1]
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(pairs > 0, wins / pairs, np.nan)
 
@@ -72,19 +86,23 @@ def _level_sums(weights, positive, score, descending: bool) -> tuple[np.ndarray,
     starts = np.r_[0, np.flatnonzero(np.diff(ordered)) + 1]  # first image of each distinct score
     w = weights[:, order]  # (B, N)
     is_pos = positive[order].astype(float)
-    return np.add.reduceat(w * is_pos, starts, axis=1), np.add.reduceat(w * (1 - is_pos), starts, axis=1)
+    pos, neg = w * is_pos, w * (1 - is_pos)
+    if len(starts) == len(score):  # no tied scores (the usual case): every image is its own level
+        return pos, neg
+    return np.add.reduceat(pos, starts, axis=1), np.add.reduceat(neg, starts, axis=1)
 
 
-def _confusion_metrics(weights, onehot, predicted, per_class) -> dict[str, np.ndarray]:
+def _confusion_metrics(weights, y, predicted, per_class) -> dict[str, np.ndarray]:
     """Balanced accuracy, F1 and (binary) sensitivity / specificity from weighted confusion counts."""
-    n_classes = onehot.shape[1]
-    called = np.eye(n_classes)[np.clip(predicted, 0, n_classes - 1)]  # (N, K)
-    true_pos = weights @ (onehot * called)  # (B, K)
-    false_pos, false_neg = weights @ called - true_pos, per_class - true_pos
+    n_classes = per_class.shape[1]
+    predicted = np.clip(predicted, 0, n_classes - 1)
+    true_pos = class_sums(weights, np.where(predicted == y, y, -1), n_classes)  # (B, K)
+    false_pos = class_sums(weights, predicted, n_classes) - true_pos
+    false_neg = per_class - true_pos
     with np.errstate(invalid="ignore", divide="ignore"):
         recall = true_pos / per_class
         f1 = np.where(true_pos > 0, 2 * true_pos / (2 * true_pos + false_pos + false_neg), 0.0)
-    present = onehot.sum(axis=0) > 0  # scikit-learn averages over the classes of y_true
+    present = np.bincount(y, minlength=n_classes) > 0  # scikit-learn averages over the classes of y_true
     out = {"balanced_accuracy": recall[:, present].mean(axis=1)}
     if n_classes == 2:
         out.update(sensitivity=recall[:, 1], specificity=recall[:, 0], f1=f1[:, 1])
