@@ -96,6 +96,18 @@ def predict(model: str = typer.Argument(..., help="model folder/file, runs:/ID/m
     predict_folder(_load(pipeline, overrides), model, folder, out)
 
 
+@app.command()
+def export(model: str = typer.Argument(..., help="model folder, runs:/ID/model or models:/NAME/VERSION"),
+           fmt: str = typer.Option(..., "--format", help="onnx | torchscript | bundle (MONAI bundle)"),
+           out: Path = typer.Option(..., "--out", help="file (onnx, torchscript) or folder (bundle) to write")):
+    """Export a medssl model for deployment; the export is checked for output parity with PyTorch."""
+    from medssl.export.formats import export as export_model
+    from medssl.export.resolve import open_model
+    parity = export_model(open_model(model), fmt, out)
+    console.print(f"{fmt} written to {parity['path']} (max |Δ probability| vs PyTorch "
+                  f"{parity['max_abs_diff']:.1e}, tolerance {parity['tolerance']:.0e})")
+
+
 def _load(pipeline: Path, overrides):
     from medssl.config import load_pipeline
     return load_pipeline(pipeline, overrides or [])

@@ -1,7 +1,8 @@
 """Score a trained classifier: external validation on another manifest, and plain predictions for new scans.
 
-A model source is an MLflow URI ("runs:/<id>/model", "models:/<name>/<version>"), a local MLflow model
-folder, or a plain-dict classifier file written by `save_classifier`. Binary calls use the operating point
+A model source is a medssl model package (medssl/export: safetensors + JSON), as a folder, an MLflow
+pyfunc folder or an MLflow URI ("runs:/<id>/model", "models:/<name>/<version>"), or a plain-dict classifier
+file written by `save_classifier`. Nothing is unpickled. Binary calls use the operating point
 chosen on the ORIGINAL validation split (stored in the model), never one re-tuned on the data being scored.
 """
 from __future__ import annotations
@@ -34,20 +35,23 @@ def save_classifier(path: Path, model: Classifier, encoder_info: dict) -> Path:
 
 
 def load_model(source: str | Path, tracking_uri: str | None = None) -> Classifier:
-    """`tracking_uri` (default: $MLFLOW_TRACKING_URI / MLflow's default) resolves runs:/ and models:/ URIs."""
+    """A medssl model package (folder, MLflow pyfunc folder, runs:/ or models:/ URI) or a plain-dict classifier
+    file; nothing is unpickled (pickled MLflow models are refused). `tracking_uri` resolves the URIs."""
+    from medssl.export.resolve import open_model
     text = str(source)
+    if Path(text).is_file():
+        return _load_classifier_file(Path(text))
+    return open_model(text, tracking_uri).model
+
+
+def _load_classifier_file(path: Path) -> Classifier:
     try:
-        if text.startswith(("runs:/", "models:/")):
-            text = _download(text, tracking_uri)
-        if Path(text, "MLmodel").is_file():
-            import mlflow.pytorch
-            return mlflow.pytorch.load_model(text, map_location="cpu").eval()
-        payload = torch.load(text, map_location="cpu", weights_only=True)
-    except Exception as err:  # MLflow and torch raise many types; the user needs the source and the reason
-        raise TrainingError(f"cannot load the classifier: {err}", where=text,
-                            fix="give runs:/<run id>/model, models:/<name>/<version> or a classifier file") from None
+        payload = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain types only
+    except Exception as err:  # noqa: BLE001 — a pickle with code is refused here too
+        raise TrainingError(f"cannot load the classifier: {err}", where=str(path),
+                            fix="give a model folder, runs:/<run id>/model or models:/<name>/<version>") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise TrainingError(f"not a {FORMAT} file", where=text, fix="use a file written by save_classifier")
+        raise TrainingError(f"not a {FORMAT} file", where=str(path), fix="use a file written by save_classifier")
     from medssl.config import EncoderConfig
     from medssl.models.encoders import build_encoder
     encoder = build_encoder(EncoderConfig.model_validate(payload["encoder"]), payload["spatial_dims"],
@@ -55,17 +59,6 @@ def load_model(source: str | Path, tracking_uri: str | None = None) -> Classifie
     model = Classifier(encoder, payload["n_classes"], spatial_dims=payload["spatial_dims"])
     model.load_state_dict(payload["state_dict"])
     return model.eval()
-
-
-def _download(uri: str, tracking_uri: str | None) -> str:
-    """runs:/ or models:/<name>/<version> -> local MLflow model folder, against the given tracking store.
-    (MLflow resolves models:/ against the process-wide registry, which a Tracker does not set.)"""
-    import mlflow.artifacts
-    from mlflow.tracking import MlflowClient
-    if uri.startswith("models:/"):
-        name, _, version = uri[len("models:/"):].rstrip("/").rpartition("/")
-        uri = MlflowClient(tracking_uri, tracking_uri).get_model_version_download_uri(name, version)
-    return mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri)
 
 
 @torch.no_grad()

@@ -27,7 +27,7 @@ from medssl.evaluate.bootstrap import paired_bootstrap
 from medssl.evaluate.metrics import classification_metrics, multiclass_metrics, positive_scores, resample_metrics
 from medssl.ladder.classifier import FeatureSet, check_images, check_labels, features, fit
 from medssl.evaluate.predict import score_dataset, write_evaluation
-from medssl.ladder.registry import log_model, register_best
+from medssl.ladder.registry import log_model, model_description, register_best
 from medssl.ladder.results import print_failures, append_result, finished_keys, read_results, settings_digest
 from medssl.ui import console, progress_bar
 
@@ -59,6 +59,7 @@ class LadderContext:
     monitor: str
     digest: str = ""  # settings + encoder identity: results made under other settings are not "finished"
     features: dict = field(default_factory=dict)  # frozen-encoder features: {"ssl" | "scratch-<seed>": {id: (F,)}}
+    data: dict = field(default_factory=dict)  # what the model package records: label, modalities, image dims
 
 
 def run_ladder(cfg: FinetuneConfig, encoder_source, cache, df: pd.DataFrame, label: str, rungs, out_dir,
@@ -124,6 +125,9 @@ def _context(cfg, encoder_source, cache, df, label, out_dir, tracker, encoder_cf
         n_classes=int(max(code_of.values(), default=0)) + 1, out_dir=out_dir, tracker=tracker,
         log_models=log_models, class_names={int(k): v for k, v in class_names.items()}, monitor=monitor)
     ctx.digest = settings_digest(_settings(ctx, label), ctx.encoder_source)
+    column = lambda name: df[name].dropna().unique() if name in df else []  # noqa: E731
+    ctx.data = {"label": label, "modalities": sorted(map(str, column("modality"))),
+                "image_dims": sorted(int(d) for d in column("spatial_dims"))}
     return ctx
 
 
@@ -279,7 +283,7 @@ def _log_child(ctx: LadderContext, rung, result, values: dict, delta: dict, path
         return False
     if ctx.log_models == "best" and result.val_auroc <= _best_so_far(ctx, rung.name):
         return False
-    log_model(tracker, result.model, sample)
+    log_model(tracker, result.model, model_description(ctx, rung, values, delta))
     return True
 
 

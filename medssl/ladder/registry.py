@@ -5,37 +5,51 @@ import logging
 import re
 import tempfile
 from contextlib import contextmanager
+from pathlib import Path
 
 import pandas as pd
-import torch
 from medssl.ui import console
 
-MAX_EXAMPLE_VALUES = 32 ** 3  # larger inputs are logged with a signature but no input example
+EXAMPLE_PATH = "/path/to/a/dicom_series_folder_or_nifti_file"  # shape of a request; no patient's path
 
 
-def log_model(tracker, model, sample: torch.Tensor) -> None:
-    """MLflow pytorch flavour under artifact path "model", with signature and a one-image input example.
+def log_model(tracker, model, description: dict) -> None:
+    """The model as a medssl package (safetensors + JSON: no pickle) wrapped in an MLflow pyfunc that takes
+    scans (medssl/export), under artifact path "model", with its signature and model card.
+    Saved locally, then sent as artifacts through the tracker (its outbox survives a server outage)."""
+    from medssl.export.card import model_card
+    from medssl.export.package import read_spec, save_package
+    from medssl.export.pyfunc import save_pyfunc
+    with tempfile.TemporaryDirectory() as tmp, _quiet("mlflow"):
+        package = save_package(f"{tmp}/medssl_model", model, description["spec"])
+        folder = save_pyfunc(package, Path(tmp) / "model", example_path=EXAMPLE_PATH)
+        (folder / "model_card.md").write_text(model_card(read_spec(package), **description["card"]))
+        tracker.log_artifact(folder, "model")
 
-    Saved locally then sent as artifacts through the tracker (its outbox survives a server outage).
-    pip requirements are given, not inferred: inference loads the model in a subprocess (seconds per child).
-    Pickle serialisation (not torch.export "pt2"): the loaded object is the Classifier itself, with its
-    validation threshold buffer and `.eval()`; loading needs medssl importable.
-    """
-    import monai
-    import mlflow.pytorch
-    from mlflow.models import infer_signature
-    example = sample[None].float().numpy()  # (1, C, *spatial)
-    with torch.no_grad():
-        logits = model.eval()(torch.from_numpy(example)).numpy()  # (1, K)
-    # a 3D volume as a JSON example is megabytes per run: keep the example only for small inputs
-    # (the signature still records dtype and shape)
-    small = example.size <= MAX_EXAMPLE_VALUES
-    with tempfile.TemporaryDirectory() as tmp, _quiet("mlflow.pytorch"):
-        mlflow.pytorch.save_model(model, f"{tmp}/model", signature=infer_signature(example, logits),
-                                  input_example=example if small else None, serialization_format="pickle",
-                                  pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
-                                                    f"monai=={monai.__version__}", "medssl"])
-        tracker.log_artifact(f"{tmp}/model", "model")
+
+def model_description(ctx, rung, values: dict, delta: dict, arm: str | None = None) -> dict:
+    """The spec (architecture, preprocessing, labels, threshold, lineage) and model-card facts of one child."""
+    names = [str(ctx.class_names.get(k, k)) for k in range(ctx.n_classes)]
+    positive = getattr(ctx, "positive_class", None) or (names[1] if ctx.n_classes == 2 else None)
+    spec = {"architecture": {"encoder": ctx.encoder_cfg.model_dump(mode="json"), "spatial_dims": ctx.spatial_dims,
+                             "img_size": ctx.img_size, "in_channels": ctx.encoder_cfg.in_channels,
+                             "n_classes": ctx.n_classes},
+            "preprocess": ctx.cache.cfg.model_dump(mode="json", exclude={"cache_dir"}),
+            "labels": {"column": ctx.data.get("label", "label"), "names": names, "positive": positive},
+            "inputs": {"modalities": ctx.data.get("modalities", []), "image_dims": ctx.data.get("image_dims", [])},
+            "lineage": {"pretrain_run_id": str(ctx.info.get("run_id") or ""),
+                        "manifest_digest": str(ctx.info.get("manifest_digest") or ""), "rung": rung.name,
+                        "arm": arm or "", "seed": rung.seed,
+                        "labelled_patients": len({ctx.patients[i] for i in rung.image_ids})}}
+    test_patients = len({ctx.patients[i] for i in ctx.test_ids})
+    deltas = {}
+    if "delta_auroc" in delta:
+        deltas["scratch"] = {"delta": delta["delta_auroc"], "ci_low": delta.get("delta_auroc_ci_low"),
+                             "ci_high": delta.get("delta_auroc_ci_high")}
+    card = {"data": {"labelled patients in the rung": spec["lineage"]["labelled_patients"],
+                     "test patients (internal)": test_patients},
+            "sites": {"internal test split": values}, "deltas": deltas}
+    return {"spec": spec, "card": card}
 
 
 @contextmanager

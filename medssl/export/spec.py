@@ -1,0 +1,59 @@
+"""What a medssl model says about itself (medssl-model.json): architecture, the preprocessing it needs, its
+labels and operating point, and where it came from. Validated like every config: an unknown key, a missing
+field or a wrong type refuses the file, so a model that is not medssl's never gets as far as its weights."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from medssl.config.base import Section
+from medssl.config.preprocess import PreprocessConfig
+from medssl.config.pretrain import EncoderConfig
+
+FORMAT = "medssl-model/1"
+SPEC_FILE = "medssl-model.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class Architecture(Section):
+    encoder: EncoderConfig
+    spatial_dims: Literal[2, 3]
+    img_size: list[int]
+    in_channels: int = Field(1, ge=1)
+    n_classes: int = Field(ge=2)
+
+
+class Labels(Section):
+    column: str = Field(description="the labels CSV column the model was trained on")
+    names: list[str] = Field(description="class names in logit order")
+    positive: str | None = Field(None, description="binary models: the condition (the class scores describe)")
+
+
+class Lineage(Section):
+    pretrain_run_id: str = ""
+    manifest_digest: str = ""
+    rung: str = ""
+    arm: str = ""
+    seed: int | None = None
+    protocol: str = ""
+    training_run_id: str = ""
+    labelled_patients: int | None = None
+
+
+class Inputs(Section):
+    modalities: list[str] = Field(default_factory=list, description="modalities seen in training (empty: any)")
+    image_dims: list[int] = Field(default_factory=list, description="dimensionality of the training scans "
+                                                                    "(2, 3); a 2D model may read 3D scans")
+
+
+class ModelSpec(Section):
+    format: Literal["medssl-model/1"] = FORMAT
+    architecture: Architecture
+    preprocess: PreprocessConfig = Field(description="the chain the training images went through, replayed on "
+                                                     "every scan given to the model")
+    labels: Labels
+    inputs: Inputs = Inputs()
+    threshold: float = Field(0.5, ge=0, le=1, description="binary operating point chosen inside the rung")
+    lineage: Lineage = Lineage()
+    weights_sha256: str = Field(description="sha256 of model.safetensors: a changed file is refused")
