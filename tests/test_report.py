@@ -95,8 +95,10 @@ def fake_ladder(tmp_path) -> pd.DataFrame:
         lift = {"ssl": 0.4, "scratch": 0.0, "features": 0.1}[arm]
         scores = np.clip(lift * labels + rng.random(30) * (1 - lift), 0, 1)
         key = f"{rung}/rep{repeat}/seed{seed}/{arm}"
-        rows.append(row(key, rung, arm, repeat, seed, write_child(tmp_path, key, patients, labels, scores), n,
-                        ece=rng.random(), auroc_ci_low=0.0, auroc_ci_high=1.0))  # per-run limits: never averaged
+        rows.append(row(key, rung, arm, repeat, seed, write_child(tmp_path, key, patients, labels, scores), 4 * n,
+                        ece=rng.random(), auroc_ci_low=0.0, auroc_ci_high=1.0,  # per-run limits: never averaged
+                        n_labelled_patients=2 * n, n_patients_used=2 * n + (9 if n == 5 else 0),
+                        labels_note="uses 9 extra validation labels" if n == 5 else "", positive_class="bleed"))
     rows.append({"key": "per_class_50/rep0/seed0/finetune/ssl", "rung": "per_class_50", "seed": 0,
                  "protocol": "finetune", "arm": "ssl", "n_labelled": 50, "status": "failed",
                  "error": "the training subset lacks class 1"})
@@ -107,7 +109,7 @@ def test_report_files_table_and_verdict(tmp_path):
     results = fake_ladder(tmp_path)
     results.to_csv(tmp_path / "results.csv", index=False)
     results = pd.read_csv(tmp_path / "results.csv")  # as the pipeline reads it back
-    console = Console(record=True, width=200)
+    console = Console(record=True, width=300)  # wide enough that no verdict line wraps
     paths = build_report(results, tmp_path / "report", console=console, n_boot=200)
     for name in ("summary_csv", "table_md", "table_html", "curve_png", "verdict_md"):
         assert paths[name].is_file() and paths[name].stat().st_size > 0
@@ -128,6 +130,9 @@ def test_report_files_table_and_verdict(tmp_path):
     assert f"{ssl['auroc']:.3f}" in text and f"[{ssl['auroc_ci_low']:.3f}, {ssl['auroc_ci_high']:.3f}]" in text
     verdict = paths["verdict_md"].read_text()
     assert f"internal · per_class_25 · finetune: SSL beats scratch" in verdict and verdict.splitlines()[0] in text
+    assert verdict.splitlines()[0].endswith("[uses 9 extra validation labels]")  # validation: split is named
+    assert "| 10 labelled patients |" in md and "| 19 |" in md  # the budget, and every labelled patient used
+    assert "positive class: bleed." in md and "positive class: bleed." in page
     assert f"{ssl['delta_auroc_vs_scratch']:+.2f} AUROC [{ssl['delta_auroc_vs_scratch_ci_low']:.2f}" in verdict
     assert "per_class_50/rep0/seed0/finetune/ssl" in md and "lacks class 1" in page  # failures reported
 

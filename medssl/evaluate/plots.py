@@ -61,10 +61,10 @@ def confusion_figure(cm: np.ndarray, class_names: list[str] | None = None, title
     return fig
 
 
-def label_efficiency_figure(summary: pd.DataFrame, metric: str = "auroc") -> Figure:
+def label_efficiency_figure(summary: pd.DataFrame, metric: str = "auroc", x: str = "n_labelled") -> Figure:
     """One panel per (site, protocol): metric vs labelled budget per arm, bands = pooled 95% intervals.
 
-    `summary` rows: site, protocol, arm, n_labelled, <metric>, <metric>_ci_low, <metric>_ci_high. Arms that
+    `summary` rows: site, protocol, arm, <x> (the budget), <metric>, <metric>_ci_low, <metric>_ci_high. Arms that
     have no protocol of their own (protocol "-", e.g. engineered features) appear in every panel of their site.
     """
     summary = summary if "site" in summary else summary.assign(site="internal")
@@ -75,17 +75,18 @@ def label_efficiency_figure(summary: pd.DataFrame, metric: str = "auroc") -> Fig
         ax = fig.add_subplot(1, len(panels), i + 1)
         here = summary[(summary["site"] == site) & summary["protocol"].isin([protocol, "-"])]
         for arm, part in here.groupby("arm", sort=False):
-            part = part.sort_values("n_labelled")
+            part = part.sort_values(x)
             colour = ARM_COLOURS.get(arm)
-            ax.plot(part["n_labelled"], part[metric], marker="o", color=colour, label=ARM_NAMES.get(arm, arm))
+            ax.plot(part[x], part[metric], marker="o", color=colour, label=ARM_NAMES.get(arm, arm))
             if f"{metric}_ci_low" in part:
-                ax.fill_between(part["n_labelled"], part[f"{metric}_ci_low"], part[f"{metric}_ci_high"],
+                ax.fill_between(part[x], part[f"{metric}_ci_low"], part[f"{metric}_ci_high"],
                                 color=colour, alpha=0.15, lw=0)
         ax.set_xscale("log")
-        ticks = sorted(here["n_labelled"].dropna().unique())
+        ticks = sorted(here[x].dropna().unique())
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks])  # the rungs themselves, not powers of ten
         ax.minorticks_off()
-        ax.set(xlabel="labelled (rung budget)", ylabel=f"test {metric.upper()}",
+        unit = here["budget_unit"].iloc[0] if "budget_unit" in here and len(here) else "labelled (rung budget)"
+        ax.set(xlabel=str(unit), ylabel=f"test {metric.upper()}",
                title=protocol if site == "internal" else f"{site}: {protocol}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -35,7 +35,7 @@ def summarise(results: pd.DataFrame, n_boot: int = 1000, external: dict | None =
     frames = [normalised(results)] + [normalised(rows, site) for site, rows in (external or {}).items()]
     frames = [f for f in frames if len(f)]
     if not frames:
-        return pd.DataFrame(columns=GROUP + ["n_labelled", "runs", "seeds", "repeats"])
+        return pd.DataFrame(columns=GROUP + ["budget", "n_labelled", "runs", "seeds", "repeats"])
     children = [child for frame in frames for child in load_children(frame, n_boot, draws=draws)]
     stats = group_rows(children)
     records = {}
@@ -46,7 +46,8 @@ def summarise(results: pd.DataFrame, n_boot: int = 1000, external: dict | None =
                       "seeds": part["seed"].nunique(), "repeats": part["repeat"].nunique()}
             pooled = stats.get(group)
             record.update({**(pooled or {}), "runs": len(part), "runs_pooled": (pooled or {}).get("runs", 0),
-                           "ci_method": "pooled resamples" if pooled else "no predictions on disk: no interval"})
+                           "ci_method": "pooled resamples" if pooled else "no predictions on disk: no interval",
+                           **_labels_used(part)})
             records[group] = record
     for ssl, other in comparisons(list(stats)):
         for name, value in paired_deltas(children, ssl, other).items():
@@ -62,6 +63,20 @@ def _versus(name: str, arm: str) -> str:
     return f"{name}_vs_{arm}"
 
 
+def _labels_used(part: pd.DataFrame) -> dict:
+    """The budget (labelled patients of the rung when the ladder records them, else labelled images), and
+    what the runs say about labels beyond it (validation: split) and the positive class."""
+    patients = part.get("n_labelled_patients")
+    has_patients = patients is not None and patients.notna().any()
+    out = {"budget": float((patients if has_patients else part.get("n_labelled", pd.Series(np.nan))).mean()),
+           "budget_unit": "labelled patients" if has_patients else "labelled images"}
+    for column in ("labels_note", "positive_class"):
+        if column in part:
+            values = [str(v) for v in dict.fromkeys(part[column].dropna()) if str(v)]
+            out[column] = "; ".join(values)
+    return out
+
+
 def _plain_metric(frame: pd.DataFrame, column: str) -> bool:
     """A column whose mean over runs is meaningful: not bookkeeping, never a per-run interval limit."""
     return (column not in BOOKKEEPING and column not in GROUP and pd.api.types.is_numeric_dtype(frame[column])
@@ -73,7 +88,7 @@ def _ordered(summary: pd.DataFrame) -> pd.DataFrame:
     sites = {s: (s != "internal", i) for i, s in enumerate(dict.fromkeys(summary["site"]))}
     protocols = {p: i for i, p in enumerate(dict.fromkeys(summary["protocol"]))}
     key = pd.DataFrame({"site": summary["site"].map(sites), "protocol": summary["protocol"].map(protocols),
-                        "n": summary.get("n_labelled", pd.Series(0.0, index=summary.index)),
+                        "n": summary["budget"],
                         "arm": summary["arm"].map(lambda a: ARM_ORDER.get(a, len(ARM_ORDER)))})
     order = key.sort_values(["site", "protocol", "n", "arm"], kind="stable").index
     return summary.loc[order].reset_index(drop=True)
@@ -89,24 +104,33 @@ def build_report(results: pd.DataFrame, out_dir, tracker=None, metric: str = "au
         results = results.drop_duplicates("key", keep="last").reset_index(drop=True)
     summary = summarise(results, n_boot or _ladder_n_boot(results), external)
     failed = results[results["status"] != "ok"] if "status" in results else results.iloc[0:0]
-    lines = verdict_lines(summary)
+    lines, method = verdict_lines(summary), _method(summary)
     paths = {"summary_csv": out_dir / "summary.csv", "table_md": out_dir / "table.md",
              "table_html": out_dir / "table.html", "verdict_md": out_dir / "verdict.md"}
     summary.to_csv(paths["summary_csv"], index=False)
-    paths["table_md"].write_text(markdown(summary, failed, lines, METHOD))
-    paths["table_html"].write_text(html(summary, failed, lines, METHOD))
+    paths["table_md"].write_text(markdown(summary, failed, lines, method))
+    paths["table_html"].write_text(html(summary, failed, lines, method))
     paths["verdict_md"].write_text("\n".join(lines) + "\n")
     if len(summary) and metric in summary:
-        paths["curve_png"] = plots.save(plots.label_efficiency_figure(summary, metric),
+        paths["curve_png"] = plots.save(plots.label_efficiency_figure(summary, metric, "budget"),
                                         out_dir / "label_efficiency.png")
     console = console or Console()
     console.print(rich_table(summary, failed))
     console.print(verdict_panel(lines))
     if tracker is not None:
-        log_answer(tracker, summary, lines, METHOD, run_id)
+        log_answer(tracker, summary, lines, method, run_id)
         for path in paths.values():
             tracker.log_artifact(path, "report", run_id=run_id)
     return paths
+
+
+def _method(summary: pd.DataFrame) -> str:
+    """How the numbers were made, and which class the binary metrics are about."""
+    positive = sorted({p for v in summary.get("positive_class", pd.Series(dtype=str)).dropna()
+                       for p in str(v).split("; ") if p})
+    named = (f" Binary metrics (sensitivity, specificity, AUPRC, F1) describe the positive class: "
+             f"{' / '.join(positive)}." if positive else "")
+    return METHOD + named
 
 
 def _ladder_n_boot(results: pd.DataFrame) -> int:

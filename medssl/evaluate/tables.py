@@ -5,6 +5,7 @@ import pandas as pd
 from rich import box
 from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 
 from medssl.evaluate.verdict import arms_compared
 
@@ -19,10 +20,15 @@ LABELS = {"auroc": "ΔAUROC", "balanced_accuracy": "ΔBal.acc"}
 def formatted(summary: pd.DataFrame) -> pd.DataFrame:
     """Display strings: "0.812 [0.701, 0.905]" where limits exist, "–" where a metric does not apply."""
     out = pd.DataFrame({"Site": summary["site"], "Rung": summary["rung"],
-                        "Labelled": summary["n_labelled"].round().astype("Int64") if "n_labelled" in summary else "–",
+                        "Budget": [f"{_count(b)} {u}" for b, u in zip(summary["budget"], summary.get(
+                            "budget_unit", pd.Series("", index=summary.index)))],
                         "Protocol": summary["protocol"], "Arm": summary["arm"],
                         "Runs (seeds × repeats)": [f"{r} ({s} × {p})" for r, s, p in
                                                    zip(summary["runs"], summary["seeds"], summary["repeats"])]})
+    if "n_patients_used" in summary:  # every labelled patient a run saw outside the test split
+        out["Labelled patients used"] = [_count(v) for v in summary["n_patients_used"]]
+    if "labels_note" in summary:
+        out["Labels note"] = summary["labels_note"].fillna("")
     for column, header in TABLE_METRICS:
         if column in summary:
             out[header] = [cell(summary, i, column) for i in range(len(summary))]
@@ -40,6 +46,10 @@ def cell(summary: pd.DataFrame, i: int, column: str, sep: str = " ") -> str:
     if low is None or pd.isna(low.iat[i]):
         return _num(value)
     return f"{_num(value)}{sep}[{_num(low.iat[i])}, {_num(high.iat[i])}]"
+
+
+def _count(value) -> str:
+    return "–" if value is None or pd.isna(value) else f"{float(value):.0f}"
 
 
 def _num(value) -> str:
@@ -78,23 +88,24 @@ def rich_table(summary: pd.DataFrame, failed: pd.DataFrame) -> Table:
                   padding=(0, 1), caption=f"{len(failed)} failed run(s): see table.md" if len(failed) else None)
     sites = summary["site"].nunique() > 1 if len(summary) else False
     table.add_column("Rung", overflow="fold")  # the one column that may wrap on a narrow terminal
-    for column in (["Site"] if sites else []) + ["n", "Protocol", "Arm"]:
+    for column in (["Site"] if sites else []) + ["budget", "Protocol", "Arm"]:
         table.add_column(column, no_wrap=True)
     arms = arms_compared(summary)
     for column in ["AUROC", "Bal.acc"] + [f"ΔAUROC\nvs {a}" for a in arms]:
         table.add_column(column, justify="right", min_width=13, no_wrap=True)
     for i in range(len(summary)):
         row = summary.iloc[i]
-        n = f"{row['n_labelled']:.0f}" if "n_labelled" in row and pd.notna(row["n_labelled"]) else "–"
+        n = _count(row["budget"])
         values = [cell(summary, i, c, "\n") if c in summary else "–"
                   for c in ["auroc", "balanced_accuracy"] + [f"delta_auroc_vs_{a}" for a in arms]]
-        table.add_row(str(row["rung"]), *([str(row["site"])] if sites else []), n, str(row["protocol"]),
-                      str(row["arm"]), *values)
+        table.add_row(*(Text(v) for v in [str(row["rung"]), *([str(row["site"])] if sites else []), n,
+                                          str(row["protocol"]), str(row["arm"]), *values]))
     return table
 
 
 def verdict_panel(verdicts: list[str]) -> Panel:
-    return Panel("\n".join(verdicts) or "no finished SSL run to judge", title="Does SSL help?", expand=False)
+    # Text, not markup: "[uses 9 extra validation labels]" would read as a style tag
+    return Panel(Text("\n".join(verdicts) or "no finished SSL run to judge"), title="Does SSL help?", expand=False)
 
 
 # ------------------------------------------------------------------------ one evaluated model (medssl evaluate)

@@ -33,7 +33,9 @@ def verdict_lines(summary: pd.DataFrame) -> list[str]:
     lines = []
     for _, row in summary[summary["arm"] == "ssl"].iterrows():
         where = " · ".join(str(row[c]) for c in ("site", "rung", "protocol") if c in row and row[c] != "-")
-        lines.append(f"{where}: {verdict(row, arms_compared(summary))}")
+        note = row.get("labels_note")
+        note = f" [{note}]" if isinstance(note, str) and note else ""  # validation: split runs say so
+        lines.append(f"{where}: {verdict(row, arms_compared(summary))}{note}")
     return lines
 
 
