@@ -4,13 +4,12 @@ Every random parameter is drawn per sample with torch on the batch's device, so 
 by a handful of kernels instead of B Python-level transform chains. Geometry (crop jitter/zoom, rotation,
 scale, flips) is one affine matrix per sample applied in a single resampling pass.
 
-On CPU the same views take a cheaper route where it pays: one sample at a time (_sample_by_sample), trilinear
-resampling through torch's vectorised 2D sampler and the blur as shifted multiply-adds (views_cpu.py). Given
-the same draws its views match F.grid_sample and the banded GEMM within 5e-4 on real anatomy. bench_views.py,
-2-core CPU, batch 8, two 96^3 views per crop: default views 10.1 -> 24.9 crops/s on 1 thread, 14.0 -> 33.4 on
-2. Per view and core ~21 ms are left, mostly kernels at their floor: torch's 2D sampler 6.5 ms, torch.randn
-3 ms, pow 2.2 ms, blur 2.6 ms. So the full default set stays below the MONAI tutorial's far lighter CPU chain
-(the 'light' set is above it); the views belong on the GPU (H200: 5,685 crops/s, benchmarks/results/).
+On a CPU the same views take a cheaper route where it pays: large samples one at a time (_sample_by_sample),
+a 3D trilinear resample through torch's vectorised 2D sampler and the blur as shifted multiply-adds
+(views_cpu.py, which keep their place by measurement: benchmarks/bench_view_kernels.py). Given the same draws
+both routes give the same views (tests/test_views.py). Even so, a CPU makes the full default set far more
+slowly than a GPU training step consumes crops: the views belong on the training device (figures in
+benchmarks/results/).
 """
 from __future__ import annotations
 
@@ -153,7 +152,7 @@ def random_intensity(x: torch.Tensor, cfg: ViewsConfig, gen: torch.Generator | N
     if gamma_on:
         lo, hi = math.log(cfg.gamma_range[0]), math.log(cfg.gamma_range[1])
         gamma = torch.exp(_uniform(b, lo, hi, x, gen)).view(shape)  # log-uniform: 0.8 and 1.25 equally likely
-        # amin and amax: torch 2.x's CPU aminmax over a dim runs ~20x slower than the two of them
+        # amin and amax, not aminmax: torch 2.x's CPU aminmax over a dim is much slower than the two of them
         low, high = x.flatten(1).amin(1).view(shape), x.flatten(1).amax(1).view(shape)
         scale = (high - low).clamp(min=1e-6)  # gamma needs [0, 1]; map back to the sample's own range
         # x - low first: the minimum must map to exactly 0, as pow(0 + rounding, 0.5) is visibly not 0
@@ -230,7 +229,7 @@ def make_views(x: torch.Tensor, cfg: ViewsConfig, generator: torch.Generator | N
         raise ValueError(f"make_views expects (B, C, H, W) or (B, C, D, H, W), got shape {tuple(x.shape)}")
     if not _sample_by_sample(x, cfg):
         return _views(x, cfg, generator)
-    out = torch.empty_like(x)  # (measured: torch.cat of the samples' views is 4x slower than this)
+    out = torch.empty_like(x)  # written in place: torch.cat of the samples' views would copy them all again
     for i in range(x.shape[0]):
         out[i:i + 1] = _views(x[i:i + 1], cfg, generator)
     return out
@@ -240,8 +239,8 @@ def _sample_by_sample(x: torch.Tensor, cfg: ViewsConfig) -> bool:
     """CPU views of large samples (64^3 and up) that resample or blur are faster made one sample at a time.
 
     A sample's few-MB temporaries stay in cache and their memory is reused, where a batch's 30-90 MB ones
-    stream through DRAM and fresh pages at every step (1.5x on a 2-core CPU at 96^3). Below 2^18 voxels
-    the per-sample Python overhead wins, and the cheap light views (flips, gain, cutout) are faster batched.
+    stream through DRAM and fresh pages at every step. Below 2^18 voxels the per-sample Python overhead wins,
+    and the cheap light views (flips, gain, cutout) are faster batched.
     """
     heavy = needs_resampling(cfg) or cfg.blur_sigma[1] > 0
     return x.device.type == "cpu" and x.shape[0] > 1 and x[0].numel() >= 2 ** 18 and heavy

@@ -106,8 +106,8 @@ def insert_lesion(anatomy: Anatomy, soft: np.ndarray, box: tuple[slice, ...], rn
 class SmoothField:
     """A smooth random vector field as a sum of a few long-wavelength plane waves, evaluated anywhere.
 
-    Analytic, so evaluating it on 110k output points costs a few array products instead of a spline
-    interpolation per component (the former implementation spent most of the cohort time there).
+    Analytic, so evaluating it on every output point costs a few array products, where a spline interpolation
+    per component would dominate the time it takes to build the cohort.
     """
     freqs: np.ndarray    # (W, 3) cycles per mm
     phases: np.ndarray   # (W,)

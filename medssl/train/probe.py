@@ -1,8 +1,9 @@
 """Online "is it learning?" probe: embed a small labelled subset with the frozen encoder, score it.
 
 Every `train.probe_every` steps the loop calls `probe(encoder, device)`; the scores are logged next to the loss:
-kNN on cosine similarity and logistic regression (models/probe.py, the one the ladder's linear protocol uses), each as balanced accuracy and AUROC. Without a separate
-validation subset, scores are out-of-fold predictions from stratified cross-validation on the labelled subset.
+kNN on cosine similarity and logistic regression (models/probe.py, the one the ladder's linear protocol also
+uses), each as balanced accuracy and AUROC. Without a separate validation subset, scores are out-of-fold
+predictions from stratified cross-validation on the labelled subset.
 The probe reads no global random state (folds use their own seed) so it never changes the training run.
 """
 from __future__ import annotations
