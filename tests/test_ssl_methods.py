@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from medssl.config import ContrastiveConfig, EncoderConfig, MaskedConfig, PretrainConfig, SSLConfig, ViewsConfig
+from medssl.config import (ContrastiveConfig, DINOConfig, EncoderConfig, MaskedConfig, PretrainConfig, SSLConfig,
+                           VICRegConfig, ViewsConfig)
 from medssl.errors import ConfigError
 from medssl.ssl import build_method, method_name
 
@@ -15,6 +16,7 @@ RESNET = EncoderConfig(name="resnet10")
 MASKED = MaskedConfig(decoder_dim=32, decoder_depth=1, decoder_heads=4, mask_ratio=0.5)
 CONTRASTIVE = ContrastiveConfig(temperature=0.5, projection_dim=16)
 # views on but mild: the test is about the optimisation, the seeds below fix the randomness per step
+DINO = DINOConfig(out_dim=64, bottleneck_dim=16, hidden_dim=32, teacher_momentum=0.996)
 VIEWS = ViewsConfig(rotate_degrees=5, noise_std=0.01, blur_sigma=(0.0, 0.5))
 
 CASES = {
@@ -22,6 +24,9 @@ CASES = {
     "simclr-vit": (VIT, SSLConfig(contrastive=CONTRASTIVE)),
     "mae": (VIT, SSLConfig(masked=MASKED)),
     "mae+contrastive": (VIT, SSLConfig(masked=MASKED, contrastive=CONTRASTIVE)),
+    "vicreg-resnet": (RESNET, SSLConfig(vicreg=VICRegConfig(expander_dim=32))),
+    "dino-resnet": (RESNET, SSLConfig(dino=DINO)),
+    "dino-vit": (VIT, SSLConfig(dino=DINO)),
 }
 
 
@@ -35,7 +40,7 @@ def anatomy(spatial_dims: int, batch: int = 6) -> torch.Tensor:
     return x if spatial_dims == 3 else x[..., 8]
 
 
-def train_losses(method, batch, steps, lr=2e-3):
+def train_losses(method, batch, steps, lr=2e-3, key="loss"):
     opt = torch.optim.AdamW(method.parameters(), lr=lr, weight_decay=0.0)
     losses = []
     for _ in range(steps):
@@ -44,7 +49,8 @@ def train_losses(method, batch, steps, lr=2e-3):
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
-        losses.append(float(out["loss"]))
+        method.after_step()  # as the loop does: DINO's teacher follows the student
+        losses.append(float(out[key]))
     return losses, out
 
 
@@ -56,11 +62,16 @@ def test_loss_is_finite_and_decreases(case, spatial_dims):
     cfg = PretrainConfig(encoder=encoder, ssl=ssl, views=VIEWS, crop=[16] * spatial_dims)
     method = build_method(cfg, spatial_dims)
     assert isinstance(method.encoder, torch.nn.Module)
-    losses, out = train_losses(method, {"image": anatomy(spatial_dims)}, steps=6)
+    # DINO's loss is the targets' entropy (moved by centring, not by the student) + KL(target || student):
+    # what its optimisation must lower is the KL
+    key = "loss_kl" if method_name(cfg) == "dino" else "loss"
+    losses, out = train_losses(method, {"image": anatomy(spatial_dims)}, steps=6, key=key)
     assert all(np.isfinite(losses))
     assert losses[-1] < 0.9 * losses[0], losses
     expected = {"contrastive": {"loss_contrastive"}, "masked": {"loss_masked"},
-                "masked+contrastive": {"loss_masked", "loss_contrastive"}}[method_name(cfg)]
+                "masked+contrastive": {"loss_masked", "loss_contrastive"},
+                "vicreg": {"loss_invariance", "loss_variance", "loss_covariance"},
+                "dino": {"loss_dino", "loss_kl", "teacher_entropy"}}[method_name(cfg)]
     assert expected <= set(out) and out["loss"].ndim == 0
 
 
@@ -120,3 +131,38 @@ def test_visible_patch_embedding_equals_the_conv_then_gather(spatial_dims, chann
     grad_fast, = torch.autograd.grad(fast.square().sum(), weight)
     grad_ref, = torch.autograd.grad(reference.square().sum(), weight)
     torch.testing.assert_close(grad_fast, grad_ref)
+
+
+def test_dino_teacher_is_the_ema_of_the_student_and_not_optimised():
+    from medssl.train.schedule import build_optimizer
+    from medssl.config import TrainConfig
+    cfg = PretrainConfig(encoder=RESNET, ssl=SSLConfig(dino=DINO), views=VIEWS, crop=[16, 16])
+    method = build_method(cfg, 2)
+    optimised = {id(p) for g in build_optimizer(method, TrainConfig(), torch.device("cpu")).param_groups
+                 for p in g["params"]}
+    assert not any(id(p) in optimised for p in method.teacher.parameters())
+    assert all(id(p) in optimised for p in method.encoder.parameters())
+    before = [p.clone() for p in method.teacher.parameters()]
+    with torch.no_grad():
+        for p in method.encoder.parameters():
+            p.add_(1.0)  # move the student
+    student = [p.clone() for p in list(method.encoder.parameters()) + list(method.head.parameters())]
+    method.after_step()
+    m = DINO.teacher_momentum
+    for t, old, s in zip(method.teacher.parameters(), before, student):
+        torch.testing.assert_close(t, m * old + (1 - m) * s)
+    keys = method.state_dict()  # the teacher is checkpointed (resume continues it), under its own keys
+    assert any(k.startswith("teacher.encoder.") for k in keys) and any(k.startswith("encoder.") for k in keys)
+
+
+def test_other_methods_have_the_after_step_hook():
+    cfg = PretrainConfig(encoder=RESNET, views=VIEWS, crop=[16, 16])
+    method = build_method(cfg, 2)
+    state = {k: v.clone() for k, v in method.state_dict().items()}
+    method.after_step()  # SimCLR: nothing outside the optimizer, so nothing changes
+    assert all(torch.equal(state[k], v) for k, v in method.state_dict().items())
+
+
+def test_two_standalone_methods_is_a_config_error():
+    with pytest.raises(ValueError, match="cannot be combined"):
+        SSLConfig(vicreg=VICRegConfig(), dino=DINO)

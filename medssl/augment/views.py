@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medssl.config import ViewsConfig
+from medssl.augment.site_views import site_views
 from medssl.augment.views_cpu import blur_by_taps, gaussian_taps, trilinear_by_rows
 
 
@@ -255,6 +256,7 @@ def _views(x: torch.Tensor, cfg: ViewsConfig, generator: torch.Generator | None)
         out = random_flips(out, cfg.flip_prob, generator)
     owned = out is not x  # after the first new tensor, later steps write in place (fewer 96^3 passes)
     out = random_intensity(out, cfg, generator, inplace=owned)
+    out = site_views(out, cfg, generator)  # bias field, lower resolution: off unless configured
     owned = out is not x
     if cfg.blur_sigma[1] > 0:
         sigma = _uniform(b, *cfg.blur_sigma, out, generator)  # (B,)

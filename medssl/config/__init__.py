@@ -7,7 +7,8 @@ from medssl.config.base import Section
 from medssl.config.data import DemoConfig, DataConfig, ManifestConfig
 from medssl.config.cohort import LadderConfig, SplitConfig
 from medssl.config.preprocess import PreprocessConfig
-from medssl.config.pretrain import EncoderConfig, ViewsConfig, ContrastiveConfig, MaskedConfig, SSLConfig, TrainConfig, PretrainConfig
+from medssl.config.pretrain import (EncoderConfig, ViewsConfig, ContrastiveConfig, MaskedConfig, VICRegConfig,
+                                    DINOConfig, SSLConfig, TrainConfig, PretrainConfig)
 from medssl.config.finetune import FinetuneConfig
 from medssl.config.tracking import TrackingConfig
 from medssl.config.evaluate import EvaluateConfig, ExternalSiteConfig

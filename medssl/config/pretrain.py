@@ -31,6 +31,19 @@ class ViewsConfig(Section):
     noise_std: float = Field(0.05, ge=0)
     blur_sigma: tuple[float, float] = (0.0, 1.0)
     cutout_fraction: float = Field(0.0, ge=0, lt=1)
+    # site effects (medssl/augment/site_views.py); None = off, and a checkpoint written before they existed
+    # still resumes (its stored settings lack them, which reads as None too)
+    bias_field: float | None = Field(None, ge=0, description="site views: largest coefficient of a smooth "
+                                     "log-polynomial multiplicative field (MONAI RandBiasField-like); 0.3 is strong")
+    resolution_range: tuple[float, float] | None = Field(
+        None, description="site views: down-sampling factor drawn per sample (e.g. [1, 3]); the view is "
+                          "averaged down to 1/factor of its size and resampled back (a coarser scanner)")
+
+    @model_validator(mode="after")
+    def _resolution_at_least_one(self):
+        if self.resolution_range is not None and not 1 <= self.resolution_range[0] <= self.resolution_range[1]:
+            raise ValueError("resolution_range needs 1 <= low <= high (factors of down-sampling)")
+        return self
 
 
 class ContrastiveConfig(Section):
@@ -49,16 +62,46 @@ class MaskedConfig(Section):
     decoder_heads: int = Field(8, ge=1)
 
 
+class VICRegConfig(Section):
+    """VICReg (Bardes et al. 2022): invariance + variance + covariance terms; no negatives, so small batches
+    are fine (CPU)."""
+    invariance_weight: float = Field(25.0, ge=0)
+    variance_weight: float = Field(25.0, ge=0)
+    covariance_weight: float = Field(1.0, ge=0)
+    expander_dim: int = Field(512, ge=8, description="width of the 3-layer expander (the paper: 8192)")
+
+
+class DINOConfig(Section):
+    """DINO-style self-distillation: a teacher (EMA of the student) with centring and sharpening."""
+    out_dim: int = Field(1024, ge=8, description="prototypes (the paper: 65536)")
+    bottleneck_dim: int = Field(128, ge=8)
+    hidden_dim: int = Field(512, ge=8)
+    student_temperature: float = Field(0.1, gt=0)
+    teacher_temperature: float = Field(0.04, gt=0, description="sharpening: lower than the student's")
+    center_momentum: float = Field(0.9, ge=0, lt=1)
+    teacher_momentum: float = Field(0.99, ge=0, lt=1, description="EMA per step; 0.996 in the paper (long runs)")
+
+
 class SSLConfig(Section):
-    """Both keys set = reconstruction + contrastive (the MONAI tutorial's recipe)."""
+    """Both contrastive and masked set = reconstruction + contrastive (the MONAI tutorial's recipe); vicreg
+    and dino stand alone."""
     contrastive: ContrastiveConfig | None = None
     masked: MaskedConfig | None = None
+    vicreg: VICRegConfig | None = None
+    dino: DINOConfig | None = None
 
     @model_validator(mode="after")
-    def _at_least_one(self):
-        if self.contrastive is None and self.masked is None:
-            raise ValueError("choose at least one SSL objective: ssl.contrastive and/or ssl.masked")
+    def _one_method(self):
+        chosen = self.objectives()
+        if not chosen:
+            raise ValueError("choose an SSL objective: ssl.contrastive, ssl.masked (or both), ssl.vicreg or ssl.dino")
+        if len(chosen) > 1 and set(chosen) != {"contrastive", "masked"}:
+            raise ValueError(f"ssl.{' and ssl.'.join(chosen)} cannot be combined; only contrastive + masked can")
         return self
+
+    def objectives(self) -> tuple[str, ...]:
+        """The configured objectives, in field order (the key of medssl.ssl.METHODS)."""
+        return tuple(name for name in ("contrastive", "masked", "vicreg", "dino") if getattr(self, name) is not None)
 
 
 class TrainConfig(Section):

@@ -1,7 +1,9 @@
-"""SSL methods: each an nn.Module with `.encoder` and `forward(batch) -> {"loss": scalar, ...diagnostics}`.
+"""SSL methods: each an nn.Module (ssl/base.SSLMethod) with `.encoder`, `forward(batch) -> {"loss": scalar,
+...diagnostics}` and `after_step()`.
 
-The training loop calls `method(batch)["loss"].backward()` and never branches on the method; the method makes
-its own random views on the batch's device (medssl.views), so `batch` holds only the loader's crops.
+The training loop calls `method(batch)["loss"].backward()`, then `method.after_step()` after each optimizer
+update, and never branches on the method; the method makes its own random views on the batch's device
+(medssl.augment.views), so `batch` holds only the loader's crops.
 Builders import their module when called: `import medssl.ssl.losses` (e.g. in a spawned process) then does
 not pull in MONAI's networks.
 """
@@ -29,28 +31,36 @@ def _both(encoder: nn.Module, cfg: PretrainConfig) -> nn.Module:
     return MaskedContrastive(encoder, cfg.ssl.masked, cfg.ssl.contrastive, cfg.views)
 
 
-# key: (contrastive set, masked set) -> (name for run tags, builder)
-METHODS: dict[tuple[bool, bool], tuple[str, Callable[[nn.Module, PretrainConfig], nn.Module]]] = {
-    (True, False): ("contrastive", _contrastive),
-    (False, True): ("masked", _masked),
-    (True, True): ("masked+contrastive", _both),
+def _vicreg(encoder: nn.Module, cfg: PretrainConfig) -> nn.Module:
+    from medssl.ssl.vicreg import VICReg
+    return VICReg(encoder, cfg.ssl.vicreg, cfg.views)
+
+
+def _dino(encoder: nn.Module, cfg: PretrainConfig) -> nn.Module:
+    from medssl.ssl.dino import DINO
+    return DINO(encoder, cfg.ssl.dino, cfg.views)
+
+
+# key: the configured objectives (SSLConfig.objectives(), field order) -> (name for run tags, builder)
+METHODS: dict[tuple[str, ...], tuple[str, Callable[[nn.Module, PretrainConfig], nn.Module]]] = {
+    ("contrastive",): ("contrastive", _contrastive),
+    ("masked",): ("masked", _masked),
+    ("contrastive", "masked"): ("masked+contrastive", _both),
+    ("vicreg",): ("vicreg", _vicreg),
+    ("dino",): ("dino", _dino),
 }
 
 
-def _key(cfg: PretrainConfig) -> tuple[bool, bool]:
-    return cfg.ssl.contrastive is not None, cfg.ssl.masked is not None
-
-
 def method_name(cfg: PretrainConfig) -> str:
-    """A short name for run tags: "contrastive", "masked" or "masked+contrastive"."""
-    return METHODS[_key(cfg)][0]
+    """A short name for run tags: "contrastive", "masked", "masked+contrastive", "vicreg" or "dino"."""
+    return METHODS[cfg.ssl.objectives()][0]
 
 
 def build_method(cfg: PretrainConfig, spatial_dims: int) -> nn.Module:
     """Encoder (built for cfg.crop) wrapped in the configured SSL objective(s)."""
     from medssl.models.encoders import build_encoder
     encoder = build_encoder(cfg.encoder, spatial_dims, cfg.crop)
-    return METHODS[_key(cfg)][1](encoder, cfg)
+    return METHODS[cfg.ssl.objectives()][1](encoder, cfg)
 
 
 __all__ = ["build_method", "method_name", "METHODS"]

@@ -10,13 +10,14 @@ import torch
 from torch import nn
 
 from medssl.config import ContrastiveConfig, MaskedConfig, ViewsConfig
+from medssl.ssl.base import SSLMethod
 from medssl.models.heads import projection_head
 from medssl.ssl.contrastive import positive_views
 from medssl.ssl.losses import nt_xent
 from medssl.ssl.masked import MaskedAutoencoder
 
 
-class MaskedContrastive(nn.Module):
+class MaskedContrastive(SSLMethod):
     def __init__(self, encoder: nn.Module, masked: MaskedConfig, contrastive: ContrastiveConfig,
                  views: ViewsConfig):
         super().__init__()

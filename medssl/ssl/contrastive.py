@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from medssl.config import ContrastiveConfig, ViewsConfig
+from medssl.ssl.base import SSLMethod
 from medssl.models.heads import projection_head
 from medssl.ssl.losses import nt_xent
 from medssl.augment.views import make_views
@@ -21,7 +22,7 @@ def positive_views(batch: dict, positives: str, views: ViewsConfig) -> tuple[tor
     return make_views(x, views), make_views(x if other is None else other, views)
 
 
-class SimCLR(nn.Module):
+class SimCLR(SSLMethod):
     def __init__(self, encoder: nn.Module, cfg: ContrastiveConfig, views: ViewsConfig):
         super().__init__()
         self.encoder, self.cfg, self.views = encoder, cfg, views

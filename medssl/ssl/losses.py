@@ -52,3 +52,42 @@ def masked_patch_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
     per_patch = ((pred.float() - target) ** 2).mean(dim=-1)  # (B, L)
     mask = mask.float()
     return (per_patch * mask).sum() / mask.sum().clamp(min=1)
+
+
+def vicreg_terms(z1: torch.Tensor, z2: torch.Tensor, eps: float = 1e-4) -> dict[str, torch.Tensor]:
+    """VICReg's three terms (Bardes et al. 2022) on expanded embeddings z1, z2 (N, d) of two views.
+
+    invariance: mean squared distance of the paired rows; variance: hinge keeping each dimension's standard
+    deviation (over the batch) at 1 or above, averaged over the two views; covariance: squared off-diagonal
+    covariances / d, summed over the two views. No negatives: local batch statistics only.
+    """
+    z1, z2 = z1.float(), z2.float()
+    n, d = z1.shape
+    invariance = F.mse_loss(z1, z2)
+    variance, covariance = z1.new_zeros(()), z1.new_zeros(())
+    for z in (z1, z2):
+        z = z - z.mean(dim=0)
+        variance = variance + F.relu(1 - torch.sqrt(z.var(dim=0) + eps)).mean() / 2
+        cov = z.T @ z / (n - 1)  # (d, d)
+        off_diagonal = cov - torch.diag(torch.diag(cov))
+        covariance = covariance + off_diagonal.pow(2).sum() / d
+    return {"invariance": invariance, "variance": variance, "covariance": covariance}
+
+
+def dino_cross_entropy(student: list[torch.Tensor], teacher: list[torch.Tensor], center: torch.Tensor,
+                       student_temperature: float, teacher_temperature: float) -> torch.Tensor:
+    """DINO's loss: cross-entropy of the student's distribution against the centred, sharpened teacher's, for
+    every pair of different views, averaged over pairs and samples.
+
+    student, teacher: one (N, K) logit tensor per view (the same views, in the same order); center (1, K).
+    The teacher side carries no gradient.
+    """
+    targets = [F.softmax((t.float() - center) / teacher_temperature, dim=-1).detach() for t in teacher]
+    total, pairs = student[0].new_zeros((), dtype=torch.float32), 0
+    for i, target in enumerate(targets):
+        for j, logits in enumerate(student):
+            if i == j:  # a view is never its own target
+                continue
+            log_p = F.log_softmax(logits.float() / student_temperature, dim=-1)
+            total, pairs = total - (target * log_p).sum(dim=-1).mean(), pairs + 1
+    return total / pairs

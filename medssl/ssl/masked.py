@@ -11,6 +11,7 @@ from torch import nn
 from medssl.config import MaskedConfig, ViewsConfig
 from medssl.errors import ConfigError
 from medssl.models.vit import ViTEncoder, transformer_blocks
+from medssl.ssl.base import SSLMethod
 from medssl.ssl.losses import masked_patch_mse
 from medssl.models.patchify import patchify, random_masking
 from medssl.augment.views import make_views
@@ -46,7 +47,7 @@ class MAEDecoder(nn.Module):
         return self.pred(self.norm(x))
 
 
-class MaskedAutoencoder(nn.Module):
+class MaskedAutoencoder(SSLMethod):
     def __init__(self, encoder: nn.Module, cfg: MaskedConfig, views: ViewsConfig):
         super().__init__()
         if not isinstance(encoder, ViTEncoder):

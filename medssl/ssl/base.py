@@ -1,0 +1,25 @@
+"""What every SSL method shares: the hook the training loop calls after each optimizer update."""
+from __future__ import annotations
+
+from torch import nn
+
+
+class SSLMethod(nn.Module):
+    """An nn.Module with `.encoder`, `forward(batch) -> {"loss": ...}` and `after_step()`.
+
+    The loop calls `after_step()` after every optimizer update, for every method, so methods with state
+    outside the optimizer (DINO's EMA teacher) update it there and the loop never asks which method it runs.
+    """
+
+    def after_step(self) -> None:
+        """Nothing to do for methods whose every weight the optimizer updates."""
+
+
+def encode_pair(encoder: nn.Module, v1, v2):
+    """One encoder call on both views (B, C, *crop) each -> pooled features (2B, F): half the kernel launches,
+    and BatchNorm sees the whole 2B batch."""
+    import torch
+    x = torch.cat([v1, v2])  # (2B, C, *crop)
+    if x.ndim == 4 and x.is_cuda:  # NHWC input makes cuDNN pick its faster tensor-core 2D kernels
+        x = x.contiguous(memory_format=torch.channels_last)
+    return encoder(x)
