@@ -166,3 +166,24 @@ def test_other_methods_have_the_after_step_hook():
 def test_two_standalone_methods_is_a_config_error():
     with pytest.raises(ValueError, match="cannot be combined"):
         SSLConfig(vicreg=VICRegConfig(), dino=DINO)
+
+
+def test_the_training_loop_moves_the_dino_teacher(tmp_path):
+    """train() calls after_step() after each update: the teacher follows the student, and a checkpoint holds it."""
+    from medssl.config import TrainConfig
+    from medssl.train.loop import train
+
+    class Log:
+        def log_metrics(self, *args, **kwargs):
+            pass
+    cfg = PretrainConfig(encoder=RESNET, ssl=SSLConfig(dino=DINO), views=VIEWS, crop=[16, 16])
+    method = build_method(cfg, 2)
+    before = [p.clone() for p in method.teacher.parameters()]
+    batches = [{"image": anatomy(2)}] * 4
+    result = train(method, lambda epoch, position: batches[position:], TrainConfig(steps=2, checkpoint_every=2),
+                   tmp_path, Log(), "cpu")
+    assert result["step"] == 2
+    assert any(not torch.equal(a, b) for a, b in zip(before, method.teacher.parameters()))
+    from medssl.train.checkpoint import load_checkpoint
+    saved = load_checkpoint(result["checkpoint"])["model"]
+    torch.testing.assert_close(saved["teacher.head.prototypes"], method.teacher["head"].prototypes)

@@ -3,7 +3,8 @@
     result = train(method, loader_factory, cfg, out_dir, tracker, device)
 
 `method` is any nn.Module whose `forward(batch)` makes its own random views and returns {"loss": scalar tensor,
-...diagnostics}; the loop never branches on which method it is. A step is one optimizer update over
+...diagnostics}, and whose `after_step()` (medssl.ssl.base.SSLMethod) runs after each update; the loop never
+branches on which method it is. A step is one optimizer update over
 `cfg.accumulate` micro-batches. Read `train_one_step` for what a step does (batch -> views -> loss -> backward
 -> clip -> step) and `train` for what happens around it (checkpoint, log, probe). Where the run is (step, data
 position, random streams, timers, log window) lives in one object, state.TrainState.
@@ -56,10 +57,13 @@ def train(method: nn.Module, loader_factory: Callable, cfg: TrainConfig, out_dir
     model = torch.compile(model) if cfg.compile else model
     method.train()
     main, loss = info.rank == 0, None
+    # the method's own work after each update (DINO: the EMA teacher); methods outside medssl.ssl may lack it
+    after_step = getattr(method, "after_step", None) or (lambda: None)
     with TrainProgress(cfg.steps, state.step, enabled=main) as bar:
         while not state.should_stop():
             with _out_of_memory_as_error(cfg, device, state.step + 1):
                 metrics = train_one_step(model, optimizer, scheduler, state, cfg, device, prepare, channels_last)
+            after_step()
             loss = metrics["loss"]
             bar.advance(state.samples_per_s(info.world_size), loss)
             if on_step is not None:
