@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import nibabel as nib
@@ -24,6 +23,7 @@ from medssl.ingest.decode import load_image
 from medssl.ingest.manifest import build_manifest, read_manifest
 
 from dicom_cohorts import real_volume
+from fuzz_cases import nifti_bomb
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -93,18 +93,6 @@ def _peak_rss_mb(code: str) -> tuple[float, str]:
     return float(lines[-1].split()[1]), "\n".join(lines[:-1])
 
 
-def _zero_bomb(path: Path, shape) -> None:
-    """A real gzip of a NIfTI whose voxels are all zero: tiny on disk, huge once decompressed."""
-    comp = zlib.compressobj(9, zlib.DEFLATED, 31)  # wbits 31: gzip container
-    block, left = bytes(2**24), int(np.prod(shape)) * 4
-    with open(path, "wb") as f:
-        f.write(comp.compress(_nifti_header_bytes(shape)))
-        while left:
-            f.write(comp.compress(block[:min(left, len(block))]))
-            left -= min(left, len(block))
-        f.write(comp.flush())
-
-
 def test_lying_nifti_sizes_refused_before_reading(tmp_path: Path):
     """608 bytes declaring 1000^3 float32; a gzip declaring 1000^3 over a few KB; a real 320 MB zero bomb;
     a truncated .nii.gz: all refused from their sizes, in a process whose peak RSS stays small."""
@@ -113,7 +101,7 @@ def test_lying_nifti_sizes_refused_before_reading(tmp_path: Path):
     (root / "small.nii").write_bytes(_nifti_header_bytes((1000, 1000, 1000)) + b"\0" * 256)
     assert (root / "small.nii").stat().st_size == 608
     (root / "liar.nii.gz").write_bytes(gzip.compress(_nifti_header_bytes((1000, 1000, 1000)) + bytes(10**6)))
-    _zero_bomb(root / "bomb.nii.gz", (400, 400, 500))
+    (root / "bomb.nii.gz").write_bytes(nifti_bomb(320))  # real gzip members of zeros: 320 MB in ~0.3 MB
     vol, affine = real_volume()
     nib.save(nib.Nifti1Image(vol.astype(np.float32), affine), root / "whole.nii.gz")
     data = gzip.decompress((root / "whole.nii.gz").read_bytes())
@@ -198,3 +186,44 @@ def test_build_files_agree(tmp_path: Path):
     assert meta["digest"] == hashlib.sha256(out.read_bytes()).hexdigest()
     shared = json.loads(out.with_suffix(".shared.meta.json").read_text())
     assert shared["digest"] == meta["digest"] and "root" not in shared
+
+
+def test_every_csv_writer_goes_through_csv_safe():
+    """One helper writes every CSV medssl makes: no direct DataFrame.to_csv / csv.writer elsewhere."""
+    import medssl
+    package = Path(medssl.__file__).parent
+    direct = [f"{p.relative_to(package)}:{n}" for p in package.rglob("*.py") if p.name != "csv_safe.py"
+              for n, line in enumerate(p.read_text().splitlines(), 1)
+              if ".to_csv(" in line or "csv.writer(" in line or "csv.DictWriter(" in line]
+    assert not direct, direct
+
+
+def test_ladder_results_round_trip_neutralised(tmp_path: Path):
+    from medssl.ladder.results import append_result, read_results
+    out = tmp_path / "results.csv"
+    append_result(out, {"key": "=k1", "status": "ok", "arm": "@ssl", "auroc": -0.5})
+    append_result(out, {"key": "k2", "status": "ok", "arm": "+x", "auroc": 0.7})
+    with open(out, newline="") as f:
+        cells = [cell for row in csv.reader(f) for cell in row]
+    assert not [c for c in cells if c.startswith(TRIGGERS) and c != "-0.5"]
+    back = read_results(out)
+    assert back["key"].tolist() == ["=k1", "k2"] and back["arm"].tolist() == ["@ssl", "+x"]
+    assert back["auroc"].tolist() == [-0.5, 0.7]
+
+
+def test_deflated_dicom_indexed_and_deflate_bomb_refused(tmp_path: Path):
+    """A genuine Deflated-syntax file is kept (its offsets count inflated bytes, not the file's); one that
+    inflates ~1000x past its size is refused by a bounded stream-inflate, before pydicom inflates it whole."""
+    from fuzz_cases import dicom_deflate_bomb
+    root = tmp_path / "data"
+    good = _good(root / "good")
+    ds = pydicom.dcmread(good[0])
+    ds.SOPInstanceUID, ds.SeriesInstanceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    ds.save_as(root / "deflated.dcm", enforce_file_format=True)
+    (root / "bomb.dcm").write_bytes(dicom_deflate_bomb((root / "deflated.dcm").read_bytes(), 100))
+    _, df, meta, skipped = _build(root, tmp_path / "m.csv")
+    assert sorted(df["n_files"]) == [1, 4] and "deflated.dcm" in df["paths"].tolist()
+    assert skipped["bomb.dcm"].startswith("decompression bound: the deflated dataset inflates beyond 200x")
+    row = df[df["paths"] == "deflated.dcm"].iloc[0]
+    np.testing.assert_array_equal(load_image(row, Path(meta["root"])).array[0], ds.pixel_array.T.astype(np.float32))

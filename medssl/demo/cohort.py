@@ -39,6 +39,7 @@ from medssl.ui import progress_bar
 from medssl.demo.files import write_dicom_study, write_junk, write_nifti_study
 from medssl.demo.lesions import (Anatomy, Deformation, insert_lesion, lesion_mask, random_pose, random_subject_shape,
                             scanner_effects)
+from medssl.ingest.csv_safe import write_csv
 
 ITK_T1 = Path("/usr/share/doc/insighttoolkit5-examples/examples/Data/KmeansTest_T1UCharRaw.nii.gz")
 ITK_BRAIN = ITK_T1.with_name("KmeansTest_T1RawSkullStrip.nii.gz")
@@ -222,8 +223,8 @@ def build_demo_cohort(cfg: DemoConfig, out: Path | None = None, *, source: str =
         write_junk(images, subjects)
         labels = pd.DataFrame({"patient_id": [s.label_id for s in subjects],
                                "label": [int(s.positive) for s in subjects]})
-        labels.to_csv(out / "labels.csv", index=False)
-        pd.DataFrame(rows).to_csv(out / "truth.csv", index=False)
+        write_csv(labels, out / "labels.csv")
+        write_csv(pd.DataFrame(rows), out / "truth.csv")
         (out / ".medssl-demo.json").write_text(json.dumps({"settings": settings}, indent=2))  # last: marks complete
     truth = pd.read_csv(out / "truth.csv")
     patients = truth.drop_duplicates("patient_id")

@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from medssl.errors import DataError
+from medssl.ingest.csv_safe import write_csv
 from medssl.evaluate.predict import load_model, prediction_frame, score_dataset
 from medssl.ui import console
 
@@ -74,7 +75,7 @@ def score_site(site: str, results: pd.DataFrame, cache, df: pd.DataFrame, codes:
         rows.append({**row.to_dict(), **_score_child(row, labelled, cache, out_dir, tracking_uri, batch_size)})
     scored = pd.DataFrame(rows)
     out_dir.mkdir(parents=True, exist_ok=True)
-    scored.to_csv(out_dir / "scores.csv", index=False)
+    write_csv(scored, out_dir / "scores.csv")
     missed = scored[scored["status"] != "ok"] if len(scored) else scored
     if len(missed):
         console.print(f"[yellow]{site}: {len(missed)} of {len(scored)} runs not scored[/] "
@@ -100,7 +101,7 @@ def _score_child(row, labelled: pd.DataFrame, cache, out_dir: Path, tracking_uri
         frame[f"prob_{k}"] = probs[:, k]  # (N, K) class probabilities, as the ladder writes them
     path = out_dir / "children" / _safe(row["key"]) / "predictions.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(path, index=False)
+    write_csv(frame, path)
     return {"status": "ok", "error": "", "predictions": str(path), "model_source": source,
             "n_external_images": len(ids), "n_external_patients": int(frame["patient_id"].nunique())}
 

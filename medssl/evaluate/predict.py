@@ -19,6 +19,7 @@ from medssl.errors import DataError, TrainingError
 from medssl.evaluate import plots
 from medssl.evaluate.metrics import classification_metrics, confusion_from_metrics, positive_scores
 from medssl.models.classifier import Classifier
+from medssl.ingest.csv_safe import write_csv
 
 FORMAT = "medssl-classifier/1"
 
@@ -112,10 +113,10 @@ def predict(model_source, cache, df: pd.DataFrame, out_csv: Path, batch_size: in
     frame = prediction_frame(ids_scored, probs, float(model.threshold))
     out_csv = Path(out_csv)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(out_csv, index=False)
+    write_csv(frame, out_csv)
     if missing:
-        pd.DataFrame({"image_id": missing, "reason": "not in the preprocessing cache"}).to_csv(
-            out_csv.with_suffix(".skipped.csv"), index=False)
+        write_csv(pd.DataFrame({"image_id": missing, "reason": "not in the preprocessing cache"}),
+                  out_csv.with_suffix(".skipped.csv"))
     return frame
 
 
@@ -159,7 +160,7 @@ def write_evaluation(out_dir: Path, ids, y, probs, values: dict, threshold: floa
     frame.insert(1, "label", y)
     if groups is not None:
         frame.insert(2, "patient_id", list(groups))
-    frame.to_csv(out_dir / "predictions.csv", index=False)
+    write_csv(frame, out_dir / "predictions.csv")
     (out_dir / "metrics.json").write_text(json.dumps(values, indent=1))
     scores = positive_scores(probs)
     return [out_dir / "predictions.csv", out_dir / "metrics.json",

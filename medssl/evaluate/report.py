@@ -22,6 +22,7 @@ from medssl.evaluate import plots
 from medssl.evaluate.pooled import GROUP, METHOD, comparisons, group_rows, load_children, normalised, paired_deltas
 from medssl.evaluate.tables import html, markdown, rich_table, verdict_panel
 from medssl.evaluate.verdict import log_answer, verdict_lines
+from medssl.ingest.csv_safe import write_csv
 
 ARM_ORDER = {"ssl": 0, "scratch": 1, "features": 2, "random_features": 3}
 BOOKKEEPING = {"key", "status", "error", "run_id", "seed", "repeat", "model_logged", "bootstrap_seed",
@@ -107,7 +108,7 @@ def build_report(results: pd.DataFrame, out_dir, tracker=None, metric: str = "au
     lines, method = verdict_lines(summary), _method(summary)
     paths = {"summary_csv": out_dir / "summary.csv", "table_md": out_dir / "table.md",
              "table_html": out_dir / "table.html", "verdict_md": out_dir / "verdict.md"}
-    summary.to_csv(paths["summary_csv"], index=False)
+    write_csv(summary, paths["summary_csv"])
     paths["table_md"].write_text(markdown(summary, failed, lines, method))
     paths["table_html"].write_text(html(summary, failed, lines, method))
     paths["verdict_md"].write_text("\n".join(lines) + "\n")

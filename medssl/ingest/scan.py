@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import os
 import warnings
+import zlib
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +23,10 @@ import pydicom
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID
 
-from medssl.ingest.dicom.parse import HEAD_BYTES, basic_fields, enhanced_geometry, parse, parse_buffer
+from medssl.ingest.dicom.parse import HEAD_BYTES, basic_fields, enhanced_geometry, meta_group, parse, parse_buffer
 from medssl.ingest.decode import raster_header
 from medssl.ingest.listing import list_files
-from medssl.ingest.nifti_header import nifti_header
+from medssl.ingest.nifti_header import BOMB_RATIO, nifti_header
 from medssl.ingest.redact import clean_reason
 from medssl.ui import progress_bar
 
@@ -52,6 +53,8 @@ CODEC_PACKAGES = {  # transfer-syntax family -> what to pip install
     "JPEG": "pylibjpeg pylibjpeg-libjpeg",
     "RLE": "pylibjpeg pylibjpeg-rle",
 }
+DEFLATED = "1.2.840.10008.1.2.1.99"
+BOMB_EARLY_MB = 64  # a deflated dataset past this size at a bomb's ratio is refused without inflating the rest
 NATIVE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}  # implicit LE, explicit LE / BE
 PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
@@ -91,7 +94,8 @@ def _pixels_problem(h: dict, span: tuple | None, max_image_mb: float) -> str | N
         return (f"too large: header declares {h['rows']}x{h['cols']}x{h['frames']} pixels = {declared_mb:,.0f} MB "
                 f"> max_image_mb={max_image_mb:g} (raise max_image_mb if this image is genuine)")
     offset, length = span
-    if length not in (None, 0xFFFFFFFF) and offset is not None and offset + length > h["size"]:
+    on_disk = h["ts"] != DEFLATED  # a deflated dataset's offsets count inflated bytes, not the file's
+    if on_disk and length not in (None, 0xFFFFFFFF) and offset is not None and offset + length > h["size"]:
         return f"truncated: pixel data needs {length} bytes, the file ends {offset + length - h['size']} early"
     need = _native_bytes(h)
     if need is not None and length not in (None, 0xFFFFFFFF) and length < need:
@@ -141,7 +145,36 @@ def dicom_header(path: str, max_image_mb: float, force: bool = False, head: byte
     if fields is not None and str(fields.get("NumberOfFrames") or "1") == "1":
         span = (fields["pixel_offset"], fields["pixel_length"])
         return _checked(fields, path, fields["TransferSyntaxUID"], span, max_image_mb, force)
-    return _pydicom_header(path, max_image_mb, force)
+    reason = None if force or head is None else inflate_problem(path, head, max_image_mb)
+    return {"skip": reason} if reason else _pydicom_header(path, max_image_mb, force)
+
+
+def inflate_problem(path: str, head: bytes, max_image_mb: float) -> str | None:
+    """A Deflated-transfer-syntax file is inflated whole by pydicom: stream-inflate it first (CHUNK at a
+    time, memory bounded) and refuse it if it inflates beyond max_image_mb or is corrupt."""
+    try:
+        syntax, start = meta_group(head)
+    except Exception:  # noqa: BLE001 - not for this check to judge; pydicom reports it
+        return None
+    if syntax != DEFLATED:
+        return None
+    cap, seen, read, inflater = int(max_image_mb * 2**20), 0, 0, zlib.decompressobj(-zlib.MAX_WBITS)
+    with open(path, "rb") as f:
+        f.seek(start)
+        while (chunk := f.read(2**20)) or inflater.unconsumed_tail:
+            read += len(chunk)
+            try:
+                seen += len(inflater.decompress(inflater.unconsumed_tail + chunk, 2**22))
+            except zlib.error:
+                return "unreadable: the deflated dataset is corrupt"
+            ratio = seen / max(read - len(inflater.unconsumed_tail), 1)
+            if seen > cap or (seen > BOMB_EARLY_MB * 2**20 and ratio > BOMB_RATIO):
+                return (f"decompression bound: the deflated dataset inflates beyond "
+                        f"{'max_image_mb=' + format(max_image_mb, 'g') if seen > cap else f'{BOMB_RATIO}x its size'} "
+                        f"({os.path.getsize(path):,} bytes on disk)")
+            if inflater.eof:
+                break
+    return None
 
 
 def _nifti_magic(path: str) -> bool:

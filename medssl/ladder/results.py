@@ -74,6 +74,7 @@ import numpy as np
 import pandas as pd
 
 from medssl.ui import console
+from medssl.ingest.csv_safe import read_csv, write_csv  # cells that would run as spreadsheet formulas
 
 
 def finished_keys(results_csv: Path, digest: str | None = None) -> set[str]:
@@ -92,12 +93,12 @@ def append_result(results_csv: Path, row: dict) -> None:
     old = read_results(results_csv)
     new = pd.DataFrame([row])
     if not len(old):  # first row: no empty frame to concatenate with (that would turn ints into floats)
-        new.to_csv(results_csv, index=False)
+        write_csv(new, results_csv)
     elif set(new.columns) <= set(old.columns):
         new[old.columns.difference(new.columns)] = np.nan
-        new[list(old.columns)].to_csv(results_csv, mode="a", header=False, index=False)
+        write_csv(new[list(old.columns)], results_csv, mode="a", header=False)
     else:
-        pd.concat([old, new], ignore_index=True).to_csv(results_csv, index=False)
+        write_csv(pd.concat([old, new], ignore_index=True), results_csv)
 
 
 def read_results(results_csv: Path) -> pd.DataFrame:
@@ -105,7 +106,7 @@ def read_results(results_csv: Path) -> pd.DataFrame:
     results_csv = Path(results_csv)
     if not results_csv.is_file() or results_csv.stat().st_size == 0:
         return pd.DataFrame(columns=["key", "status"])
-    results = pd.read_csv(results_csv, keep_default_na=True)
+    results = read_csv(results_csv, keep_default_na=True)
     return results.drop_duplicates("key", keep="last").reset_index(drop=True)
 
 

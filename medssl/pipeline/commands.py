@@ -7,6 +7,7 @@ from pathlib import Path
 from medssl.config import PipelineConfig
 from medssl.pipeline.context import build_manifest_with_salt, open_tracker
 from medssl.ui import console
+from medssl.ingest.csv_safe import write_csv
 
 
 def print_manifest_summary(summary) -> None:
@@ -62,6 +63,6 @@ def predict_folder(cfg: PipelineConfig, model: str, folder: Path, out: Path):
     frame = predict(model, cache, df, Path(out), tracking_uri=open_tracker(cfg).tracking_uri)
     # the manifest holds only pseudonymous ids: add the files so users can find each prediction's scan
     frame = frame.merge(df[["image_id", "paths"]], on="image_id", how="left")
-    frame.to_csv(out, index=False)
+    write_csv(frame, out)  # file names may start with "=": neutralised for spreadsheets
     console.print(f"{len(frame)} predictions written to {out} (manifest of the folder: {manifest_csv})")
     return frame

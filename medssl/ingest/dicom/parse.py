@@ -51,8 +51,8 @@ class _Outside(Exception):
     """The file leaves this reader's lane: use pydicom."""
 
 
-def _meta(buf: bytes) -> tuple[str, int]:
-    """Transfer syntax and the offset where the dataset starts, from the explicit-VR group 0002."""
+def meta_group(buf: bytes) -> tuple[str | None, int]:
+    """(transfer syntax, offset where the dataset starts) from the explicit-VR group 0002 after the preamble."""
     if buf[128:132] != b"DICM":
         raise _Outside
     pos, syntax = 132, None
@@ -68,6 +68,12 @@ def _meta(buf: bytes) -> tuple[str, int]:
         if element == 0x0010:
             syntax = buf[start:start + length].rstrip(b"\0 ").decode("ascii")
         pos = start + length
+    return syntax, pos
+
+
+def _meta(buf: bytes) -> tuple[str, int]:
+    """Transfer syntax and dataset offset, for the little-endian syntaxes this reader handles."""
+    syntax, pos = meta_group(buf)
     if syntax not in (IMPLICIT_LE, EXPLICIT_LE):
         raise _Outside
     return syntax, pos
