@@ -132,18 +132,19 @@ def test_tampered_or_foreign_models_are_refused_and_never_executed(tmp_path):
 @pytest.mark.parametrize("dims,kind", [(2, "resnet"), (3, "resnet"), (3, "vit")])
 def test_exports_match_pytorch_within_tolerance(tmp_path, dims, kind):
     package = load_package(_package(tmp_path, dims, kind))
+    x = torch.randn(3, 1, *package.spec.architecture.img_size)
+    with torch.no_grad():
+        want = torch.softmax(package.model(x), 1)
     for fmt, out in [("onnx", tmp_path / "m.onnx"), ("torchscript", tmp_path / "m.ts"), ("bundle", tmp_path / "b")]:
         parity = export(package, fmt, out)
         assert parity["max_abs_diff"] <= parity["tolerance"] == 1e-4, parity
+        assert not package.model.training  # exporting leaves the model as it was (eval)
     # the bundle loads with MONAI's own tools: its network from configs/inference.json, its metadata
     from monai.data import load_net_with_metadata
     _, meta, extra = load_net_with_metadata(str(tmp_path / "b" / "models" / "model.ts"),
                                             more_extra_files=["medssl-model.json"])
     assert meta["medssl"]["threshold"] == pytest.approx(0.37)
     assert json.loads(extra["medssl-model.json"])["labels"]["positive"] == "lesion"
-    x = torch.randn(3, 1, *package.spec.architecture.img_size)
-    with torch.no_grad():
-        want = torch.softmax(package.model(x), 1)
     assert torch.allclose(load_bundle_network(tmp_path / "b")(x), want, atol=1e-5)
 
 

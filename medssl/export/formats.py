@@ -25,6 +25,9 @@ class _Probabilities(torch.nn.Module):
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
+        # eval, and built in eval: exporters restore the wrapper's own mode afterwards, and a wrapper left in
+        # its default training mode would switch the package's model to training (BatchNorm batch stats)
+        self.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.model(x), dim=1)
@@ -36,11 +39,11 @@ def _inputs(package: ModelPackage) -> torch.Tensor:
 
 @torch.no_grad()
 def _reference(package: ModelPackage, x: torch.Tensor) -> np.ndarray:
-    return _Probabilities(package.model.eval())(x).numpy()
+    return _Probabilities(package.model)(x).numpy()
 
 
 def to_torchscript(package: ModelPackage, out: Path) -> Path:
-    traced = torch.jit.trace(_Probabilities(package.model.eval()), example_input(package.spec), check_trace=False)
+    traced = torch.jit.trace(_Probabilities(package.model), example_input(package.spec), check_trace=False)
     out.parent.mkdir(parents=True, exist_ok=True)
     traced.save(str(out))
     return out
@@ -48,7 +51,7 @@ def to_torchscript(package: ModelPackage, out: Path) -> Path:
 
 def to_onnx(package: ModelPackage, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(_Probabilities(package.model.eval()), (example_input(package.spec),), str(out),
+    torch.onnx.export(_Probabilities(package.model), (example_input(package.spec),), str(out),
                       input_names=["image"], output_names=["probabilities"], dynamo=False, opset_version=17,
                       dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}})
     return out
@@ -60,7 +63,7 @@ def to_bundle(package: ModelPackage, out: Path) -> Path:
     spec = package.spec
     (out / "models").mkdir(parents=True, exist_ok=True)
     (out / "configs").mkdir(parents=True, exist_ok=True)
-    traced = torch.jit.trace(_Probabilities(package.model.eval()), example_input(spec), check_trace=False)
+    traced = torch.jit.trace(_Probabilities(package.model), example_input(spec), check_trace=False)
     meta = bundle_metadata(package)
     save_net_with_metadata(traced, str(out / "models" / "model"), meta_values=meta,     # writes model.ts
                            more_extra_files={"medssl-model.json": json.dumps(spec.model_dump(mode="json")).encode()})
