@@ -166,7 +166,7 @@ def test_file_gone_after_indexing_is_a_data_error(tmp_path: Path):
 
 # ------------------------------------------------------------------------------------------ labels
 LABEL_CASES = {
-    "duplicate": ("patient_id,label\nA,1\nB,0\nA,0\n", "duplicate id", "rows [2, 4]"),
+    "duplicate": ("patient_id,label\nMRN0000123,1\nB,0\nMRN0000123,0\n", "duplicate id", "rows [2, 4]"),
     "no_id_column": ("subject,label\nA,1\n", "no id column", "labels.csv"),
     "mixed_types": ("patient_id,label\nA,1\nB,0\nC,maybe\n", "wrong type", "row 4"),
     "non_integer": ("patient_id,grade\nA,1.5\nB,2\n", "wrong type", "column 'grade'"),
@@ -185,6 +185,7 @@ def test_bad_labels_are_clear_errors(case: str, tmp_path: Path):
         read_labels(path, join_on="series_uid" if case == "wrong_join" else "auto")
     message = str(err.value)
     assert what in message and where in message and "what to do" in message
+    assert "MRN0000123" not in message  # ids (MRNs in real data) never reach the console
 
 
 def test_label_column_clashing_with_manifest(tmp_path: Path):

@@ -87,7 +87,8 @@ def _check_ids(ids: pd.Series, source: Path, column: str) -> None:
     dup = ids[ids.duplicated(keep=False)]
     if len(dup):
         rows = [int(i) + 2 for i in dup.index[:4]]
-        raise DataError(f"duplicate id in labels: {dup.iloc[0]!r} appears on rows {rows}",
+        # rows, not the value: ids are MRNs in real data, and errors reach consoles and logs
+        raise DataError(f"duplicate id in labels: one id appears on rows {rows}",
                         where=_where(source, None, column), fix="keep one row per id (one label per id)")
 
 
