@@ -42,10 +42,15 @@ def server(tmp_path_factory):
 
 
 def test_demo_pipeline_lands_in_mlflow_and_reruns_skip(server, tmp_path):
+    site = tmp_path / "siteB"  # an external site: other pseudo-subjects (another seed), its own labels
+    made = medssl(["demo-data", str(site), "--subjects", "12", "--seed", "7", "--size", "24"], tmp_path, server.url)
+    assert made.returncode == 0, made.stderr[-4000:]
+    external = f"evaluate.external=[{{name: siteB, folder: {site / 'images'}, labels: {site / 'labels.csv'}}}]"
     args = ["run", str(DEMO), f"workdir={tmp_path}/work", f"manifest.out={tmp_path}/demo.csv",
-            f"preprocess.cache_dir={tmp_path}/cache", *TINY]
+            f"preprocess.cache_dir={tmp_path}/cache", *TINY, external]
     first = medssl(args, tmp_path, server.url)
     assert first.returncode == 0, first.stderr[-4000:]
+    assert "Does SSL help?" in first.stdout
 
     seen = check_experiment(server.url, "demo")
     assert seen["ok"], seen["problems"]
@@ -58,6 +63,7 @@ def test_demo_pipeline_lands_in_mlflow_and_reruns_skip(server, tmp_path):
     assert all(c["tags"].get("medssl.pretrain_run_id") == pretrain_id for c in rungs)
     assert seen["registered_models"], "the best model per rung is registered"
     assert any(f.endswith(".png") for f in seen["report"]["files"])
+    answer_on_the_parent_run(server.url, seen["parent"]["run_id"], tmp_path)
 
     manifest = (tmp_path / "demo.csv").read_text()
     assert "MRN" not in manifest, "raw patient ids must never reach the manifest"
@@ -75,6 +81,9 @@ def test_demo_pipeline_lands_in_mlflow_and_reruns_skip(server, tmp_path):
                      str(tmp_path / "demo.csv"), "--out", str(tmp_path / "external")], tmp_path, server.url)
     assert scored.returncode == 0, scored.stderr[-4000:]
     assert (tmp_path / "external" / "metrics.json").is_file()
+    printed = scored.stdout + scored.stderr  # medssl's console writes to stderr
+    assert "Confusion matrix" in printed and "cm_0_0" not in printed  # a table, not a flat dict
+    assert (tmp_path / "external" / "confusion.png").read_bytes()[:4] == b"\x89PNG"
     images = tmp_path / "work" / "demo" / "demo_data" / "images"
     predicted = medssl(["predict", model, str(images), *overrides, "--pipeline", str(DEMO), "--out",
                         str(tmp_path / "predictions.csv")], tmp_path, server.url)
@@ -82,3 +91,24 @@ def test_demo_pipeline_lands_in_mlflow_and_reruns_skip(server, tmp_path):
     predictions = pd.read_csv(tmp_path / "predictions.csv")
     assert len(predictions) == len(pd.read_csv(tmp_path / "demo.csv"))
     assert predictions["score"].between(0, 1).all() and predictions["paths"].notna().all()
+
+
+def answer_on_the_parent_run(url: str, run_id: str, tmp_path: Path) -> None:
+    """What the run page shows, read through MLflow's REST API: the verdict as the description, the headline
+    metrics and paired deltas, internal and on the external site."""
+    import json
+    import urllib.request
+    with urllib.request.urlopen(f"{url}/api/2.0/mlflow/runs/get?run_id={run_id}", timeout=30) as answer:
+        run = json.load(answer)["run"]
+    metrics = {m["key"]: m["value"] for m in run["data"].get("metrics", [])}
+    tags = {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+    summary = pd.read_csv(tmp_path / "work" / "demo" / "report" / "summary.csv")
+    ssl = summary[(summary["site"] == "internal") & (summary["arm"] == "ssl")].iloc[0]
+    key = f"internal/{ssl['rung']}/{ssl['protocol']}/ssl"
+    assert metrics[f"{key}/auroc"] == pytest.approx(ssl["auroc"])
+    assert any(k.startswith(f"{key}/delta_auroc_vs_") for k in metrics)
+    assert any(k.startswith("siteB/") for k in metrics), sorted(metrics)  # the external site beside it
+    verdicts = (tmp_path / "work" / "demo" / "report" / "verdict.md").read_text().splitlines()
+    assert tags["mlflow.note.content"].startswith("### Does SSL help?")
+    assert all(line in tags["mlflow.note.content"] for line in verdicts)
+    assert json.loads(tags["mlflow.loggedArtifacts"]) == [{"path": "report/summary_table.json", "type": "table"}]

@@ -13,7 +13,7 @@ from medssl.evaluate.report import summarise
 from medssl.models.classifier import Classifier
 from medssl.models.encoders import build_encoder
 from medssl.train.loaders import ImageDataset
-from test_ladder import EDGE, cohort
+from test_ladder import EDGE, cohort  # noqa: E402 - the ladder tests' tiny cohort
 
 TRAINING = {0: "bleed", 1: "normal"}
 
@@ -74,3 +74,9 @@ def test_every_kept_model_is_scored_and_the_site_sits_beside_the_internal_rows(t
     assert site.loc["ssl", "auroc_ci_low"] <= site.loc["ssl", "auroc"] <= site.loc["ssl", "auroc_ci_high"]
     assert np.isfinite(site.loc["ssl", "delta_auroc_vs_scratch_ci_low"])
     assert set(summary.loc[summary["site"] == "internal", "ci_method"]) == {"no predictions on disk: no interval"}
+    from rich.console import Console
+    from medssl.evaluate.report import build_report
+    paths = build_report(results.assign(predictions=""), tmp_path / "report", n_boot=50, external={"siteB": scored},
+                         console=Console(file=open(tmp_path / "out.txt", "w")))
+    assert "siteB: 1 of 5 runs not scored (1 x no model kept for this run)" in paths["table_md"].read_text()
+    assert "siteB · per_class_2 · finetune: " in paths["verdict_md"].read_text()

@@ -105,7 +105,7 @@ def build_report(results: pd.DataFrame, out_dir, tracker=None, metric: str = "au
         results = results.drop_duplicates("key", keep="last").reset_index(drop=True)
     summary = summarise(results, n_boot or _ladder_n_boot(results), external)
     failed = results[results["status"] != "ok"] if "status" in results else results.iloc[0:0]
-    lines, method = verdict_lines(summary), _method(summary)
+    lines, method = verdict_lines(summary), _method(summary) + _unscored(external or {})
     paths = {"summary_csv": out_dir / "summary.csv", "table_md": out_dir / "table.md",
              "table_html": out_dir / "table.html", "verdict_md": out_dir / "verdict.md"}
     write_csv(summary, paths["summary_csv"])
@@ -132,6 +132,17 @@ def _method(summary: pd.DataFrame) -> str:
     named = (f" Binary metrics (sensitivity, specificity, AUPRC, F1) describe the positive class: "
              f"{' / '.join(positive)}." if positive else "")
     return METHOD + named
+
+
+def _unscored(external: dict) -> str:
+    """Runs an external site could not score (no kept model, a model that failed), said next to the method."""
+    notes = []
+    for site, rows in external.items():
+        missed = rows[rows["status"] != "ok"] if "status" in rows and len(rows) else rows.iloc[0:0]
+        if len(missed):
+            reasons = "; ".join(f"{n} x {r}" for r, n in missed["error"].value_counts().items())
+            notes.append(f" {site}: {len(missed)} of {len(rows)} runs not scored ({reasons}), see its scores.csv.")
+    return "".join(notes)
 
 
 def _ladder_n_boot(results: pd.DataFrame) -> int:
