@@ -3,7 +3,8 @@ and deflate bombs; tests/fuzz_cases.py) beside their untouched seeds, indexed in
 row decoded. Reports files tried, outcomes by kind, crashes (any failure that is not a skip or a DataError),
 good files lost, wall time and peak RSS (this process and its workers, resource.getrusage).
 
-    python benchmarks/bench_fuzz.py [--files 1200] [--workers N] [--max-image-mb 256] [--out benchmarks/results/fuzz.json]
+    python benchmarks/bench_fuzz.py [--files 1200] [--workers N] [--max-image-mb 256]
+                                    [--out benchmarks/results/fuzz.json]
 """
 from __future__ import annotations
 

@@ -94,25 +94,29 @@ def _peak_rss_mb(code: str) -> tuple[float, str]:
 
 
 def test_lying_nifti_sizes_refused_before_reading(tmp_path: Path):
-    """608 bytes declaring 1000^3 float32; a gzip declaring 1000^3 over a few KB; a real 320 MB zero bomb;
+    """608 bytes declaring 1000^3 float32; gzips declaring 200^3 over 10 KB and 1000^3 over 1 MB; a real 320 MB
+    zero bomb;
     a truncated .nii.gz: all refused from their sizes, in a process whose peak RSS stays small."""
     root = tmp_path / "data"
     root.mkdir()
     (root / "small.nii").write_bytes(_nifti_header_bytes((1000, 1000, 1000)) + b"\0" * 256)
     assert (root / "small.nii").stat().st_size == 608
-    (root / "liar.nii.gz").write_bytes(gzip.compress(_nifti_header_bytes((1000, 1000, 1000)) + bytes(10**6)))
+    (root / "liar.nii.gz").write_bytes(gzip.compress(_nifti_header_bytes((200, 200, 200)) + bytes(10**4)))
+    (root / "huge.nii.gz").write_bytes(gzip.compress(_nifti_header_bytes((1000, 1000, 1000)) + bytes(10**6)))
     (root / "bomb.nii.gz").write_bytes(nifti_bomb(320))  # real gzip members of zeros: 320 MB in ~0.3 MB
     vol, affine = real_volume()
     nib.save(nib.Nifti1Image(vol.astype(np.float32), affine), root / "whole.nii.gz")
     data = gzip.decompress((root / "whole.nii.gz").read_bytes())
     (root / "cut.nii.gz").write_bytes(gzip.compress(data[:len(data) // 2]))
-    code = (f"from medssl.ingest.scan import read_header\nfor n in ['small.nii', 'liar.nii.gz', 'bomb.nii.gz', "
-            f"'cut.nii.gz', 'whole.nii.gz']:\n    print(n, '=', read_header(n, {str(root)!r}, 4096).get('skip'))")
+    names = ["small.nii", "liar.nii.gz", "huge.nii.gz", "bomb.nii.gz", "cut.nii.gz", "whole.nii.gz"]
+    code = (f"from medssl.ingest.scan import read_header\nfor n in {names!r}:\n"
+            f"    print(n, '=', read_header(n, {str(root)!r}, 4096).get('skip'))")
     rss, out = _peak_rss_mb(code)
     reasons = dict(line.split(" = ", 1) for line in out.splitlines())
     assert reasons["small.nii"].startswith("truncated: header declares 4,000,000,352 bytes, the file holds 608")
     assert reasons["liar.nii.gz"].startswith("truncated") and "deflate expands at most" in reasons["liar.nii.gz"]
     assert reasons["bomb.nii.gz"].startswith("decompression bound")
+    assert reasons["huge.nii.gz"].startswith("decompression bound") and "declares 3,815 MB" in reasons["huge.nii.gz"]
     assert reasons["cut.nii.gz"].startswith("truncated") and reasons["whole.nii.gz"] == "None"
     assert rss < 400, f"peak RSS {rss:.0f} MB: something was allocated from a declared size"
 

@@ -19,7 +19,8 @@ import pandas as pd
 from medssl.ingest.decode import decodable
 from medssl.ingest.dicom.assemble import assemble
 from medssl.ingest.labels import JoinReport, join_labels, path_aliases, path_keys, read_labels
-from medssl.ingest.manifest_io import COLUMNS, read_manifest, shared_paths, sidecar, write_build, write_manifest  # noqa: F401
+from medssl.ingest.manifest_io import (COLUMNS, read_manifest, shared_paths, sidecar,  # noqa: F401 (re-exported)
+                                      write_build, write_manifest)
 from medssl.ingest.masks import attach_masks, join_masks, mask_files
 from medssl.ingest.redact import display_path
 from medssl.ingest.scan import scan_folder

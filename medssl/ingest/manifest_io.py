@@ -61,7 +61,9 @@ def write_manifest(df: pd.DataFrame, meta: dict, path: Path) -> dict:
 
 def _shared_files(df: pd.DataFrame, skipped: pd.DataFrame, meta: dict, path: Path, salt: str) -> dict[Path, bytes]:
     """Identifier-free copies: paths through display_path, no absolute root."""
-    shown = lambda paths: "|".join(display_path(p, salt) for p in str(paths).split("|")) if paths else paths  # noqa: E731
+    def shown(paths):
+        return "|".join(display_path(p, salt) for p in str(paths).split("|")) if paths else paths
+
     df = df.assign(**{c: df[c].map(shown) for c in PATH_COLUMNS if c in df.columns})
     skipped = skipped.assign(path=skipped["path"].map(shown))
     meta = {k: v for k, v in meta.items() if k != "root"} | {"paths": "date-like and id-like parts replaced"}

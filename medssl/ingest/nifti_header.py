@@ -90,12 +90,12 @@ def _size_problem(path: str, offset: int, nbytes: int) -> str | None:
     if isize is None:
         return "unreadable NIfTI: .nii.gz name but not gzip data"
     ratio = need / max(size, 1)
-    if ratio > DEFLATE_MAX_RATIO:
-        return (f"truncated: header declares {need / 2**20:,.0f} MB, more than {size:,} gzip bytes can hold "
-                f"(deflate expands at most {DEFLATE_MAX_RATIO}x)")
-    if ratio > BOMB_RATIO and need >= BOMB_MIN_MB * 2**20:
+    if ratio > BOMB_RATIO and need >= BOMB_MIN_MB * 2**20:  # first: whether or not the data is really there
         return (f"decompression bound: {size / 2**20:,.1f} MB of gzip declares {need / 2**20:,.0f} MB "
                 f"({ratio:,.0f}x, above {BOMB_RATIO}x); if the image is genuine, store it uncompressed (.nii)")
+    if ratio > DEFLATE_MAX_RATIO:
+        return (f"truncated: header declares {need / 2**20:,.1f} MB, more than {size:,} gzip bytes can hold "
+                f"(deflate expands at most {DEFLATE_MAX_RATIO}x)")
     if need < 2**32 and isize < need and _stream(path, offset, nbytes) < nbytes:
         return f"truncated: header declares {need:,} bytes uncompressed, the gzip stream ends early"
     return None

@@ -280,7 +280,8 @@ def _chunk_result(future, chunk: list[str]) -> list[dict]:
     try:
         return future.result()
     except Exception as err:
-        return [{"path": rel, "skip": f"worker failed: {type(err).__name__}: {clean_reason(str(err))}"} for rel in chunk]
+        reason = f"worker failed: {type(err).__name__}: {clean_reason(str(err))}"
+        return [{"path": rel, "skip": reason} for rel in chunk]
 
 
 def _collect(result: ScanResult, headers: list[dict]) -> None:

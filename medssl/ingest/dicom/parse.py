@@ -180,7 +180,8 @@ def _pixels(buf: bytes, fields: dict) -> np.ndarray | None:
     """(Rows, Columns) raw stored values, or None when the layout needs pydicom's care
     (colour, several frames, BitsStored < BitsAllocated, unusual bit depths, short pixel data, a modality LUT)."""
     bits, stored = fields.get("BitsAllocated"), fields.get("BitsStored")
-    if fields.get("modality_lut") or fields.get("SamplesPerPixel", 1) != 1 or str(fields.get("NumberOfFrames") or "1") != "1" \
+    if fields.get("modality_lut") or fields.get("SamplesPerPixel", 1) != 1 \
+            or str(fields.get("NumberOfFrames") or "1") != "1" \
             or bits not in (8, 16, 32) or stored != bits:
         return None
     dtype = np.dtype(f"<{'i' if fields.get('PixelRepresentation') == 1 else 'u'}{bits // 8}")
@@ -265,7 +266,8 @@ def basic_fields(ds, path: str, modality: str, ts: str | None = None) -> dict:
     return {
         "kind": "dicom", "size": os.path.getsize(path), "modality": modality,
         "sop_uid": str(ds.get("SOPInstanceUID", "") or ""), "series_uid": str(ds.get("SeriesInstanceUID", "") or ""),
-        "study_uid": str(ds.get("StudyInstanceUID", "") or ""), "patient_id": str(ds.get("PatientID", "") or "").strip(),
+        "study_uid": str(ds.get("StudyInstanceUID", "") or ""),
+        "patient_id": str(ds.get("PatientID", "") or "").strip(),  # pydicom keeps leading spaces, the fast parser not
         "body_part": str(ds.get("BodyPartExamined", "") or ""),
         "image_type": [str(v).upper() for v in _as_list(ds.get("ImageType"))],
         "rows": int(ds.get("Rows", 0) or 0), "cols": int(ds.get("Columns", 0) or 0),
