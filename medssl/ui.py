@@ -54,6 +54,7 @@ class TrainProgress:
     def __exit__(self, *exc) -> None:
         self._bar.__exit__(*exc)
 
-    def advance(self, samples_per_s: float, loss: float) -> None:
+    def advance(self, samples_per_s: float, loss: float, total: int | None = None) -> None:
+        """One step more; `total`: the steps now planned (a time budget's, once its pace is measured)."""
         if self.enabled:
-            self._bar.update(self._task, advance=1, rate=samples_per_s, loss=f"{loss:.4f}")
+            self._bar.update(self._task, advance=1, rate=samples_per_s, loss=f"{loss:.4f}", total=total)

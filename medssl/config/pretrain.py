@@ -105,7 +105,11 @@ class SSLConfig(Section):
 
 
 class TrainConfig(Section):
-    steps: int = Field(200, ge=1)
+    steps: int = Field(200, ge=1, description="optimizer steps (ignored when budget_minutes is set)")
+    budget_minutes: float | None = Field(
+        None, gt=0, description="train for this much time instead of `steps`: the warm-up + cosine schedule is "
+                                "laid over the steps the throughput of the first steps allows; the run stops on "
+                                "time and saves, and a resumed run continues within the same budget")
     batch_size: int = Field(16, ge=1)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.05, ge=0)

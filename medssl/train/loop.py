@@ -27,7 +27,7 @@ from medssl.train import checkpoint as ckpt
 from medssl.train.batches import add_scalars, move_to_device
 from medssl.train.distributed import all_mean, barrier, current, wrap_model
 from medssl.train.schedule import build_optimizer, warmup_cosine
-from medssl.train.state import TrainState, resume, save_checkpoint
+from medssl.train.state import TrainState, follow_current_schedule, resume, save_checkpoint
 from medssl.ui import TrainProgress, console
 
 
@@ -41,7 +41,8 @@ def train(method: nn.Module, loader_factory: Callable, cfg: TrainConfig, out_dir
     device) -> dict` runs on rank 0 every cfg.probe_every steps; `config` is stored in each checkpoint;
     sync_batchnorm: BatchNorm statistics over all GPUs under DDP (CUDA only; PyTorch has no CPU kernel);
     prepare(batch) runs on each micro-batch once it is on the device (e.g. DeviceCrops.fill: positions -> crops).
-    Returns {"step", "loss", "checkpoint", "resumed_from"}.
+    Under cfg.budget_minutes the run stops on time (see state.TrainState.should_stop).
+    Returns {"step", "loss", "checkpoint", "resumed_from", "elapsed_s", "planned_steps" (None without a budget)}.
     """
     device, info = torch.device(device), current()
     seed_everything(cfg.seed + 1000 * info.rank)  # each rank its own random views
@@ -59,13 +60,15 @@ def train(method: nn.Module, loader_factory: Callable, cfg: TrainConfig, out_dir
     main, loss = info.rank == 0, None
     # the method's own work after each update (DINO: the EMA teacher); methods outside medssl.ssl may lack it
     after_step = getattr(method, "after_step", None) or (lambda: None)
-    with TrainProgress(cfg.steps, state.step, enabled=main) as bar:
+    with TrainProgress(state.total_steps, state.step, enabled=main) as bar:
         while not state.should_stop():
             with _out_of_memory_as_error(cfg, device, state.step + 1):
                 metrics = train_one_step(model, optimizer, scheduler, state, cfg, device, prepare, channels_last)
             after_step()
+            if state.take_new_plan():  # a time budget's steps are known: warm-up + cosine over them from now on
+                follow_current_schedule(scheduler, optimizer, cfg, state.total_steps)
             loss = metrics["loss"]
-            bar.advance(state.samples_per_s(info.world_size), loss)
+            bar.advance(state.samples_per_s(info.world_size), loss, state.total_steps)
             if on_step is not None:
                 on_step(state.step, metrics)
             if state.due(cfg.checkpoint_every):  # collective: every rank takes part
@@ -76,7 +79,8 @@ def train(method: nn.Module, loader_factory: Callable, cfg: TrainConfig, out_dir
                 _run_probe(probe, method.encoder, device, tracker, state.step)
     barrier()  # the final checkpoint exists before any rank returns
     last = ckpt.latest_checkpoint(state.out_dir)
-    return {"step": state.step, "loss": loss, "checkpoint": str(last) if last else None, "resumed_from": resumed}
+    return {"step": state.step, "loss": loss, "checkpoint": str(last) if last else None, "resumed_from": resumed,
+            "elapsed_s": state.elapsed_s(), "planned_steps": state.planned_steps}
 
 
 def train_one_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, state: TrainState,

@@ -22,6 +22,8 @@ from medssl.ui import console
 
 # train settings a resumed run may change (longer, another lr or schedule, other logging or speed settings);
 # every other stored setting (data order, model, method, views, crop, ...) must match the checkpoint's
+MEASURED_STEPS = 3  # steps timed (after the first) to plan a time budget's steps
+
 RESUMABLE = {"steps", "lr", "warmup_steps", "grad_clip", "checkpoint_every", "keep_checkpoints", "log_every",
              "probe_every", "workers", "compile", "device_crops", "precision"}
 
@@ -35,16 +37,50 @@ class TrainState:
     """
 
     def __init__(self, out_dir: Path, loader_factory: Callable, steps: int, step: int = 0, epoch: int = 0,
-                 position: int = 0):
+                 position: int = 0, budget_s: float | None = None, elapsed_s: float = 0.0,
+                 planned_steps: int | None = None):
         self.out_dir, self.loader_factory, self.steps = Path(out_dir), loader_factory, steps
         self.step, self.epoch, self.position = step, epoch, position
+        # a time budget: seconds allowed, seconds spent before this process (restored from the checkpoint),
+        # and the steps the measured throughput allows (None until measured)
+        self.budget_s, self._elapsed_before, self.planned_steps = budget_s, elapsed_s, planned_steps
+        self._started = time.perf_counter()
+        self._timed: list[float] = []  # end times of this process's first steps: the throughput measurement
+        self._new_plan = False
         self._batches = None  # iterator over the current epoch, from `position`
         self.start_window()
 
     # ------------------------------------------------------------------------------ when to stop and act
     def should_stop(self) -> bool:
-        """The run has done its steps (the one place a stop rule lives: the loop asks nothing else)."""
-        return self.step >= self.steps
+        """The run has done its steps, or spent its time budget / done the steps planned for it (the one place
+        a stop rule lives: the loop asks nothing else)."""
+        if self.budget_s is None:
+            return self.step >= self.steps
+        return self.elapsed_s() >= self.budget_s or self.planned_steps is not None and self.step >= self.planned_steps
+
+    def elapsed_s(self) -> float:
+        """Training seconds spent, over every process that worked on this run."""
+        return self._elapsed_before + time.perf_counter() - self._started
+
+    @property
+    def total_steps(self) -> int:
+        """The steps the schedule spans: `steps`, or under a budget the planned steps once measured."""
+        return self.planned_steps or self.steps if self.budget_s is not None else self.steps
+
+    def take_new_plan(self) -> bool:
+        """True once, right after the budget's steps were planned: the loop then lays the schedule over them."""
+        new, self._new_plan = self._new_plan, False
+        return new
+
+    def _plan(self) -> None:
+        """After MEASURED_STEPS timed steps (the first one, with its one-off start-up costs, left out): the
+        steps the rest of the budget allows at the measured pace."""
+        self._timed.append(time.perf_counter())
+        if self.budget_s is None or self.planned_steps is not None or len(self._timed) < MEASURED_STEPS + 1:
+            return
+        per_step = (self._timed[-1] - self._timed[0]) / MEASURED_STEPS
+        left = max(0.0, self.budget_s - self.elapsed_s())
+        self.planned_steps, self._new_plan = self.step + max(1, int(left / max(per_step, 1e-9))), True
 
     def due(self, every: int | None, at_end: bool = True) -> bool:
         """After every `every`-th step (and, with at_end, after the last one: the final checkpoint and log)."""
@@ -75,6 +111,7 @@ class TrainState:
     def end_step(self, loss: float) -> None:
         self.step += 1
         self._steps, self._loss = self._steps + 1, self._loss + loss
+        self._plan()
 
     def start_window(self) -> None:
         self._steps, self._loss, self._samples, self._wait = 0, 0.0, 0, 0.0
@@ -113,6 +150,8 @@ def save_checkpoint(state: TrainState, method, optimizer, scheduler, config: dic
     if info.rank != 0:
         return
     data = {"seed": seed, "epoch": state.epoch, "position": state.position}
+    if state.budget_s is not None:  # what a resume needs to continue within the same budget
+        data.update(elapsed_s=state.elapsed_s(), planned_steps=state.planned_steps)
     ckpt.save_checkpoint(ckpt.checkpoint_path(state.out_dir, state.step), model=method, optimizer=optimizer,
                          scheduler=scheduler, scaler=None, step=state.step, data=data, config=config,
                          rng_ranks=rng_ranks)
@@ -133,14 +172,21 @@ def resume(loader_factory: Callable, cfg, out_dir: Path, method, optimizer, sche
             continue
         check_compatible(saved.get("config", {}), settings, path)
         ckpt.restore_training_state(saved, method, optimizer, scheduler, None, str(path))
-        follow_current_schedule(scheduler, optimizer, cfg)
+        data = saved["data"]
+        state = TrainState(out_dir, loader_factory, cfg.steps, saved["step"], data["epoch"], data["position"],
+                           budget_s=budget_seconds(cfg), elapsed_s=data.get("elapsed_s", 0.0),
+                           planned_steps=data.get("planned_steps"))
+        follow_current_schedule(scheduler, optimizer, cfg, state.total_steps)
         ranks = saved.get("rng_ranks")
         ckpt.restore_rng(ranks[info.rank] if ranks and len(ranks) == info.world_size else saved["rng"])
         if info.rank == 0:
             console.print(f"resuming from step {saved['step']} ({path})")
-        epoch, position = saved["data"]["epoch"], saved["data"]["position"]
-        return TrainState(out_dir, loader_factory, cfg.steps, saved["step"], epoch, position), str(path)
-    return TrainState(out_dir, loader_factory, cfg.steps), None
+        return state, str(path)
+    return TrainState(out_dir, loader_factory, cfg.steps, budget_s=budget_seconds(cfg)), None
+
+
+def budget_seconds(cfg) -> float | None:
+    return None if cfg.budget_minutes is None else 60.0 * cfg.budget_minutes
 
 
 def check_compatible(saved: dict, now: dict, path: Path) -> None:
@@ -169,10 +215,14 @@ def _fixed_settings(config: dict, prefix: str = "") -> dict:
     return out
 
 
-def follow_current_schedule(scheduler, optimizer, cfg) -> None:
+def follow_current_schedule(scheduler, optimizer, cfg, total_steps: int | None = None) -> None:
     """A resumed run follows the current train.lr / warmup_steps / steps (e.g. a lower lr after a NaN stop),
-    not the ones saved in the scheduler; with unchanged settings this is a no-op."""
-    scheduler.lr_lambdas = [WarmupCosine(cfg.warmup_steps, cfg.steps) for _ in optimizer.param_groups]
+    not the ones saved in the scheduler; with unchanged settings this is a no-op. `total_steps`: the steps a
+    time budget allows (its warm-up then at most a fifth of them), laid over the budget once measured."""
+    total = cfg.steps if total_steps is None else total_steps
+    warmup = cfg.warmup_steps if total_steps is None or cfg.budget_minutes is None else min(cfg.warmup_steps,
+                                                                                            total // 5)
+    scheduler.lr_lambdas = [WarmupCosine(warmup, total) for _ in optimizer.param_groups]
     scheduler.base_lrs = [cfg.lr for _ in optimizer.param_groups]
     for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base * fn(scheduler.last_epoch)
