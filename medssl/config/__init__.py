@@ -9,6 +9,7 @@ from medssl.config.cohort import LadderConfig, SplitConfig
 from medssl.config.preprocess import PreprocessConfig
 from medssl.config.pretrain import (EncoderConfig, ViewsConfig, ContrastiveConfig, MaskedConfig, VICRegConfig,
                                     DINOConfig, SSLConfig, TrainConfig, PretrainConfig)
+from medssl.config.segmentation import SegmentationConfig
 from medssl.config.finetune import FinetuneConfig
 from medssl.config.tracking import TrackingConfig
 from medssl.config.evaluate import EvaluateConfig, ExternalSiteConfig

@@ -17,6 +17,8 @@ class DemoConfig(Section):
     size: int = Field(48, ge=16, description="edge of the cubic pseudo-subject volume, voxels")
     seed: int = 0
     out: Path = Path(".medssl/demo_data")
+    masks: bool = Field(False, description="segmentation demo (demo/seg_cohort.py): every subject gets a lesion "
+                                           "and its mask, joined through a 'mask' column of labels.csv")
 
 
 class DataConfig(Section):

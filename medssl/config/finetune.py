@@ -7,9 +7,13 @@ from pydantic import Field
 
 from medssl.config.base import Section
 from medssl.config.pretrain import ViewsConfig
+from medssl.config.segmentation import SegmentationConfig
 
 
 class FinetuneConfig(Section):
+    task: Literal["classification", "segmentation"] = Field(
+        "classification", description="classification: the label ladder; segmentation: the Dice ladder on masks")
+    segmentation: SegmentationConfig = SegmentationConfig()
     protocols: list[Literal["linear", "finetune"]] = ["linear", "finetune"]
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(8, ge=1)

@@ -38,6 +38,7 @@ def image_scores(pred: np.ndarray, truth: np.ndarray, n_classes: int, spacing, t
     spacing = [float(s) for s in spacing]
     with warnings.catch_warnings():   # MONAI warns on empty classes; they are handled explicitly below
         warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", FutureWarning)   # MONAI 1.5's own deprecated argument, inside MONAI
         dice = compute_dice(p, t, include_background=False, ignore_empty=False)[0]            # (K-1,)
         hd = compute_hausdorff_distance(p, t, include_background=False, percentile=95, spacing=spacing)[0]
         nsd = compute_surface_dice(p, t, [tolerance_mm] * (n_classes - 1), include_background=False,
@@ -67,13 +68,15 @@ def summarise(scores: pd.DataFrame, n_boot: int = 1000, seed: int = 0, alpha: fl
     for metric in SCORES:
         values = patient_means(scores, metric).dropna()
         out[metric] = float(values.mean()) if len(values) else float("nan")
-        out[f"{metric}_low"], out[f"{metric}_high"] = _interval(values.to_numpy(), values.index, n_boot, seed, alpha)
+        low_high = patient_interval(values.to_numpy(), values.index, n_boot, seed, alpha)
+        out[f"{metric}_low"], out[f"{metric}_high"] = low_high
     for k, part in scores.groupby("class"):
         out[f"dice_class{int(k)}"] = float(patient_means(part).mean())
     return out
 
 
-def _interval(values: np.ndarray, patients, n_boot: int, seed: int, alpha: float) -> tuple[float, float]:
+def patient_interval(values: np.ndarray, patients, n_boot: int, seed: int, alpha: float) -> tuple[float, float]:
+    """Percentile interval of the mean of one value per patient, resampling patients."""
     if len(values) < 2:   # one patient: no spread to resample, no interval
         return float("nan"), float("nan")
     means = [values[idx].mean() for idx in patient_resamples(list(patients), n_boot, seed)]
@@ -89,5 +92,5 @@ def paired_delta(a: pd.DataFrame, b: pd.DataFrame, metric: str = "dice", n_boot:
     diff = (pa.loc[common] - pb.loc[common]).dropna()
     if diff.empty:
         return float("nan"), float("nan"), float("nan")
-    low, high = _interval(diff.to_numpy(), diff.index, n_boot, seed, alpha)
+    low, high = patient_interval(diff.to_numpy(), diff.index, n_boot, seed, alpha)
     return float(diff.mean()), low, high

@@ -77,6 +77,10 @@ def _read_seg(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(volume.array), LPS_TO_RAS @ np.asarray(volume.affine)   # highdicom works in LPS
 
 
+def _three(shape) -> list[int]:
+    return [int(v) for v in shape] + [1] * (3 - len(shape))
+
+
 def _corners(shape, affine) -> tuple[np.ndarray, np.ndarray]:
     """World bounding box (min, max) of the voxel centres."""
     idx = np.array(np.meshgrid(*[[0, s - 1] for s in shape], indexing="ij")).reshape(len(shape), -1)
@@ -91,11 +95,17 @@ def compare_grid(mask_shape, mask_affine, image_shape, image_affine, image_dims:
     if image_dims == 3 and mask_dims < 3 <= sum(1 for s in image_shape if s > 1):
         raise DataError(f"a 2D mask {tuple(mask_shape)} cannot label a 3D image {tuple(image_shape)}",
                         fix="give a label map with the image's slices (one 3D file per image)")
-    if list(mask_shape) == list(image_shape) and np.allclose(mask_affine, image_affine, atol=MASK_TOLERANCE_MM):
+    mask_shape, image_shape = _three(mask_shape), _three(image_shape)   # a 2D image is its (X, Y, 1) volume
+    if mask_shape == image_shape and np.allclose(mask_affine, image_affine, atol=MASK_TOLERANCE_MM):
         return "same"
     (mlo, mhi), (ilo, ihi) = _corners(mask_shape, mask_affine), _corners(image_shape, image_affine)
-    extent = np.maximum(mhi - mlo, 1e-6)
-    overlap = np.prod(np.clip(np.minimum(mhi, ihi) - np.maximum(mlo, ilo), 0, None) / extent)
+    extent = mhi - mlo
+    inside = np.clip(np.minimum(mhi, ihi) - np.maximum(mlo, ilo), 0, None) / np.maximum(extent, 1e-6)
+    # an axis the mask does not extend along (one slice): inside when the slice lies within the image's slab
+    slab = 0.5 * np.abs(image_affine[:3, :3]).sum(axis=1) + MASK_TOLERANCE_MM
+    flat = extent < 1e-3
+    inside[flat] = ((mlo >= ilo - slab) & (mlo <= ihi + slab))[flat]
+    overlap = float(np.prod(inside))
     if overlap < MIN_OVERLAP:
         raise DataError(f"mask on another grid that does not cover the image ({overlap:.0%} of its field of view "
                         f"inside; mask {np.round(mlo, 1).tolist()}..{np.round(mhi, 1).tolist()} mm, image "

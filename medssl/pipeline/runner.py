@@ -22,7 +22,7 @@ from medssl.config import PipelineConfig
 from medssl.errors import MedsslError
 from medssl.pipeline.stages import (cache as cache_stage, demo as demo_stage, ladder as ladder_stage,
                                     manifest as manifest_stage, pretrain as pretrain_stage,
-                                    report as report_stage, splits as splits_stage)
+                                    report as report_stage, seg_ladder as seg_stage, splits as splits_stage)
 from medssl.pipeline.context import Context, input_listing, where_to_look
 from medssl.pipeline.scale import apply_scale
 from medssl.ui import console
@@ -51,11 +51,17 @@ STAGES: tuple[Stage, ...] = (
           "decode, orient, resample and normalise every image once"),
     Stage("pretrain", ("cache",), lambda c: c.pretrain, pretrain_stage.run_pretrain,
           "self-supervised pretraining of the encoder"),
-    Stage("ladder", ("pretrain",), lambda c: c.finetune, ladder_stage.run_ladder,
-          "fine-tune at each label budget, SSL vs scratch"),
-    Stage("report", ("ladder",), lambda c: c.evaluate, report_stage.run_report,
+    Stage("ladder", ("pretrain",), lambda c: c.finetune, lambda ctx: _by_task(ctx, ladder_stage.run_ladder,
+          seg_stage.run_seg_ladder), "fine-tune at each label budget, SSL vs scratch"),
+    Stage("report", ("ladder",), lambda c: c.evaluate if c.finetune.task == "classification" else "segmentation",
+          lambda ctx: _by_task(ctx, report_stage.run_report, seg_stage.run_seg_report),
           "label-efficiency curve and table"),
 )
+
+
+def _by_task(ctx: Context, classification: Callable, segmentation: Callable) -> dict:
+    """finetune.task picks the ladder and report stages (stages/seg_ladder.py for segmentation)."""
+    return (segmentation if ctx.cfg.finetune.task == "segmentation" else classification)(ctx)
 
 
 def _rank() -> int:

@@ -34,6 +34,8 @@ def preprocess_pair(row: dict, root: Path, cfg: PreprocessConfig, chain=None) ->
     loaded = load_image(row, root)
     data = make_input(loaded.array, loaded.affine, loaded.modality, loaded.photometric)
     array, affine = read_mask(Path(root) / row["mask"])
+    while array.ndim > data["image"].ndim - 1 and array.shape[-1] == 1:   # (X, Y, 1) mask of a 2D image
+        array = array[..., 0]
     label = MetaTensor(torch.as_tensor(array[None], dtype=torch.float32), affine=torch.as_tensor(affine))
     if row.get("mask_grid") == "resampled":
         label = ResampleToMatch(mode="nearest", padding_mode="zeros")(label, img_dst=data["image"])
