@@ -98,7 +98,7 @@ def time_cache(df, root: Path, work: Path, workers: int) -> float | None:
     t0 = time.perf_counter()
     import medssl.preprocess.transforms  # noqa: F401  (MONAI: a one-time import, reported on its own line)
     console.print(f"one-time import of the preprocessing chain (MONAI): {time.perf_counter() - t0:.2f} s")
-    cache = VolumeCache(work / "cache", PreprocessConfig())
+    cache = VolumeCache(work / "cache", PreprocessConfig(), root)
     t0 = time.perf_counter()
     failures = cache.build(df, root, workers=workers)
     if failures:

@@ -30,10 +30,12 @@ def manifest_build(
     workers: Optional[int] = typer.Option(None, help="header-reading processes (default: all cores)"),
     max_image_mb: float = typer.Option(4096, help="refuse images whose declared size exceeds this"),
     nifti_modality: str = typer.Option("MR", help="modality recorded for NIfTI files"),
+    workdir: Path = typer.Option(Path(".medssl"), help="the workdir whose salt pseudonymises (as the pipeline's "
+                                                       "workdir; $MEDSSL_SALT overrides)"),
 ):
     """Scan FOLDER and write the manifest, its skipped report and its metadata."""
     from medssl.pipeline.commands import build_manifest_with_salt, print_manifest_summary
-    summary = build_manifest_with_salt(folder, out, labels=labels, join_on=join_on, workers=workers,
+    summary = build_manifest_with_salt(folder, out, workdir=workdir, labels=labels, join_on=join_on, workers=workers,
                                        max_image_mb=max_image_mb, nifti_modality=nifti_modality)
     print_manifest_summary(summary)
 

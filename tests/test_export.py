@@ -71,8 +71,8 @@ def _training_path_probs(package_dir: Path, scan: Path, tmp_path: Path) -> np.nd
     package = load_package(package_dir)
     build_manifest(scan, tmp_path / "ref.csv", salt="s", workers=1, progress=False)
     df, meta = read_manifest(tmp_path / "ref.csv")
-    cache = VolumeCache(tmp_path / "ref-cache", package.spec.preprocess)
-    assert not cache.build(df, Path(meta["root"]), workers=1)
+    cache = VolumeCache(tmp_path / "ref-cache", package.spec.preprocess, meta["root"])
+    assert not cache.build(df, workers=1)
     image = ImageDataset(cache, list(df["image_id"]), [0], spatial_dims=package.spec.architecture.spatial_dims)[0]
     with torch.no_grad():
         return torch.softmax(package.model(image["image"][None]), 1).numpy()

@@ -37,7 +37,7 @@ def caches(tmp_path_factory) -> dict:
     for name, cfg, frame in (("3d", PreprocessConfig(spacing=[2.0, 2.0, 2.0]), df),
                              ("2d", PreprocessConfig(spatial_dims=2), df2d),
                              ("slices", PreprocessConfig(spatial_dims=2, slices_from_3d=True), df)):
-        cache = VolumeCache(root / "cache", cfg)
+        cache = VolumeCache(root / "cache", cfg, root)
         assert cache.build(frame, root, workers=1) == {}
         out[name] = cache
     return out

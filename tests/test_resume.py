@@ -137,3 +137,71 @@ def test_sigkilled_run_resumes_to_identical_weights_and_losses(tmp_path):
     # the uninterrupted run really moved the weights (the comparison is not trivially of initial weights)
     assert result["loss"] != pytest.approx(expected[1])
 
+
+
+# ------------------------------------------------------------------ nothing in a checkpoint runs code
+class _Planted:
+    """A pickle whose loading would run a command (what a planted checkpoint does)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_capture_rng_round_trips_through_a_weights_only_load(tmp_path):
+    import random
+    import numpy as np
+    from medssl.train import checkpoint as ckpt
+    random.seed(3), np.random.seed(4), torch.manual_seed(5)
+    torch.save({"rng": ckpt.capture_rng()}, tmp_path / "rng.pt")
+    expected = (random.random(), np.random.normal(size=3), torch.rand(3))
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    ckpt.restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"])
+    assert random.random() == expected[0]
+    np.testing.assert_array_equal(np.random.normal(size=3), expected[1])
+    torch.testing.assert_close(torch.rand(3), expected[2], rtol=0, atol=0)
+
+
+def test_planted_checkpoint_is_refused_without_running(tmp_path):
+    from medssl.errors import TrainingError
+    from medssl.train import checkpoint as ckpt
+    marker = tmp_path / "ran"
+    path = ckpt.checkpoint_path(tmp_path / "run", 4)
+    path.parent.mkdir(parents=True)
+    torch.save({"format": ckpt.FORMAT, "model": {}, "payload": _Planted(marker)}, path)
+    with pytest.raises(TrainingError) as err:
+        ckpt.load_checkpoint(path)
+    assert not marker.exists()
+    assert "refused without running" in err.value.what and "weights_only=False" not in str(err.value)
+
+
+def test_resume_skips_a_planted_newest_checkpoint(tmp_path):
+    """The loop's resume meets the planted file first (newest step): refused, never run; training goes on."""
+    from torch import nn
+    from medssl.config import TrainConfig
+    from medssl.train import checkpoint as ckpt
+    from medssl.train.distributed import sharded_loader
+    from medssl.train.loop import train
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = nn.Linear(4, 2)
+
+        def forward(self, batch):
+            return {"loss": self.encoder(batch["image"]).pow(2).mean()}
+
+    class Tracker:
+        def log_metrics(self, metrics, step=None):
+            pass
+
+    data = [{"image": torch.full((4,), float(i)), "index": i} for i in range(8)]
+    marker = tmp_path / "ran"
+    planted = ckpt.checkpoint_path(tmp_path, 99)
+    planted.parent.mkdir(parents=True)
+    torch.save({"format": ckpt.FORMAT, "payload": _Planted(marker)}, planted)
+    result = train(Tiny(), sharded_loader(data, 4, seed=0), TrainConfig(steps=2, warmup_steps=0), tmp_path,
+                   Tracker(), "cpu")
+    assert not marker.exists() and result["resumed_from"] is None and result["step"] == 2

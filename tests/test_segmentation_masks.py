@@ -94,7 +94,7 @@ def test_manifest_checks_mask_geometry(cohort):
 def test_mask_cache_follows_the_image_chain(cohort, tmp_path):
     df = _manifest(cohort)
     cfg = PreprocessConfig(spacing=[2.0, 2.0, 2.0], size=[24, 24, 16], cache_dir=tmp_path / "cache")
-    images = VolumeCache(cfg.cache_dir, cfg)
+    images = VolumeCache(cfg.cache_dir, cfg, cohort / "images")
     assert images.build(df.reset_index(), cohort / "images", workers=1) == {}
     masks = MaskCache(images)
     failures = masks.build(df.reset_index(), cohort / "images")

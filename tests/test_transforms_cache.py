@@ -143,7 +143,7 @@ def folder(tmp_path) -> tuple[Path, pd.DataFrame]:
 def test_cache_builds_once_reuses_and_invalidates(folder, tmp_path):
     root, df = folder
     cfg = PreprocessConfig(spacing=[3.0, 3.0, 3.0], size=[24, 24, 24])
-    cache = VolumeCache(tmp_path / "cache", cfg, load=nifti_loader)
+    cache = VolumeCache(tmp_path / "cache", cfg, root, load=nifti_loader)
     failures = cache.build(df, root, workers=1)
     assert set(failures) == {"img-bad", "img-c"}                    # corrupt file; a 2D image in a 3D pipeline
     assert "2D image" in failures["img-c"]
@@ -152,7 +152,7 @@ def test_cache_builds_once_reuses_and_invalidates(folder, tmp_path):
     assert isinstance(arr, np.memmap) and arr.dtype == np.float16 and arr.shape == (1, 24, 24, 24)
     assert cache.shape("img-a") == (1, 24, 24, 24) and not cache.has("img-c")
     DECODES.clear()
-    again = VolumeCache(tmp_path / "cache", cfg, load=nifti_loader)      # a later run: nothing decoded
+    again = VolumeCache(tmp_path / "cache", cfg, root, load=nifti_loader)      # a later run: nothing decoded
     assert again.build(df[df.image_id != "img-bad"], root, workers=1).keys() == {"img-c"}
     assert DECODES == ["img-c"]                                        # only the failed one is retried
     DECODES.clear()
@@ -160,8 +160,8 @@ def test_cache_builds_once_reuses_and_invalidates(folder, tmp_path):
     again.build(df.iloc[:2], root, workers=1)
     assert DECODES == ["img-b"]
     DECODES.clear()
-    other = VolumeCache(tmp_path / "cache", PreprocessConfig(spacing=[4.0, 4.0, 4.0]), load=nifti_loader)
-    assert other.dir != cache.dir and settings_key(cfg) == cache.dir.name
+    other = VolumeCache(tmp_path / "cache", PreprocessConfig(spacing=[4.0, 4.0, 4.0]), root, load=nifti_loader)
+    assert other.dir != cache.dir and settings_key(cfg) == cache.dir.parent.name
     other.build(df.iloc[:2], root, workers=1)
     assert sorted(DECODES) == ["img-a", "img-b"]                       # changed setting: decoded again
     assert np.asarray(cache.get("img-a")).shape != np.asarray(other.get("img-a")).shape
@@ -170,7 +170,7 @@ def test_cache_builds_once_reuses_and_invalidates(folder, tmp_path):
 def test_cached_values_equal_the_chain_within_float16(folder, tmp_path):
     root, df = folder
     cfg = PreprocessConfig(spatial_dims=2, spacing=[2.0, 2.0], slices_from_3d=True)
-    cache = VolumeCache(tmp_path / "cache", cfg, load=nifti_loader)
+    cache = VolumeCache(tmp_path / "cache", cfg, root, load=nifti_loader)
     assert cache.build(df.iloc[:3], root, workers=2) == {}              # 2 processes; 3D and (X, Y, 1) rows
     assert cache.get("img-a").ndim == 4 and cache.get("img-c").shape == (1, 33, 41)
     assert cache.get("img-a")[..., 7].flags.f_contiguous          # axial slices stored contiguously
@@ -183,7 +183,7 @@ def test_cached_values_equal_the_chain_within_float16(folder, tmp_path):
 
 def test_missing_source_is_a_failure_not_a_crash(folder, tmp_path):
     root, df = folder
-    cache = VolumeCache(tmp_path / "cache", PreprocessConfig(), load=nifti_loader)
+    cache = VolumeCache(tmp_path / "cache", PreprocessConfig(), root, load=nifti_loader)
     assert cache.build(df.iloc[:1], root, workers=1) == {}
     (root / "a.nii").unlink()
     failures = cache.build(df.iloc[:1], root, workers=1)
@@ -210,7 +210,7 @@ def test_real_dicom_through_io_ct_window_and_monochrome1_radiograph(tmp_path, mo
     real_load = io.load_image
     monkeypatch.setattr(io, "load_image", lambda row, root: decodes.append(row["image_id"]) or real_load(row, root))
     cfg = PreprocessConfig(spatial_dims=2, ct_window=(-200.0, 300.0))
-    cache = VolumeCache(tmp_path / "cache", cfg)
+    cache = VolumeCache(tmp_path / "cache", cfg, tmp_path)
     assert cache.build(pd.DataFrame(rows), tmp_path, workers=1) == {} and len(decodes) == 2
     ds = pydicom.dcmread(tmp_path / "CT_small.dcm")
     hu = ds.pixel_array.astype(np.float32).T * float(ds.RescaleSlope) + float(ds.RescaleIntercept)   # (X, Y)
@@ -218,7 +218,7 @@ def test_real_dicom_through_io_ct_window_and_monochrome1_radiograph(tmp_path, mo
     raw = pydicom.dcmread(tmp_path / "RG1_UNCI.dcm").pixel_array.astype(np.float32).T
     expected = 1.0 - (raw - raw.min()) / (raw.max() - raw.min())          # inverted: bone bright
     np.testing.assert_allclose(cache.get("img-cr")[0], expected, atol=5e-4)
-    VolumeCache(tmp_path / "cache", cfg).build(pd.DataFrame(rows), tmp_path, workers=1)
+    VolumeCache(tmp_path / "cache", cfg, tmp_path).build(pd.DataFrame(rows), tmp_path, workers=1)
     assert len(decodes) == 2                                              # second build: all from cache
 
 
@@ -231,7 +231,81 @@ def crashing_loader(row, root):
 
 def test_a_dying_worker_loses_only_its_own_image(folder, tmp_path):
     root, df = folder
-    cache = VolumeCache(tmp_path / "cache", PreprocessConfig(), load=crashing_loader)
+    cache = VolumeCache(tmp_path / "cache", PreprocessConfig(), root, load=crashing_loader)
     failures = cache.build(df[df.image_id != "img-c"], root, workers=2)
     assert list(failures) == ["img-bad"] and "worker process died" in failures["img-bad"]
     assert cache.has("img-a") and cache.has("img-b")
+
+
+# ---------------------------------------------------------------------------------------- cache identity
+def _same_layout(root: Path, data: np.ndarray, affine: np.ndarray) -> pd.DataFrame:
+    """A BIDS-like dataset: sub-01/anat/sub-01_T1w.nii, whose image id (a hash of the relative path with the
+    same salt) is the same in every dataset of that layout."""
+    (root / "sub-01" / "anat").mkdir(parents=True)
+    nib.save(nib.Nifti1Image(data, affine), root / "sub-01" / "anat" / "sub-01_T1w.nii")
+    return pd.DataFrame([{"image_id": "img-same", "patient_id": "pat-1", "format": "nifti", "modality": "MR",
+                          "paths": "sub-01/anat/sub-01_T1w.nii", "photometric": "MONOCHROME2"}])
+
+
+def test_two_datasets_with_one_layout_never_share_entries(tmp_path):
+    data, affine = t1()
+    cfg = PreprocessConfig(size=[24, 24, 24])
+    first = _same_layout(tmp_path / "site_a", data, affine)
+    second = _same_layout(tmp_path / "site_b", data[::-1, ::-1].copy(), affine)   # other anatomy, same names
+    cache_a = VolumeCache(tmp_path / "cache", cfg, tmp_path / "site_a", load=nifti_loader)
+    assert cache_a.build(first, workers=1) == {}
+    cache_b = VolumeCache(tmp_path / "cache", cfg, tmp_path / "site_b", load=nifti_loader)
+    assert cache_b.build(second, workers=1) == {}
+    expected_a, _ = run(cfg, data[None], affine)
+    expected_b, _ = run(cfg, data[::-1, ::-1][None], affine)
+    assert np.abs(expected_a - expected_b).max() > 0.5                  # the two images really differ
+    reopened_a = VolumeCache(tmp_path / "cache", cfg, tmp_path / "site_a", load=nifti_loader)
+    np.testing.assert_allclose(np.asarray(reopened_a.get("img-same"), np.float32), expected_a[...], atol=5e-4)
+    np.testing.assert_allclose(np.asarray(cache_b.get("img-same"), np.float32), expected_b, atol=5e-4)
+    DECODES.clear()
+    assert reopened_a.build(first, workers=1) == {} and DECODES == []  # site A's entry is still its own
+    with pytest.raises(DataError, match="holds the images of"):
+        reopened_a.build(second, tmp_path / "site_b", workers=1)
+
+
+def test_source_rewritten_in_place_with_its_old_mtime_is_rebuilt(tmp_path):
+    """Same size, same mtime (as `cp -p`, rsync -t or an editor restoring times would leave it): rebuilt."""
+    data, affine = t1()
+    cfg = PreprocessConfig(size=[24, 24, 24])
+    df = _same_layout(tmp_path / "site", data, affine)
+    path = tmp_path / "site" / df.loc[0, "paths"]
+    cache = VolumeCache(tmp_path / "cache", cfg, tmp_path / "site", load=nifti_loader)
+    assert cache.build(df, workers=1) == {}
+    before = path.stat()
+    nib.save(nib.Nifti1Image(data[::-1].copy(), affine), path)           # same shape and dtype: same size
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_size == before.st_size and path.stat().st_mtime_ns == before.st_mtime_ns
+    DECODES.clear()
+    assert VolumeCache(tmp_path / "cache", cfg, tmp_path / "site", load=nifti_loader).build(df, workers=1) == {}
+    assert DECODES == ["img-same"]
+    expected, _ = run(cfg, data[::-1][None], affine)
+    np.testing.assert_allclose(np.asarray(cache.get("img-same"), np.float32), expected, atol=5e-4)
+
+
+def test_evaluate_never_writes_into_the_training_cache(tmp_path, monkeypatch):
+    """`medssl evaluate` on a manifest preprocesses into the workdir's external cache; the training cache
+    (preprocess.cache_dir) of the same dataset is left exactly as it was."""
+    import medssl.evaluate.predict as predict_module
+    from medssl.config import PipelineConfig
+    from medssl.ingest.manifest import build_manifest
+    from medssl.pipeline import commands
+    data, affine = t1()
+    (tmp_path / "images").mkdir()
+    nib.save(nib.Nifti1Image(data, affine), tmp_path / "images" / "t1.nii.gz")
+    build_manifest(tmp_path / "images", tmp_path / "m.csv", salt="s", workers=1, progress=False)
+    cfg = PipelineConfig.model_validate({"name": "x", "workdir": str(tmp_path / "work"),
+                                         "data": {"folder": str(tmp_path / "images")},
+                                         "preprocess": {"cache_dir": str(tmp_path / "train_cache"),
+                                                        "size": [24, 24, 24]}})
+    used = {}
+    monkeypatch.setattr(predict_module, "evaluate_model", lambda model, cache, *a, **k: used.update(cache=cache) or {})
+    monkeypatch.setattr(commands, "open_tracker", lambda cfg: None)
+    commands.evaluate_external(cfg, "unused", tmp_path / "m.csv", tmp_path / "out")
+    assert used["cache"].has(str(pd.read_csv(tmp_path / "m.csv")["image_id"][0]))
+    assert (tmp_path / "work") in used["cache"].dir.parents
+    assert not (tmp_path / "train_cache").exists()

@@ -59,8 +59,8 @@ def load_scans(paths: list[str], spec: ModelSpec, work: Path) -> tuple[list[str]
             raise DataError("no readable image", where=text,
                             fix=f"see the reasons in {manifest.with_suffix('.skipped.csv')}")
         check_inputs(df, spec, text)
-        cache = VolumeCache(work / f"cache-{index}", spec.preprocess)
-        failures = cache.build(df, Path(meta["root"]), workers=1)
+        cache = VolumeCache(work / f"cache-{index}", spec.preprocess, meta["root"])
+        failures = cache.build(df, workers=1)
         if failures:
             raise DataError(f"cannot preprocess: {next(iter(failures.values()))}", where=text)
         dataset = ImageDataset(cache, list(df["image_id"]), [0] * len(df), spatial_dims=spec.architecture.spatial_dims)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from medssl.config import PipelineConfig
-from medssl.pipeline.context import build_manifest_with_salt, open_tracker
+from medssl.pipeline.context import build_manifest_with_salt, open_external_cache, open_tracker
 from medssl.ui import console
 from medssl.ingest.csv_safe import write_csv
 
@@ -28,8 +28,8 @@ def evaluate_external(cfg: PipelineConfig, model: str, manifest: Path, out: Path
     site = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(manifest).stem)
     names = _training_names(cfg) or class_names(meta, df, cfg.split.label)
     codes = training_codes(df, meta, cfg.split.label, names, site)
-    cache = VolumeCache(site_dir(cfg, site) / "cache", cfg.preprocess)  # never the training cache
-    cache.build(df, Path(meta["root"]), workers=cfg.manifest.workers)
+    cache = VolumeCache(site_dir(cfg, site) / "cache", cfg.preprocess, meta["root"])  # never the training cache
+    cache.build(df, workers=cfg.manifest.workers)
     values = evaluate_model(model, cache, df, cfg.split.label, out, open_tracker(cfg), n_boot=cfg.finetune.bootstrap,
                             codes=codes, class_names=names)
     for table in evaluation_tables(values, names):
@@ -51,15 +51,15 @@ def _training_names(cfg: PipelineConfig) -> dict[int, str]:
 
 def predict_folder(cfg: PipelineConfig, model: str, folder: Path, out: Path):
     """Index a folder of new scans, preprocess them like the training data, write one prediction per image."""
-    from medssl.preprocess.cache import VolumeCache
     from medssl.ingest.manifest import read_manifest
     from medssl.evaluate.predict import predict
-    cache = VolumeCache(cfg.preprocess.cache_dir, cfg.preprocess)
     manifest_csv = Path(out).with_suffix(".manifest.csv")
-    build_manifest_with_salt(folder, manifest_csv, cfg.manifest.salt_env, workers=cfg.manifest.workers,
+    build_manifest_with_salt(folder, manifest_csv, cfg.manifest.salt_env, workdir=cfg.workdir,
+                             workers=cfg.manifest.workers,
                              max_image_mb=cfg.manifest.max_image_mb, nifti_modality=cfg.data.nifti_modality)
     df, meta = read_manifest(manifest_csv)
-    cache.build(df, Path(meta["root"]), workers=cfg.manifest.workers)
+    cache = open_external_cache(cfg, meta)
+    cache.build(df, workers=cfg.manifest.workers)
     frame = predict(model, cache, df, Path(out), tracking_uri=open_tracker(cfg).tracking_uri)
     # the manifest holds only pseudonymous ids: add the files so users can find each prediction's scan
     frame = frame.merge(df[["image_id", "paths"]], on="image_id", how="left")

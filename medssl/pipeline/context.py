@@ -56,9 +56,32 @@ class Context:
         return self.manifest_path.with_suffix(".splits.json")
 
 
-def open_cache(ctx: Context):
+def read_data(ctx: Context):
+    """(manifest rows with their `split` from the splits file, meta). The splits stage never rewrites the
+    manifest, so the digest the manifest stage logged is the one every later stage and run records."""
+    from medssl.cohort.splits import read_splits
+    from medssl.ingest.manifest import read_manifest
+    df, meta = read_manifest(ctx.manifest_path)
+    doc = read_splits(ctx.splits_path)
+    made_for = doc["settings"].get("manifest_digest")
+    if made_for is not None and made_for != meta.get("digest"):
+        raise DataError("the splits were made for another version of the manifest", where=str(ctx.splits_path),
+                        fix="run the 'splits' stage again (medssl run PIPELINE --force splits)")
+    df["split"] = df["image_id"].map(doc["splits"]).fillna("").astype(str)
+    return df, meta
+
+
+def open_cache(ctx: Context, meta: dict):
+    """The training cache of the manifest whose meta is given (its root is the dataset's identity)."""
     from medssl.preprocess.cache import VolumeCache
-    return VolumeCache(ctx.cfg.preprocess.cache_dir, ctx.cfg.preprocess)
+    return VolumeCache(ctx.cfg.preprocess.cache_dir, ctx.cfg.preprocess, meta["root"])
+
+
+def open_external_cache(cfg: PipelineConfig, meta: dict):
+    """`evaluate` / `predict` preprocess into their own folder under the workdir, never into the training
+    cache: a later `medssl run` skips its cache stage by fingerprint and must find only its own images."""
+    from medssl.preprocess.cache import VolumeCache
+    return VolumeCache(cfg.workdir / cfg.name / "external_cache", cfg.preprocess, meta["root"])
 
 
 def data_source(ctx: Context) -> tuple[Path, Path | None]:
@@ -83,15 +106,22 @@ def where_to_look(ctx: Context) -> str:
             f"\n  Report files: {ctx.paths.root / 'report'}")
 
 
-def pseudonym_salt(env_name: str = "MEDSSL_SALT", store: Path = Path(".medssl/salt")) -> str:
+SALT_FILE = "salt"   # workdir/salt: beside the outputs it pseudonymises, whatever the current directory
+
+
+def pseudonym_salt(workdir: Path, env_name: str = "MEDSSL_SALT") -> str:
     """The secret that makes pseudonymous ids unlinkable to raw ids. From the environment (teams share one),
-    else generated once and kept in a private file so reruns give the same pseudonyms."""
+    else generated once and kept in a private file in the workdir, so reruns (from any directory) give the
+    same pseudonyms."""
     if os.environ.get(env_name):
         return os.environ[env_name]
+    store = Path(workdir).expanduser().resolve() / SALT_FILE
     if not store.is_file():
         store.parent.mkdir(parents=True, exist_ok=True)
-        store.write_text(secrets.token_hex(16))
-        store.chmod(0o600)
+        # created private (0600) before the secret is written: never readable by others, even briefly
+        fd = os.open(store, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(16))
     return store.read_text().strip()
 
 
@@ -114,9 +144,9 @@ def input_listing(cfg: PipelineConfig) -> list:
     return sorted(found)
 
 
-def build_manifest_with_salt(folder: Path, out: Path, salt_env: str = "MEDSSL_SALT", **kwargs):
+def build_manifest_with_salt(folder: Path, out: Path, salt_env: str = "MEDSSL_SALT", *, workdir: Path, **kwargs):
     from medssl.ingest.manifest import build_manifest
     if not Path(folder).is_dir():
         raise DataError(f"input folder does not exist: {folder}", where="data.folder / FOLDER",
                         fix="give the folder that holds your DICOM or NIfTI files")
-    return build_manifest(folder, out, salt=pseudonym_salt(salt_env), **kwargs)
+    return build_manifest(folder, out, salt=pseudonym_salt(workdir, salt_env), **kwargs)

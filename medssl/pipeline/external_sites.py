@@ -24,11 +24,12 @@ def prepare_site(cfg: PipelineConfig, site: ExternalSiteConfig):
     manifest_csv = site.manifest or root / "manifest.csv"
     if site.folder is not None:
         m = cfg.manifest
-        build_manifest_with_salt(site.folder, manifest_csv, m.salt_env, labels=site.labels, join_on=m.join_on,
+        build_manifest_with_salt(site.folder, manifest_csv, m.salt_env, workdir=cfg.workdir, labels=site.labels,
+                                 join_on=m.join_on,
                                  workers=m.workers, max_image_mb=m.max_image_mb, nifti_modality=cfg.data.nifti_modality)
     df, meta = read_manifest(manifest_csv)
-    cache = VolumeCache(root / "cache", cfg.preprocess)  # same settings, separate folder
-    for image_id, reason in cache.build(df, Path(meta["root"]), workers=cfg.manifest.workers).items():
+    cache = VolumeCache(root / "cache", cfg.preprocess, meta["root"])  # same settings, separate folder
+    for image_id, reason in cache.build(df, workers=cfg.manifest.workers).items():
         console.print(f"[yellow]{site.name}: not cached[/] {image_id}: {reason}")
     return df, meta, cache
 

@@ -1,10 +1,16 @@
 """The persistent preprocessing cache: decode + orient + resample + normalise each image ONCE.
 
-Layout: `root_dir/<settings key>/` holds `settings.json` (the PreprocessConfig that made it), `index.json`
-({image_id: {"source": [[path, size, mtime_ns], ...], "shape": [...]}}) and one `<image_id>.npy` per image.
+Layout: `root_dir/<settings key>/<dataset key>/` holds `settings.json` (the PreprocessConfig that made it and
+the dataset folder), `index.json` ({image_id: {"source": digest, "shape": [...]}}) and one `<image_id>.npy`
+per image.
 - The settings key is a hash of every preprocessing setting (not `cache_dir`) plus CACHE_VERSION, so changed
   settings land in a new directory and never mix with the old arrays (which stay reusable if you switch back).
-- An entry is rebuilt when one of its source files changed size or modification time, or vanished.
+- The dataset key is a hash of the dataset's folder (the manifest root, resolved): image ids are hashes of
+  paths relative to that folder, so two datasets with the same layout (two BIDS folders, both with
+  sub-01/anat/...) have the same ids and would otherwise overwrite each other's arrays.
+- An entry is rebuilt when one of its source files changed (size, modification time, inode or status-change
+  time: a file rewritten in place with its old mtime restored, or replaced by another one, still counts) or
+  vanished. The index keeps a digest of that, never the paths (BIDS paths can carry dates).
 - Arrays are stored as float16: every value is in [0, 1] after normalisation, where float16 is accurate to
   2.4e-4 (0.5 HU in a 2000 HU CT window, below scanner noise), and half the bytes means twice as much of a
   dataset stays in the page cache during training. Readers get a read-only memory map (crops read only
@@ -28,7 +34,7 @@ from medssl.config import PreprocessConfig
 from medssl.errors import DataError, MedsslError
 from medssl.ui import console, progress_bar
 
-CACHE_VERSION = 1            # bump when the preprocessing code changes what it writes
+CACHE_VERSION = 2            # bump when the preprocessing code changes what it writes (2: per-dataset folders)
 STORE_DTYPE = np.float16
 INDEX_SAVE_SECONDS = 10.0    # an interrupted build keeps what it finished up to this long ago
 
@@ -39,13 +45,19 @@ def settings_key(cfg: PreprocessConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def source_fingerprint(row: Mapping, root: Path) -> list[list]:
-    """[[relative path, size, mtime_ns], ...] of the files an image is decoded from (OSError if one is gone)."""
+def dataset_key(source_root: Path | str) -> str:
+    """Which dataset a cache folder belongs to: a hash of its folder's resolved path."""
+    return hashlib.sha256(str(Path(source_root).expanduser().resolve()).encode()).hexdigest()[:16]
+
+
+def source_fingerprint(row: Mapping, root: Path) -> str:
+    """A digest of (relative path, size, mtime, inode, ctime) of the files an image is decoded from (OSError if
+    one is gone). ctime cannot be set back by a user: an in-place rewrite that restores mtime still shows."""
     found = []
     for rel in str(row["paths"]).split("|"):
         stat = os.stat(Path(root) / rel)
-        found.append([rel, stat.st_size, stat.st_mtime_ns])
-    return found
+        found.append([rel, stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns])
+    return hashlib.sha256(json.dumps(found).encode()).hexdigest()[:32]
 
 
 # ------------------------------------------------------------------------------- one image (in a worker)
@@ -88,16 +100,20 @@ def _reason(err: BaseException) -> str:
 
 # ------------------------------------------------------------------------------- the cache
 class VolumeCache:
-    """Preprocessed images on disk, keyed by the preprocessing settings. `load` replaces io.load_image
-    (a picklable function (row, root) -> object with array/affine/modality/photometric)."""
+    """Preprocessed images of one dataset (`source_root`, the manifest root) on disk, keyed by the
+    preprocessing settings and the dataset. `load` replaces io.load_image (a picklable function
+    (row, root) -> object with array/affine/modality/photometric)."""
 
-    def __init__(self, root_dir: Path | str, cfg: PreprocessConfig, load: Callable | None = None):
+    def __init__(self, root_dir: Path | str, cfg: PreprocessConfig, source_root: Path | str,
+                 load: Callable | None = None):
         self.cfg, self.load = cfg, load
-        self.dir = Path(root_dir) / settings_key(cfg)
+        self.source_root = Path(source_root).expanduser().resolve()
+        self.dir = Path(root_dir) / settings_key(cfg) / dataset_key(self.source_root)
         self.dir.mkdir(parents=True, exist_ok=True)
         settings_file = self.dir / "settings.json"
         if not settings_file.is_file():
-            settings_file.write_text(json.dumps(cfg.model_dump(mode="json", exclude={"cache_dir"}), indent=1))
+            settings_file.write_text(json.dumps({"preprocess": cfg.model_dump(mode="json", exclude={"cache_dir"}),
+                                                 "dataset": str(self.source_root)}, indent=1))
         self._index = self._read_index()
 
     # -------------------------------------------------------------- reading
@@ -131,7 +147,8 @@ class VolumeCache:
             try:
                 source = source_fingerprint(row, manifest_root)
             except OSError as err:
-                failures[image_id] = f"source file missing or unreadable: {err.filename or err}"
+                # the reason, not the path: paths can carry dates (BIDS ses-YYYYMMDD); the image id finds it
+                failures[image_id] = f"a source file is missing or unreadable ({err.strerror or type(err).__name__})"
                 self._index.pop(image_id, None)
                 continue
             entry = self._index.get(image_id)
@@ -139,12 +156,16 @@ class VolumeCache:
                 todo.append({**row, "_source": source})
         return todo, failures
 
-    def build(self, df: pd.DataFrame, manifest_root: Path | str, workers: int | None = None) -> dict[str, str]:
+    def build(self, df: pd.DataFrame, manifest_root: Path | str | None = None,
+              workers: int | None = None) -> dict[str, str]:
         """Preprocess every row not cached yet (or whose source changed), in parallel processes.
         Returns {image_id: reason} for the images that failed; never raises for one bad image."""
         # import MONAI here, once: forked workers inherit it instead of each paying its ~5 s import
         import medssl.preprocess.transforms  # noqa: F401
-        manifest_root = Path(manifest_root)
+        if manifest_root is not None and Path(manifest_root).expanduser().resolve() != self.source_root:
+            raise DataError(f"this cache holds the images of {self.source_root}, not of {manifest_root}",
+                            where=str(self.dir), fix="open a VolumeCache for the manifest's own root")
+        manifest_root = self.source_root
         todo, failures = self.stale(df, manifest_root)
         if workers is None:
             workers = min(os.cpu_count() or 1, 8)

@@ -1,7 +1,9 @@
 """Training checkpoints: one plain dict per file, written atomically, restorable to the exact step.
 
     {"format", "model", "optimizer", "scheduler", "scaler" (or None), "step",
-     "rng": {"python", "numpy", "torch_cpu", "torch_cuda" (list, one per device) or None},
+     "rng": {"python", "numpy", "torch_cpu", "torch_cuda" (list, one per device) or None}: plain lists, ints,
+            floats and uint8 tensors only, so a file loads with torch.load(weights_only=True),
+
      "rng_ranks": [rng of every rank] (distributed runs only),
      "data": {"seed", "epoch", "position"}, "config": {...}}
 
@@ -9,6 +11,10 @@ Files are `OUT/checkpoints/step-00000100.pt`. A file is written to a temporary n
 `os.replace`, so a crash (or SIGKILL) while saving leaves either the old set of checkpoints or the new one,
 never a truncated file under the real name. A checkpoint is only written after a step with a finite loss, so
 the newest one is always the last good state.
+
+Nothing in a checkpoint can run code: files are read with `torch.load(weights_only=True)`, whose unpickler
+builds only tensors and plain containers and refuses any other class (a planted file whose pickle would
+call a function is rejected before anything runs; tests/test_resume.py plants one).
 """
 from __future__ import annotations
 
@@ -64,17 +70,22 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 # ----------------------------------------------------------------------------------------------- rng
 def capture_rng() -> dict:
+    """The global random streams as plain lists / ints / floats and uint8 tensors (weights_only-loadable)."""
+    version, words, gauss = random.getstate()           # (3, 625 ints, None or float)
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": [int(version), list(words), gauss],
+        "numpy": [str(kind), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
         "torch_cpu": torch.get_rng_state(),
         "torch_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
 
 
 def restore_rng(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, words, gauss = state["python"]
+    random.setstate((int(version), tuple(int(w) for w in words), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch_cpu"])
     cuda = state.get("torch_cuda")
     if cuda is not None and torch.cuda.is_available():
@@ -112,9 +123,14 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     fix = (f"delete {path} to resume from the previous checkpoint in {path.parent}, "
            "or point the run at a new output folder")
     try:
-        # weights_only=False: the RNG states are numpy/python objects; the file is our own
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
+        # weights_only=True: tensors and plain containers only; any other pickled object is refused unrun
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's own message suggests weights_only=False: exactly what a planted file wants
+        raise TrainingError("checkpoint holds objects other than tensors and plain data; refused without "
+                            "running them (an older medssl's file, or one planted to run code)", where=str(path),
+                            fix=fix) from None
+    except (OSError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as err:
         raise TrainingError(f"checkpoint cannot be read ({type(err).__name__}: {err})", where=str(path),
                             fix=fix) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:

@@ -1,8 +1,6 @@
 """Stage `cache`: decode, orient, resample and normalise every image once."""
 from __future__ import annotations
 
-from pathlib import Path
-
 from medssl.errors import DataError
 from medssl.pipeline.context import Context, open_cache
 from medssl.ui import console
@@ -11,8 +9,8 @@ from medssl.ui import console
 def run_cache(ctx: Context) -> dict:
     from medssl.ingest.manifest import read_manifest
     df, meta = read_manifest(ctx.manifest_path)
-    cache = open_cache(ctx)
-    failures = cache.build(df, Path(meta["root"]), workers=ctx.cfg.manifest.workers)
+    cache = open_cache(ctx, meta)
+    failures = cache.build(df, workers=ctx.cfg.manifest.workers)
     for image_id, reason in failures.items():
         console.print(f"[yellow]not cached[/] {image_id}: {reason}")
     if len(failures) == len(df):

@@ -12,7 +12,8 @@ def run_manifest(ctx: Context) -> dict:
     folder, labels = data_source(ctx)
     m = ctx.cfg.manifest
     with ctx.child("manifest"):
-        summary = build_manifest_with_salt(folder, m.out, m.salt_env, labels=labels, join_on=m.join_on,
+        summary = build_manifest_with_salt(folder, m.out, m.salt_env, workdir=ctx.cfg.workdir, labels=labels,
+                                           join_on=m.join_on,
                                            workers=m.workers, max_image_mb=m.max_image_mb,
                                            nifti_modality=ctx.cfg.data.nifti_modality)
         console.print(summary.render() if hasattr(summary, "render") else str(summary))

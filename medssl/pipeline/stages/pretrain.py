@@ -1,7 +1,7 @@
 """Stage `pretrain`: self-supervised pretraining on the training split and unlabelled patients."""
 from __future__ import annotations
 
-from medssl.pipeline.context import Context, open_cache
+from medssl.pipeline.context import Context, open_cache, read_data
 
 
 def _online_probe(ctx: Context, df, cache):
@@ -17,11 +17,10 @@ def _online_probe(ctx: Context, df, cache):
 
 
 def run_pretrain(ctx: Context) -> dict:
-    from medssl.ingest.manifest import read_manifest
     from medssl.cohort.splits import pretrain_ids
     from medssl.train.pretrain import run_pretraining
-    df, meta = read_manifest(ctx.manifest_path)
-    cache = open_cache(ctx)
+    df, meta = read_data(ctx)
+    cache = open_cache(ctx, meta)
     # pretraining sees the training split and unlabelled patients, never val/test patients (no leakage)
     ids = [i for i in pretrain_ids(df) if cache.has(i)]
     contrastive = ctx.cfg.pretrain.ssl.contrastive

@@ -7,7 +7,7 @@ from medssl.ui import console
 
 
 def run_splits(ctx: Context) -> dict:
-    from medssl.ingest.manifest import read_manifest, write_manifest
+    from medssl.ingest.manifest import read_manifest
     from medssl.cohort import splits
     s = ctx.cfg.split
     df, meta = read_manifest(ctx.manifest_path)
@@ -15,10 +15,11 @@ def run_splits(ctx: Context) -> dict:
         raise DataError(f"the manifest has no labels in column '{s.label}'", where=str(ctx.manifest_path),
                         fix="give data.labels (a labels CSV) or set split.label to a labelled column")
     df["split"] = splits.assign_splits(df, s.label, s.seed, s.val_fraction, s.test_fraction)
-    write_manifest(df, meta, ctx.manifest_path)
+    # the splits go to their own file; the manifest (and so its digest) stays as the manifest stage wrote it
     rungs = splits.build_ladder(df, s.label, fractions=s.ladder.fractions, per_class=s.ladder.per_class,
                                 seeds=s.ladder.seeds)
-    splits.write_splits(ctx.splits_path, df, rungs, settings=s.model_dump(mode="json"))
+    made_for = {**s.model_dump(mode="json"), "manifest_digest": meta.get("digest")}  # read_data checks it
+    splits.write_splits(ctx.splits_path, df, rungs, settings=made_for)
     counts = df["split"].value_counts().to_dict()
     console.print(f"splits: {counts}; {len(rungs)} ladder rungs")
-    return {"paths": [str(ctx.splits_path)], "counts": counts, "rungs": len(rungs)}
+    return {"paths": [str(ctx.splits_path)], "counts": counts, "rungs": len(rungs), "digest": meta.get("digest")}
