@@ -309,3 +309,29 @@ def test_evaluate_never_writes_into_the_training_cache(tmp_path, monkeypatch):
     assert used["cache"].has(str(pd.read_csv(tmp_path / "m.csv")["image_id"][0]))
     assert (tmp_path / "work") in used["cache"].dir.parents
     assert not (tmp_path / "train_cache").exists()
+
+
+# ---------------------------------------------------------------------------------------- manifest paths
+def test_manifest_paths_leaving_the_root_are_refused_and_never_read(tmp_path):
+    """A manifest from elsewhere names files outside its root (`..`, an absolute path, a link out): each is a
+    DataError naming the row, the outside file is never decoded, and the good image beside them is cached."""
+    from medssl.ingest.decode import load_image
+    data, affine = t1()
+    root, outside = tmp_path / "dataset", tmp_path / "private"
+    root.mkdir(), outside.mkdir()
+    nib.save(nib.Nifti1Image(data, affine), root / "good.nii.gz")
+    nib.save(nib.Nifti1Image(data, affine), outside / "secret.nii.gz")   # a real, decodable image
+    (root / "link.nii.gz").symlink_to(outside / "secret.nii.gz")
+    escapes = {"img-dots": "../private/secret.nii.gz", "img-abs": str(outside / "secret.nii.gz"),
+               "img-link": "link.nii.gz"}
+    rows = [{"image_id": i, "patient_id": "pat-1", "format": "nifti", "paths": p, "modality": "MR",
+             "photometric": "MONOCHROME2"} for i, p in {"img-good": "good.nii.gz", **escapes}.items()]
+    for row in rows[1:]:
+        with pytest.raises(DataError, match="outside the dataset folder") as err:
+            load_image(row, root)
+        assert row["image_id"] in err.value.where
+    assert load_image(rows[0], root).array.shape == (1, *data.shape)
+    cache = VolumeCache(tmp_path / "cache", PreprocessConfig(size=[16, 16, 16]), root)
+    failures = cache.build(pd.DataFrame(rows), workers=1)
+    assert set(failures) == set(escapes) and all("outside" in r for r in failures.values())
+    assert cache.has("img-good")

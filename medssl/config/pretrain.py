@@ -127,6 +127,9 @@ class TrainConfig(Section):
                             "GPU, when they take at most 40% of its free memory); same crops either way")
     compile: bool = False
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    deterministic: bool = Field(
+        False, description="PyTorch's deterministic algorithms (bit-exact reruns on one device, some speed lost); "
+                           "an op without a deterministic implementation stops the run with its name")
 
 
 class PretrainConfig(Section):

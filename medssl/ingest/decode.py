@@ -195,10 +195,26 @@ READERS = {  # format -> reader of its file list
 }
 
 
+def confined_paths(row: Mapping, root: Path) -> list[Path]:
+    """The row's files, resolved (links followed) and required to lie inside the manifest root: a manifest
+    from elsewhere must not make medssl read `../../etc/passwd`, an absolute path or a link out of the folder."""
+    base = Path(root).resolve()
+    paths = []
+    for rel in str(row["paths"]).split("|"):
+        path = (base / rel).resolve()
+        if not path.is_relative_to(base):
+            raise DataError(f"manifest path {rel[:200]!r} points outside the dataset folder {base}",
+                            where=f"manifest row {row.get('image_id', '')}",
+                            fix="manifest paths must be relative to its root, without '..', absolute parts or "
+                                "links out of the folder; rebuild the manifest from the folder itself")
+        paths.append(path)
+    return paths
+
+
 def load_image(row: Mapping, root: Path) -> LoadedImage:
     """Decode the image of one manifest row. Raises DataError (naming the file) for anything unreadable."""
     fmt = str(row["format"])
-    paths = [Path(root) / p for p in str(row["paths"]).split("|")]
+    paths = confined_paths(row, root)
     if fmt not in READERS:
         raise DataError(f"unknown image format '{fmt}'", where=f"manifest row {row.get('image_id')}",
                         fix=f"rebuild the manifest with this medssl version (formats: {', '.join(READERS)})")

@@ -60,7 +60,7 @@ def build_method(cfg: PretrainConfig, spatial_dims: int) -> nn.Module:
     """Encoder (built for cfg.crop) wrapped in the configured SSL objective(s)."""
     from medssl.models.encoders import build_encoder
     encoder = build_encoder(cfg.encoder, spatial_dims, cfg.crop)
-    return METHODS[cfg.ssl.objectives()][1](encoder, cfg)
+    return METHODS[cfg.ssl.objectives()][1](encoder, cfg).seed_views(cfg.train.seed)
 
 
 __all__ = ["build_method", "method_name", "METHODS"]

@@ -32,9 +32,10 @@ class MaskedContrastive(SSLMethod):
         return self.mae.encoder
 
     def forward(self, batch: dict) -> dict:
-        v1, v2 = positive_views(batch, self.contrastive_cfg.positives, self.views)  # as SimCLR
+        generator = self.views_generator(batch)
+        v1, v2 = positive_views(batch, self.contrastive_cfg.positives, self.views, generator)  # as SimCLR
         both = torch.cat([v1, v2])  # (2B, C, *crop)
-        latent, mask, ids_restore = self.mae.encode_masked(both)
+        latent, mask, ids_restore = self.mae.encode_masked(both, generator)
         loss_masked = self.mae.reconstruction_loss(both, latent, mask, ids_restore)
         z1, z2 = self.head(latent.mean(dim=1)).chunk(2)  # (B, projection_dim) each
         loss_contrastive = nt_xent(z1, z2, self.contrastive_cfg.temperature)

@@ -15,11 +15,12 @@ from medssl.ssl.losses import nt_xent
 from medssl.augment.views import make_views
 
 
-def positive_views(batch: dict, positives: str, views: ViewsConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def positive_views(batch: dict, positives: str, views: ViewsConfig,
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Two augmented views (B, C, *crop); the second from batch["pair"] for patient/study positives."""
     x = batch["image"]
     other = batch.get("pair") if positives != "views" else None  # no pair in the batch: two views of x
-    return make_views(x, views), make_views(x if other is None else other, views)
+    return make_views(x, views, generator), make_views(x if other is None else other, views, generator)
 
 
 class SimCLR(SSLMethod):
@@ -37,6 +38,6 @@ class SimCLR(SSLMethod):
         return z.chunk(2)
 
     def forward(self, batch: dict) -> dict:
-        z1, z2 = self.project(*positive_views(batch, self.cfg.positives, self.views))
+        z1, z2 = self.project(*positive_views(batch, self.cfg.positives, self.views, self.views_generator(batch)))
         loss = nt_xent(z1, z2, self.cfg.temperature)
         return {"loss": loss, "loss_contrastive": loss.detach()}

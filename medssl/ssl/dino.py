@@ -47,7 +47,7 @@ class DINO(SSLMethod):
         self.register_buffer("center", torch.zeros(1, cfg.out_dim))
 
     def forward(self, batch: dict) -> dict:
-        v1, v2 = positive_views(batch, "views", self.views)
+        v1, v2 = positive_views(batch, "views", self.views, self.views_generator(batch))
         student = self.head(encode_pair(self.encoder, v1, v2)).chunk(2)  # 2 x (B, out_dim)
         with torch.no_grad():
             teacher_logits = self.teacher["head"](encode_pair(self.teacher["encoder"], v1, v2))  # (2B, out_dim)

@@ -57,10 +57,10 @@ class MaskedAutoencoder(SSLMethod):
         self.encoder, self.cfg, self.views = encoder, cfg, views
         self.decoder = MAEDecoder(encoder, cfg)
 
-    def encode_masked(self, x: torch.Tensor):
+    def encode_masked(self, x: torch.Tensor, generator: torch.Generator | None = None):
         """x (B, C, *crop) -> latent of the visible patches (B, L_keep, D), mask (B, L), ids_restore (B, L)."""
         keep_idx, mask, ids_restore = random_masking(x.shape[0], self.encoder.num_patches,
-                                                     self.cfg.mask_ratio, x.device)
+                                                     self.cfg.mask_ratio, x.device, generator)
         return self.encoder.forward_tokens(x, keep_idx), mask, ids_restore
 
     def reconstruction_loss(self, x: torch.Tensor, latent, mask, ids_restore) -> torch.Tensor:
@@ -69,6 +69,7 @@ class MaskedAutoencoder(SSLMethod):
         return masked_patch_mse(pred, target, mask, self.cfg.norm_pix_loss)
 
     def forward(self, batch: dict) -> dict:
-        x = make_views(batch["image"], self.views)
-        loss = self.reconstruction_loss(x, *self.encode_masked(x))
+        generator = self.views_generator(batch)  # views and masks: the method's own stream
+        x = make_views(batch["image"], self.views, generator)
+        loss = self.reconstruction_loss(x, *self.encode_masked(x, generator))
         return {"loss": loss, "loss_masked": loss.detach()}

@@ -29,7 +29,7 @@ class VICReg(SSLMethod):
         self.expander = expander(encoder.out_features, cfg.expander_dim)
 
     def forward(self, batch: dict) -> dict:
-        v1, v2 = positive_views(batch, "views", self.views)
+        v1, v2 = positive_views(batch, "views", self.views, self.views_generator(batch))
         z1, z2 = self.expander(encode_pair(self.encoder, v1, v2)).chunk(2)  # (B, expander_dim) each
         terms = vicreg_terms(z1, z2)
         cfg = self.cfg

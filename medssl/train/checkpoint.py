@@ -94,6 +94,12 @@ def restore_rng(state: dict) -> None:
 
 
 # --------------------------------------------------------------------------------------- save / load
+def refused_pickle(err: BaseException) -> bool:
+    """torch.load(weights_only=True) met a pickled class or function it will not build ("Unsupported global"),
+    as opposed to a damaged file ("Unsupported operand")."""
+    return isinstance(err, pickle.UnpicklingError) and "global" in str(err).lower()
+
+
 def save_checkpoint(path: Path, *, model: nn.Module, optimizer, scheduler, scaler, step: int, data: dict,
                     config: dict, rng_ranks: list | None = None) -> Path:
     """Write atomically: a temporary file in the same folder, then `os.replace` onto the final name."""
@@ -125,10 +131,12 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     try:
         # weights_only=True: tensors and plain containers only; any other pickled object is refused unrun
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        # torch's own message suggests weights_only=False: exactly what a planted file wants
-        raise TrainingError("checkpoint holds objects other than tensors and plain data; refused without "
-                            "running them (an older medssl's file, or one planted to run code)", where=str(path),
+    except pickle.UnpicklingError as err:
+        if refused_pickle(err):  # torch's message suggests weights_only=False: what a planted file wants
+            raise TrainingError("checkpoint holds objects other than tensors and plain data; refused without "
+                                "running them (an older medssl's file, or one planted to run code)",
+                                where=str(path), fix=fix) from None
+        raise TrainingError(f"checkpoint cannot be read (UnpicklingError: {err})", where=str(path),
                             fix=fix) from None
     except (OSError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as err:
         raise TrainingError(f"checkpoint cannot be read ({type(err).__name__}: {err})", where=str(path),

@@ -14,6 +14,7 @@ import torch
 
 from medssl.config import PretrainConfig
 from medssl.train import checkpoint as ckpt
+from medssl.train.determinism import deterministic_algorithms
 from medssl.train.distributed import barrier, init_distributed, sharded_loader
 from medssl.train.loop import seed_everything, train
 
@@ -61,9 +62,10 @@ def run_pretraining(cfg: PretrainConfig, cache, image_ids, groups: dict | None, 
     # stored in every checkpoint; a resume must match all of it but the resumable train settings (loop.py)
     config = {"pretrain": cfg.model_dump(mode="json", exclude={"train"}), "spatial_dims": spatial_dims,
               "manifest_digest": manifest_digest}
-    result = train(method, factory, t, out_dir, tracker if info.rank == 0 else _Silent(), device,
-                   probe=probe, keep_checkpoints=keep_checkpoints, config=config, sync_batchnorm=sync_batchnorm,
-                   prepare=prepare)
+    with deterministic_algorithms(t.deterministic):
+        result = train(method, factory, t, out_dir, tracker if info.rank == 0 else _Silent(), device,
+                       probe=probe, keep_checkpoints=keep_checkpoints, config=config,
+                       sync_batchnorm=sync_batchnorm, prepare=prepare)
     path = out_dir / "encoder.pt"
     if info.rank == 0:
         save_encoder(path, method.encoder, cfg.encoder, spatial_dims, cfg.crop,
