@@ -297,7 +297,9 @@ def test_evaluate_never_writes_into_the_training_cache(tmp_path, monkeypatch):
     data, affine = t1()
     (tmp_path / "images").mkdir()
     nib.save(nib.Nifti1Image(data, affine), tmp_path / "images" / "t1.nii.gz")
-    build_manifest(tmp_path / "images", tmp_path / "m.csv", salt="s", workers=1, progress=False)
+    (tmp_path / "labels.csv").write_text("path,label\nt1.nii.gz,1\n")
+    build_manifest(tmp_path / "images", tmp_path / "m.csv", labels=tmp_path / "labels.csv", join_on="path", salt="s",
+                   workers=1, progress=False)
     cfg = PipelineConfig.model_validate({"name": "x", "workdir": str(tmp_path / "work"),
                                          "data": {"folder": str(tmp_path / "images")},
                                          "preprocess": {"cache_dir": str(tmp_path / "train_cache"),
