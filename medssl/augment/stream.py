@@ -35,8 +35,9 @@ class ViewStream(nn.Module):
         self.calls += 1
         return self._generators[key].manual_seed(int(words[0]) << 31 | int(words[1]) >> 1)
 
-    def get_extra_state(self) -> dict:
-        return {"seed": self.seed, "calls": self.calls}
+    def get_extra_state(self) -> torch.Tensor:
+        # a tensor, like every other state-dict value (code that clones or compares state dicts keeps working)
+        return torch.tensor([self.seed % 2**63, self.calls], dtype=torch.int64)
 
-    def set_extra_state(self, state: dict) -> None:
-        self.seed, self.calls = int(state["seed"]), int(state["calls"])
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        self.seed, self.calls = (int(v) for v in state.tolist())
