@@ -4,7 +4,9 @@ preprocessing settings — the same code path (manifest → VolumeCache → Imag
 serving cannot disagree with training about orientation, spacing or intensities."""
 from __future__ import annotations
 
+import os
 import secrets
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -19,14 +21,18 @@ from medssl.train.loaders import ImageDataset
 
 
 def _as_folder(path: Path, work: Path) -> Path:
-    """A folder to index: the path itself, or a folder holding only a link to the one file given."""
+    """A folder to index: the path itself, or a folder holding only the one file given (a hard link, or a copy
+    across file systems: a symbolic link would point outside the folder, which the decoder refuses)."""
     if path.is_dir():
         return path
     if not path.is_file():
         raise DataError(f"no such file or folder: {path}", where="model input",
                         fix="give paths to DICOM series folders, DICOM files or NIfTI/PNG files")
     holder = Path(tempfile.mkdtemp(dir=work))
-    (holder / path.name).symlink_to(path.resolve())
+    try:
+        os.link(path.resolve(), holder / path.name)
+    except OSError:
+        shutil.copy2(path.resolve(), holder / path.name)
     return holder
 
 
