@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 from medssl.errors import DataError
-from medssl.pipeline.context import Context, open_cache
+from medssl.pipeline.context import Context, open_cache, read_data
 from medssl.ui import console
 
 
@@ -20,10 +20,9 @@ def _spacing(ctx: Context, df) -> dict:
 def run_seg_ladder(ctx: Context) -> dict:
     from medssl.cohort.splits import read_splits
     from medssl.evaluate.seg_report import pooled_summary, render_table, write_report
-    from medssl.ingest.manifest import read_manifest
     from medssl.ladder.seg_ladder import RESULTS, run_seg_ladder as ladder
     from medssl.preprocess.masks import MaskCache
-    df, meta = read_manifest(ctx.manifest_path)
+    df, meta = read_data(ctx)  # the manifest with its splits (from the splits file)
     if "mask" not in df.columns or not (df["mask"] != "").any():
         raise DataError("finetune.task is segmentation but the manifest has no usable mask", where=str(ctx.manifest_path),
                         fix="add a 'mask' column (label-map paths) to the labels CSV; see the problems column "
@@ -31,7 +30,7 @@ def run_seg_ladder(ctx: Context) -> dict:
     if ctx.cfg.preprocess.slices_from_3d:
         raise DataError("segmentation on 2D slices of 3D volumes is not supported", where="preprocess.slices_from_3d",
                         fix="segment in 3D (spatial_dims: 3), or give 2D images with 2D masks")
-    images = open_cache(ctx)
+    images = open_cache(ctx, meta)
     masks = MaskCache(images)
     for image_id, reason in masks.build(df, Path(meta["root"])).items():
         console.print(f"[yellow]mask not cached[/] {image_id}: {reason}")
