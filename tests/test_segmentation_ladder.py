@@ -106,6 +106,36 @@ def test_segmenter_3d_trains_and_segments(tmp_path):
     assert pred.shape == volumes[0][0].shape[1:] and set(np.unique(pred)) <= {0, 1}
 
 
+class EmptyTraining:
+    """The cohort's masks, but the training split's are all background (a rung with nothing to learn)."""
+
+    def __init__(self, masks, empty_ids):
+        self.masks, self.empty = masks, set(empty_ids)
+
+    def has(self, image_id):
+        return self.masks.has(image_id)
+
+    def labels(self, image_id):
+        return self.masks.labels(image_id)
+
+    def get(self, image_id):
+        mask = np.asarray(self.masks.get(image_id))
+        return np.zeros_like(mask) if image_id in self.empty else mask
+
+
+def test_rung_without_foreground_fails_clearly(cohort2d, tmp_path):
+    df, _, images, masks = cohort2d
+    df = df.assign(split=assign_splits(df, "has_mask", 0, 0.1, 0.4))
+    rungs = build_ladder(df, "has_mask", per_class=[1], seeds=[0])
+    encoder = save_encoder(tmp_path / "encoder.pt", build_encoder(ENCODER, 2, [32, 32]), ENCODER, 2, [32, 32])
+    cfg = FinetuneConfig(task="segmentation", bootstrap=20, segmentation={"patch": [32, 32], "steps": 1, "batch_size": 2})
+    empty = EmptyTraining(masks, df.loc[df["split"] == "train", "image_id"])
+    results, _ = run_seg_ladder(cfg, encoder, images, empty, df, rungs, {i: [2.0, 2.0] for i in df["image_id"]},
+                                tmp_path / "ladder", NullTracker())
+    assert list(results["status"]) == ["failed", "failed"]
+    assert results["error"].str.contains("rung per_class_1 .* no foreground voxel").all()
+
+
 def test_bad_labels_and_empty_rungs(cohort2d):
     df, _, _, masks = cohort2d
     with pytest.raises(ConfigError, match="labels the config does not name"):

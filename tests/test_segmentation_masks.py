@@ -86,6 +86,7 @@ def test_manifest_checks_mask_geometry(cohort):
     assert df.loc["same", "has_mask"] == 1 and df.loc["same", "problems"] == ""
     assert df.loc["flipped", "mask_grid"] == "resampled" and df.loc["flipped", "mask"] == "../masks/flipped.nii.gz"
     assert df.loc["empty", "has_mask"] == 0 and df.loc["empty", "mask_labels"] == "0"
+    assert "empty (no foreground voxel)" in df.loc["empty", "problems"] and df.loc["empty", "mask"] != ""
     for case, reason in (("away", "does not cover the image"), ("slice", "2D mask"), ("broken", "unreadable")):
         assert reason in df.loc[case, "problems"], case
         assert df.loc[case, "mask"] == "" and pd.isna(df.loc[case, "has_mask"])

@@ -104,3 +104,20 @@ def test_patient_means_weigh_patients_equally_and_paired_delta():
     b = _scores({"p1": [0.4, 0.0], "p2": [0.7], "p3": [0.5]})   # each patient exactly 0.1 (p1: .3) lower
     delta, low, high = paired_delta(a, b, n_boot=200)
     assert delta == pytest.approx((0.3 + 0.1 + 0.1) / 3) and 0.1 - 1e-9 <= low <= high <= 0.3 + 1e-9
+
+
+@pytest.mark.parametrize("kind", sorted(ENCODERS))
+def test_segmentation_package_round_trip(tmp_path, kind):
+    from medssl.export.seg_package import load_segmenter, save_segmenter
+    cfg = EncoderConfig(**ENCODERS[kind])
+    net = build_segmenter(build_encoder(cfg, 2, [32, 32]), 3, 2).eval()
+    spec = {"architecture": {"encoder": cfg.model_dump(mode="json"), "spatial_dims": 2, "img_size": [32, 32],
+                             "in_channels": 1, "n_classes": 3, "feature_size": 16}, "classes": {"1": "a", "2": "b"}}
+    folder = save_segmenter(tmp_path / "model", net, spec)
+    loaded, read = load_segmenter(folder)
+    x = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), net(x)) and read["classes"] == spec["classes"]
+    (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:-8] + bytes(8))
+    with pytest.raises(TrainingError, match="sha256"):
+        load_segmenter(folder)

@@ -125,8 +125,9 @@ def check_mask(path: Path, image_shape, image_affine, image_dims: int) -> dict:
     if (values < 0).any():
         return {"mask_grid": "", "mask_labels": "", "has_mask": pd.NA,
                 "problem": f"mask {path.name}: negative label values {values[values < 0].tolist()}"}
-    return {"mask_grid": grid, "mask_labels": "|".join(str(int(v)) for v in values),
-            "has_mask": int((values > 0).any()), "problem": ""}
+    empty = not (values > 0).any()   # kept: "no lesion here" is a label, but say so (a wrong export looks alike)
+    return {"mask_grid": grid, "mask_labels": "|".join(str(int(v)) for v in values), "has_mask": int(not empty),
+            "problem": f"mask {path.name}: empty (no foreground voxel), kept as a negative" if empty else ""}
 
 
 def mask_table(frame: pd.DataFrame, source: Path) -> pd.Series:
@@ -149,7 +150,8 @@ def attach_masks(df: pd.DataFrame, images: list[dict], paths: list[str], root: P
             rows.append({"mask": "", "mask_grid": "", "mask_labels": "", "has_mask": pd.NA, "problem": ""})
             continue
         info = check_mask(Path(path), image["shape"], np.asarray(image["affine"], float), int(image["spatial_dims"]))
-        rows.append({**info, "mask": os.path.relpath(path, root) if not info["problem"] else ""})
+        usable = info["mask_grid"] != ""
+        rows.append({**info, "mask": os.path.relpath(path, root) if usable else ""})
     extra = pd.DataFrame(rows, index=df.index)
     problems = ["; ".join(p for p in (old, new) if p) for old, new in zip(df["problems"], extra["problem"])]
     out = df.drop(columns=["problems"]).assign(

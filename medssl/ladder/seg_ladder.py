@@ -22,7 +22,6 @@ from medssl.config import EncoderConfig, FinetuneConfig
 from medssl.errors import ConfigError, DataError, MedsslError
 from medssl.evaluate.seg_metrics import image_scores, paired_delta, summarise
 from medssl.evaluate.seg_report import overlay_figure
-from medssl.ladder.registry import log_model
 from medssl.ladder.results import append_result, finished_keys, print_failures, read_results, settings_digest
 from medssl.ladder.segmenter import segment, train_segmenter
 from medssl.ui import console, progress_bar
@@ -167,7 +166,8 @@ def _run_child(ctx: SegContext, rung, init: str, train_ids: list[str]) -> dict:
                                 "patch": ctx.patch, "segmentation": seg.model_dump(), "n_test": len(ctx.test_ids),
                                 "decoder_keys_trained_from_scratch": len(keys["missing"])})
         start = time.perf_counter()
-        result = train_segmenter(net, [_volume(ctx, i) for i in train_ids], seg, ctx.cfg, ctx.patch, seed, device)
+        result = train_segmenter(net, [_volume(ctx, i) for i in train_ids], seg, ctx.cfg, ctx.patch, seed, device,
+                                 where=f"rung {rung.name} (seed {rung.seed}, {len(train_ids)} volumes)")
         for row in result.history:
             ctx.tracker.log_metrics({"train_loss": row["loss"]}, step=row["step"])
         scores, first = _evaluate(ctx, result.model, device)
@@ -183,7 +183,7 @@ def _run_child(ctx: SegContext, rung, init: str, train_ids: list[str]) -> dict:
                                "overlays/first_test_image.png")
         logged = _should_log(ctx, rung.name, result.final_loss)
         if logged:
-            log_model(ctx.tracker, result.model.cpu(), torch.as_tensor(image[(slice(None),) + _centre(image, ctx.patch)]))
+            _log_model(ctx, rung, init, result.model.cpu(), values)
         run_id = run.info.run_id
     return {"run_id": run_id or "", "model_logged": logged, "scores": str(folder / "scores.csv"),
             "final_train_loss": result.final_loss, "train_seconds": round(time.perf_counter() - start, 1),
@@ -205,9 +205,20 @@ def _should_log(ctx: SegContext, rung_name: str, loss: float) -> bool:
     return not len(logged) or loss < float(logged["final_train_loss"].min())
 
 
-def _centre(image: np.ndarray, patch: list[int]) -> tuple[slice, ...]:
-    """The central patch of an image (the model's input example), clipped to the image."""
-    return tuple(slice(max(0, (s - p) // 2), max(0, (s - p) // 2) + p) for s, p in zip(image.shape[1:], patch))
+def _log_model(ctx: SegContext, rung, init: str, net, values: dict) -> None:
+    """The network as a pickle-free segmentation package (export/seg_package.py) under artifact path "model"."""
+    import tempfile
+    from medssl.export.seg_package import save_segmenter
+    seg = ctx.cfg.segmentation
+    spec = {"architecture": {"encoder": ctx.encoder_cfg.model_dump(mode="json"), "spatial_dims": ctx.spatial_dims,
+                             "img_size": list(ctx.info["img_size"]), "in_channels": ctx.encoder_cfg.in_channels,
+                             "n_classes": ctx.n_classes, "feature_size": seg.feature_size},
+            "classes": {str(k): v for k, v in seg.classes.items()}, "patch": ctx.patch, "overlap": seg.overlap,
+            "preprocess": ctx.images.cfg.model_dump(mode="json", exclude={"cache_dir"}),
+            "lineage": {**_lineage(ctx), "rung": rung.name, "seed": rung.seed, "init": init},
+            "test": {k: values.get(k) for k in ("dice", "dice_low", "dice_high", "patients")}}
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx.tracker.log_artifact(save_segmenter(Path(tmp) / "model", net, spec), "model")
 
 
 def _evaluate(ctx: SegContext, net, device: str) -> tuple[pd.DataFrame, tuple]:

@@ -36,7 +36,8 @@ class PatchSampler:
                  seed: int):
         self.patch, self.rng = list(patch), np.random.default_rng(seed)
         pad = SpatialPad(self.patch)                           # volumes smaller than a patch: zero-padded
-        self.volumes = [(pad(torch.as_tensor(np.asarray(i, np.float32))), pad(torch.as_tensor(np.asarray(m))))
+        # np.array copies: cached arrays are read-only memory maps, and tensors want writable memory
+        self.volumes = [(pad(torch.from_numpy(np.array(i, np.float32))), pad(torch.from_numpy(np.array(m))))
                         for i, m in volumes]
         pos = pos_fraction if pos_fraction < 1 else 1.0
         self.crop = RandCropByPosNegLabel(self.patch, pos=pos, neg=1.0 - pos, num_samples=1, allow_smaller=False)
@@ -61,8 +62,9 @@ def check_foreground(masks: list[np.ndarray], where: str) -> None:
 
 
 def train_segmenter(net: torch.nn.Module, volumes: list[tuple[np.ndarray, np.ndarray]], seg: SegmentationConfig,
-                    ft: FinetuneConfig, patch: list[int], seed: int, device: str = "cpu") -> SegResult:
-    check_foreground([m for _, m in volumes], f"seed {seed}")
+                    ft: FinetuneConfig, patch: list[int], seed: int, device: str = "cpu",
+                    where: str = "the training volumes") -> SegResult:
+    check_foreground([m for _, m in volumes], where)
     if seg.batch_size < 2 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules()):
         raise ConfigError("segmentation batch_size 1 with a BatchNorm encoder (ResNet): its deepest stage sees "
                           "one value per channel", where="finetune.segmentation.batch_size", fix="use 2 or more")
@@ -86,7 +88,7 @@ def train_segmenter(net: torch.nn.Module, volumes: list[tuple[np.ndarray, np.nda
         loss.backward()
         optimizer.step()
         schedule.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step % 10 == 0 or step == seg.steps - 1:
             history.append({"step": step, "loss": losses[-1]})
     tail = losses[-max(1, seg.steps // 10):]
