@@ -42,7 +42,7 @@ def _cohort(tmp_path, dims: int, subjects: int = 10):
     df, meta = read_manifest(tmp_path / "m.csv")
     assert (df["mask_grid"] == "same").all() and (df["has_mask"] == 1).all(), df["problems"].tolist()
     cfg = PreprocessConfig(spatial_dims=dims, size=[32] * dims, cache_dir=tmp_path / "cache")
-    images = VolumeCache(cfg.cache_dir, cfg)
+    images = VolumeCache(cfg.cache_dir, cfg, meta["root"])
     assert images.build(df, meta["root"], workers=1) == {}
     masks = MaskCache(images)
     assert masks.build(df, meta["root"]) == {}
