@@ -337,3 +337,97 @@ def test_manifest_paths_leaving_the_root_are_refused_and_never_read(tmp_path):
     failures = cache.build(pd.DataFrame(rows), workers=1)
     assert set(failures) == set(escapes) and all("outside" in r for r in failures.values())
     assert cache.has("img-good")
+
+
+# ---------------------------------------------------------------------------------------- the numpy chain
+ITK_T1 = Path("/usr/share/doc/insighttoolkit5-examples/examples/Data/KmeansTest_T1UCharRaw.nii.gz")
+
+
+def _real_volumes():
+    """nibabel's T1 (LAS: a flip), ITK's T1 (LSA: a flip and a permutation), and nibabel's T1 with its axes
+    reordered to PIL with every axis reversed (the same anatomy, another storage order)."""
+    data, affine = t1()
+    yield "nibabel-LAS", data, affine
+    if ITK_T1.is_file():
+        img = nib.load(ITK_T1)
+        yield "itk-LSA", np.asarray(img.dataobj, dtype=np.float32), img.affine
+    order = (1, 2, 0)
+    stored = data.transpose(order)[::-1, ::-1, ::-1]
+    moved = affine[:, list(order) + [3]].copy()
+    moved[:3, 3] = affine[:3, :3] @ (np.array(data.shape) - 1) + affine[:3, 3]   # the old last voxel is first
+    moved[:3, :3] *= -1
+    yield "permuted-PIL", np.ascontiguousarray(stored), moved
+
+
+@pytest.mark.parametrize("cfg", [PreprocessConfig(), PreprocessConfig(size=[40, 36, 24]),
+                                 PreprocessConfig(size=[31, 61, 23]),   # odd crops of even axes: centre rule
+                                 PreprocessConfig(spatial_dims=2, slices_from_3d=True, size=[30, 50])],
+                         ids=["native", "pad-and-crop", "odd-sizes", "slices_from_3d"])
+@pytest.mark.parametrize("modality", ["MR", "CT"])
+def test_numpy_chain_equals_the_monai_chain_on_real_volumes(cfg, modality):
+    from medssl.preprocess.arrays import fast_chain, fast_chain_applies
+    assert fast_chain_applies(cfg)
+    if modality == "CT":
+        cfg = cfg.model_copy(update={"ct_window": (20.0, 120.0)})
+    for name, data, affine in _real_volumes():
+        expected, expected_affine = run(cfg, data[None], affine, modality)
+        got, got_affine = fast_chain(data[None], affine, modality, "MONOCHROME2", cfg)
+        assert got.dtype == np.float32 and got.shape == expected.shape, name
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(got_affine, expected_affine, atol=1e-9, err_msg=name)
+        assert nib.aff2axcodes(got_affine) == ("R", "A", "S")
+
+
+def test_numpy_chain_equals_the_monai_chain_on_real_2d_images(tmp_path):
+    """pydicom's CT_small (CT window) and RG1_UNCI (CR, MONOCHROME1: min-max, inverted), decoded by
+    load_image, plus a 2D slice stored (X, Y, 1); native and padded/cropped sizes."""
+    from pydicom.data import get_testdata_file
+    from medssl.ingest.decode import load_image
+    from medssl.preprocess.arrays import fast_chain
+    images = []
+    for name, modality, photometric in (("CT_small.dcm", "CT", "MONOCHROME2"), ("RG1_UNCI.dcm", "CR", "MONOCHROME1")):
+        source = get_testdata_file(name)
+        if source is None:
+            pytest.skip(f"{name} not installed (pip install pydicom-data)")
+        shutil.copy(source, tmp_path / name)
+        row = {"image_id": name, "format": "dicom-2d", "paths": name, "modality": modality,
+               "photometric": photometric}
+        loaded = load_image(row, tmp_path)
+        images.append((name, loaded.array, loaded.affine, modality, photometric))
+    data, affine = t1()
+    images.append(("slice", data[None, :, :, 12:13], affine, "MR", "MONOCHROME2"))
+    for cfg in (PreprocessConfig(spatial_dims=2, ct_window=(-200.0, 300.0)),
+                PreprocessConfig(spatial_dims=2, size=[300, 40])):
+        for name, array, affine, modality, photometric in images:
+            expected, expected_affine = run(cfg, array, affine, modality, photometric)
+            got, got_affine = fast_chain(array, affine, modality, photometric, cfg)
+            assert got.shape == expected.shape, name
+            np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6, err_msg=name)
+            np.testing.assert_allclose(got_affine, expected_affine, atol=1e-9, err_msg=name)
+
+
+def test_the_cache_stores_the_numpy_chain_as_float16_without_importing_monai(tmp_path):
+    """A fresh process builds a no-resample cache: MONAI is never imported, and the stored arrays are the
+    MONAI chain's values to float16 rounding."""
+    import subprocess
+    import sys
+    data, affine = t1()
+    nib.save(nib.Nifti1Image(data, affine), tmp_path / "t1.nii.gz")
+    script = f"""
+import sys, pandas as pd
+from medssl.config import PreprocessConfig
+from medssl.preprocess.cache import VolumeCache
+rows = [{{"image_id": "img-a", "format": "nifti", "paths": "t1.nii.gz", "modality": "MR", "photometric": ""}}]
+cache = VolumeCache({str(tmp_path / 'cache')!r}, PreprocessConfig(size=[24, 40, 24]), {str(tmp_path)!r})
+assert cache.build(pd.DataFrame(rows), workers=1) == {{}}
+print("monai" in sys.modules, cache.path("img-a"))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert done.returncode == 0, done.stderr[-2000:]
+    imported, stored = done.stdout.split()
+    assert imported == "False"
+    expected, _ = run(PreprocessConfig(size=[24, 40, 24]), data[None], affine)
+    cached = np.load(stored)
+    assert cached.dtype == np.float16 and cached.flags.c_contiguous
+    np.testing.assert_array_equal(cached, expected.astype(np.float16))

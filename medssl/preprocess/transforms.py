@@ -13,6 +13,8 @@ Geometry decisions:
 - A 2D pipeline (spatial_dims 2) takes 2D images and (X, Y, 1) volumes; with `slices_from_3d` it keeps volumes
   3D and applies `spacing` / `size` in-plane only (the slice axis keeps its native spacing and length).
 - Everything is normalised before padding, so padding with 0 pads with background.
+The rules themselves (dimensions, in-plane frame, intensity ranges) live in arrays.py, written once on numpy
+arrays; the cache runs arrays.fast_chain instead of this chain when nothing is resampled or cropped.
 """
 from __future__ import annotations
 
@@ -26,17 +28,10 @@ from monai.transforms import (Compose, CropForegroundd, MapTransform, Orientatio
                               Spacingd, Transform)
 
 from medssl.config import PreprocessConfig
-from medssl.errors import DataError, MedsslError
+from medssl.errors import MedsslError
+from medssl.preprocess.arrays import RAS, image_rank, in_plane_frame, intensity_range, inverted, per_rank
 
-RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))   # explicit: MONAI's default is changing
 FOREGROUND_LEVEL = 0.05   # of the [0, 1] range: above MR background noise, below any tissue in a CT window
-
-# How each modality is brought to [0, 1]. CT values are calibrated (HU): a fixed window keeps them comparable
-# across scanners. MR and unknown modalities have arbitrary units: robust percentiles. Radiographs: min-max of
-# each image (their raw range depends on detector and exposure).
-NORMALISERS = {"CT": "window", "MR": "percentiles", "CR": "minmax", "DX": "minmax", "MG": "minmax",
-               "RG": "minmax", "PX": "minmax"}
-DEFAULT_NORMALISER = "percentiles"
 
 
 # ------------------------------------------------------------------------------- input conversion
@@ -55,30 +50,13 @@ class MatchSpatialDims(Transform):
         self.spatial_dims, self.slices_from_3d = spatial_dims, slices_from_3d
 
     def __call__(self, img: MetaTensor) -> MetaTensor:
-        rank = img.ndim - 1
-        if rank == 3 and self.spatial_dims == 2 and img.shape[-1] == 1:
-            img, rank = MetaTensor(img.as_tensor()[..., 0], affine=img.affine), 2   # (C, X, Y, 1) -> (C, X, Y)
-        if self.spatial_dims == 3 and (rank == 2 or 1 in img.shape[1:]):
-            raise DataError(f"a 2D image {tuple(img.shape[1:])} cannot enter a 3D pipeline",
-                            where="preprocess.spatial_dims",
-                            fix="use a 2D pipeline (spatial_dims: 2) for radiographs and single slices")
-        if rank == 3 and self.spatial_dims == 2 and not self.slices_from_3d:
-            raise DataError(f"a 3D volume {tuple(img.shape[1:])} cannot enter a 2D pipeline",
-                            where="preprocess.slices_from_3d",
-                            fix="set preprocess.slices_from_3d: true to train 2D models on axial slices")
-        if rank not in (2, 3):
-            raise DataError(f"image has {rank} spatial dimensions; only 2D and 3D are supported",
-                            where="preprocess", fix="split 4D series (e.g. fMRI) into 3D volumes first")
-        return _in_plane_frame(img) if rank == 2 else img
-
-
-def _in_plane_frame(img: MetaTensor) -> MetaTensor:
-    """2D: keep pixel order, keep only the pixel spacing (column norms) of the affine."""
-    affine = torch.as_tensor(img.affine, dtype=torch.float64)
-    frame = torch.eye(4, dtype=torch.float64)
-    frame[0, 0], frame[1, 1] = affine[:3, 0].norm(), affine[:3, 1].norm()
-    frame[:3, 3] = affine[:3, 3]
-    return MetaTensor(img.as_tensor(), affine=frame)
+        rank, squeeze = image_rank(tuple(img.shape[1:]), self.spatial_dims, self.slices_from_3d)  # arrays.py
+        if squeeze:
+            img = MetaTensor(img.as_tensor()[..., 0], affine=img.affine)   # (C, X, Y, 1) -> (C, X, Y)
+        if rank == 3:
+            return img
+        frame = in_plane_frame(torch.as_tensor(img.affine, dtype=torch.float64).numpy())
+        return MetaTensor(img.as_tensor(), affine=torch.as_tensor(frame))
 
 
 class MatchSpatialDimsd(MapTransform):
@@ -94,37 +72,22 @@ class MatchSpatialDimsd(MapTransform):
 
 
 # ------------------------------------------------------------------------------- intensity
-PERCENTILE_SAMPLES = 262_144
-
-
 class NormalizeModality(Transform):
-    """Intensities to [0, 1] by modality (NORMALISERS); MONOCHROME1 images (bright = low value) are inverted
-    so that bone is bright everywhere. CT is never inverted: HU are physical, the photometric tag only
-    describes display."""
+    """Intensities to [0, 1] by modality; the range and the MONOCHROME1 inversion are decided by
+    arrays.intensity_range / arrays.inverted (one rule for this chain and the numpy one)."""
 
     def __init__(self, ct_window: Sequence[float] = (-1000.0, 1000.0),
                  mr_percentiles: Sequence[float] = (1.0, 99.0)):
         self.ct_window, self.mr_percentiles = tuple(ct_window), tuple(mr_percentiles)
 
     def __call__(self, img: torch.Tensor, modality: str = "", photometric: str = "") -> torch.Tensor:
-        kind = NORMALISERS.get((modality or "").upper(), DEFAULT_NORMALISER)
-        if kind == "window":
-            low, high = self.ct_window
-        elif kind == "percentiles":
-            values = torch.as_tensor(img).detach().cpu().numpy().ravel()
-            # a regular subsample of at most ~256k voxels: the percentiles move by far less than one grey
-            # level, and the full sort was half of the cache stage's time on 128^3 volumes
-            values = values[::max(1, values.size // PERCENTILE_SAMPLES)]
-            low, high = (float(v) for v in np.percentile(values, self.mr_percentiles))
-        else:
-            low, high = float(img.min()), float(img.max())
+        values = torch.as_tensor(img).detach().cpu().numpy()
+        kind, low, high = intensity_range(values, modality, self.ct_window, self.mr_percentiles)
         if high <= low:                      # a constant image carries no contrast: all background
             out = img * 0.0
         else:
             out = ((img.clamp(low, high) - low) / (high - low)).to(torch.float32)
-        if kind != "window" and (photometric or "").upper() == "MONOCHROME1":
-            out = 1.0 - out
-        return out
+        return 1.0 - out if inverted(kind, photometric) else out
 
 
 class NormalizeModalityd(MapTransform):
@@ -152,18 +115,12 @@ class ByRankd(MapTransform):
         return self.chains[data[self.key].ndim - 1](data)
 
 
-def _per_rank(values: Sequence, rank: int, keep) -> list:
-    """Settings written for the pipeline's dims, applied to an image of `rank` dims (`keep` = native)."""
-    values = list(values)
-    return values + [keep] * (rank - len(values))
-
-
 def _geometry(cfg: PreprocessConfig, rank: int, keys: tuple[str, ...] = ("image",)) -> Compose:
     """keys beyond "image" are label maps (preprocess/masks.py): the same steps, nearest-neighbour."""
     modes = ["bilinear"] + ["nearest"] * (len(keys) - 1)
-    steps = [Orientationd(list(keys), axcodes="RAS", labels=RAS_LABELS)] if rank == 3 else []
+    steps = [Orientationd(list(keys), axcodes="RAS", labels=RAS)] if rank == 3 else []
     if cfg.spacing is not None:   # non-positive pixdim keeps that axis' native spacing (MONAI convention)
-        steps.append(Spacingd(list(keys), pixdim=_per_rank(cfg.spacing, rank, -1.0), mode=modes,
+        steps.append(Spacingd(list(keys), pixdim=per_rank(cfg.spacing, rank, -1.0), mode=modes,
                               padding_mode="border", dtype=torch.float32))
     return Compose(steps)
 
@@ -200,6 +157,6 @@ def build_preprocess(cfg: PreprocessConfig, label_key: str | None = None) -> Com
         steps.append(CropForegroundd(list(keys), source_key="image", select_fn=_above_background,
                                      allow_smaller=True, start_coord_key=None, end_coord_key=None))
     if cfg.size is not None:      # -1 keeps the native length of the slice axis for slices_from_3d
-        steps.append(ByRankd("image", {r: Compose([ResizeWithPadOrCropd(list(keys), _per_rank(cfg.size, r, -1))])
+        steps.append(ByRankd("image", {r: Compose([ResizeWithPadOrCropd(list(keys), per_rank(cfg.size, r, -1))])
                                        for r in ranks}))
     return Preprocess(steps)
