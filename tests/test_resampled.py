@@ -68,3 +68,19 @@ def test_fast_intervals_equal_the_per_replicate_loop():
     assert fast["boot_skipped"] == skipped
     for name, (low, high) in slow.items():
         assert (fast[f"{name}_ci_low"], fast[f"{name}_ci_high"]) == pytest.approx((low, high)), name
+
+
+def test_fast_paired_intervals_equal_the_per_replicate_loop():
+    from medssl.evaluate.bootstrap import paired_bootstrap, paired_intervals
+    rng = np.random.default_rng(4)
+    y = np.arange(36) % 3
+    good, weak = rng.dirichlet(np.ones(3), 36), rng.dirichlet(np.ones(3), 36)
+    good[np.arange(36), y] += 1.0
+    good /= good.sum(axis=1, keepdims=True)
+    groups = [f"p{i // 2}" for i in range(36)]
+    slow, skipped = paired_bootstrap(multiclass_metrics, y, good, weak, groups, 150, 2, names=("auroc", "f1"))
+    fast, fast_skipped = paired_intervals(y, good, good.argmax(1), weak, weak.argmax(1), groups, 150, 2,
+                                          names=("auroc", "f1"))
+    assert fast_skipped == skipped
+    for name in ("auroc", "f1"):
+        assert fast[name] == pytest.approx(slow[name]), name

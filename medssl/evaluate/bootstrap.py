@@ -109,3 +109,20 @@ def _percentiles(values, alpha: float) -> tuple[float, float]:
         return float("nan"), float("nan")
     low, high = np.percentile(np.asarray(values, float), [100 * alpha / 2, 100 * (1 - alpha / 2)])
     return float(low), float(high)
+
+
+def paired_intervals(y_true, score_a, predicted_a, score_b, predicted_b, groups, n_boot: int, seed: int = 0,
+                     names=("auroc",), alpha: float = 0.05) -> tuple[dict[str, tuple[float, float, float]], int]:
+    """`paired_bootstrap` (A - B on the same patient resamples) with all replicates at once: no metric call per
+    replicate. Returns ({name: (observed difference, ci_low, ci_high)}, skipped replicates)."""
+    from medssl.evaluate.resampled import replicate_metrics
+    weights = resample_weights(groups, n_boot, seed)  # (B, N), shared by both models: the pairing
+    ones = np.ones((1, weights.shape[1]))  # the observed data as one "replicate"
+    a, b = (replicate_metrics(weights, y_true, s, p) for s, p in ((score_a, predicted_a), (score_b, predicted_b)))
+    point_a, point_b = (replicate_metrics(ones, y_true, s, p)
+                        for s, p in ((score_a, predicted_a), (score_b, predicted_b)))
+    out = {}
+    for name in names:
+        diff = a[name] - b[name]
+        out[name] = (float(point_a[name][0] - point_b[name][0]), *_percentiles(diff[np.isfinite(diff)], alpha))
+    return out, int(np.isnan(a["auroc"]).sum())

@@ -67,7 +67,8 @@ def score_site(site: str, results: pd.DataFrame, cache, df: pd.DataFrame, codes:
     labelled = df[codes.notna()].assign(_code=codes[codes.notna()].astype(int))
     labelled = labelled[[cache.has(str(i)) for i in labelled["image_id"]]]
     if labelled.empty:
-        raise DataError(f"external site '{site}' has no labelled image in its cache", where=f"evaluate.external[{site}]",
+        raise DataError(f"external site '{site}' has no labelled image in its cache",
+                        where=f"evaluate.external[{site}]",
                         fix="check the site's labels CSV and the preprocessing failures printed above")
     rows = []
     ok = results[results["status"] == "ok"] if "status" in results else results
