@@ -49,6 +49,17 @@ def _cohort(tmp_path, dims: int, subjects: int = 10):
     return df, meta, images, masks
 
 
+class Figures(NullTracker):
+    """Records the figures a run logs."""
+
+    def __init__(self):
+        self.figures = []
+
+    def log_figure(self, fig, name, run_id=None):
+        assert fig.axes and fig.axes[0].images        # an image with the contours drawn over it
+        self.figures.append(name)
+
+
 @pytest.fixture(scope="module")
 def cohort2d(tmp_path_factory):
     return _cohort(tmp_path_factory.mktemp("seg2d"), 2)
@@ -76,8 +87,10 @@ def test_tiny_ladder_scratch_vs_ssl(cohort2d, tmp_path):
     cfg = FinetuneConfig(task="segmentation", bootstrap=50,
                          segmentation={"patch": [32, 32], "steps": 2, "batch_size": 2})
     spacing = {i: [2.0, 2.0] for i in df["image_id"]}
-    results, scores = run_seg_ladder(cfg, encoder, images, masks, df, rungs, spacing, tmp_path / "ladder",
-                                     NullTracker())
+    tracker = Figures()
+    results, scores = run_seg_ladder(cfg, encoder, images, masks, df, rungs, spacing, tmp_path / "ladder", tracker)
+    n_test = int((df["split"] == "test").sum())
+    assert len(tracker.figures) == 4 * min(3, n_test) and all(n.startswith("overlays/") for n in tracker.figures)
     assert list(results["status"]) == ["ok"] * 4, results["error"].tolist()
     assert sorted(results["n_labelled"]) == [1, 1, 2, 2]
     test = set(df.loc[df["split"] == "test", "image_id"])

@@ -20,7 +20,7 @@ class SegmentationConfig(Section):
     feature_size: int = Field(16, ge=4, description="decoder width at full resolution (UNETR feature_size)")
     overlap: float = Field(0.25, ge=0, lt=1, description="sliding-window inference overlap")
     tolerance_mm: float = Field(2.0, gt=0, description="surface Dice tolerance")
-    overlays: int = Field(3, ge=0, description="slices per overlay figure (one figure per run, first test image)")
+    overlays: int = Field(3, ge=0, description="slices per overlay figure; figures for the first min(overlays, 3) test images of each run")
 
     @field_validator("classes")
     @classmethod

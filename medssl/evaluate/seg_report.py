@@ -59,6 +59,9 @@ def dice_curve(summary: pd.DataFrame, title: str = "label efficiency (Dice)") ->
     ax.set(xlabel="labelled training volumes (rung)", ylabel="test Dice (mean over patients)", title=title,
            ylim=(0, 1))
     ax.set_xscale("log")
+    ticks = sorted(summary["n_labelled"].unique())
+    ax.set_xticks(ticks, [str(int(t)) for t in ticks])
+    ax.minorticks_off()
     ax.legend(fontsize=8)
     fig.text(0.01, 0.01, "bars: 95% patient bootstrap of seed-averaged Dice", fontsize=6, color="grey")
     fig.tight_layout()

@@ -170,7 +170,7 @@ def _run_child(ctx: SegContext, rung, init: str, train_ids: list[str]) -> dict:
                                  where=f"rung {rung.name} (seed {rung.seed}, {len(train_ids)} volumes)")
         for row in result.history:
             ctx.tracker.log_metrics({"train_loss": row["loss"]}, step=row["step"])
-        scores, first = _evaluate(ctx, result.model, device)
+        scores, shown = _evaluate(ctx, result.model, device)
         scores.to_csv(folder / "scores.csv", index=False)
         values = summarise(scores, ctx.cfg.bootstrap, seed)
         delta = _paired(ctx, rung, scores, seed) if init == "ssl" else {}
@@ -178,9 +178,10 @@ def _run_child(ctx: SegContext, rung, init: str, train_ids: list[str]) -> dict:
                                  **{k: v for k, v in delta.items() if np.isfinite(v)},
                                  "final_train_loss": result.final_loss})
         ctx.tracker.log_artifact(folder / "scores.csv", "evaluation")
-        image, truth, pred = first
-        ctx.tracker.log_figure(overlay_figure(image, truth, pred, seg.overlays, f"{rung.name} seed{rung.seed} {init}"),
-                               "overlays/first_test_image.png")
+        title = f"{rung.name} seed{rung.seed} {init}"
+        for n, (image_id, image, truth, pred) in enumerate(shown):   # a few test images (3D: a few slices each)
+            ctx.tracker.log_figure(overlay_figure(image, truth, pred, seg.overlays, f"{title} test {n + 1}"),
+                                   f"overlays/test_{n + 1}_{image_id}.png")
         logged = _should_log(ctx, rung.name, result.final_loss)
         if logged:
             _log_model(ctx, rung, init, result.model.cpu(), values)
@@ -222,15 +223,16 @@ def _log_model(ctx: SegContext, rung, init: str, net, values: dict) -> None:
 
 
 def _evaluate(ctx: SegContext, net, device: str) -> tuple[pd.DataFrame, tuple]:
-    rows, first = [], None
+    rows, shown = [], []
     for image_id in ctx.test_ids:
         image, mask = _volume(ctx, image_id)
         pred = segment(net, image, ctx.patch, ctx.cfg.segmentation.overlap, device)
         truth = mask[0].astype(np.int32)
         for row in image_scores(pred, truth, ctx.n_classes, ctx.spacing[image_id], ctx.cfg.segmentation.tolerance_mm):
             rows.append({"image_id": image_id, "patient_id": ctx.patients[image_id], **row})
-        first = first or (image, truth, pred)
-    return pd.DataFrame(rows), first
+        if len(shown) < max(1, min(ctx.cfg.segmentation.overlays, 3)):
+            shown.append((image_id, image, truth, pred))
+    return pd.DataFrame(rows), shown
 
 
 def _paired(ctx: SegContext, rung, scores: pd.DataFrame, seed: int) -> dict:
