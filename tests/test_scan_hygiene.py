@@ -84,8 +84,10 @@ def _nifti_header_bytes(shape, dtype=np.float32) -> bytes:
 
 
 def _peak_rss_mb(code: str) -> tuple[float, str]:
-    """Run `code` in a fresh interpreter; its peak RSS in MB and what it printed."""
-    probe = code + "\nimport resource; print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    """Run `code` in a fresh interpreter; its peak RSS in MB and what it printed. VmHWM, not ru_maxrss: the
+    latter carries the forking parent's peak (here pytest's) into the child on Linux."""
+    probe = code + ("\nhwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]"
+                    "\nprint('RSS', int(hwm.split()[1]) / 1024)")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert done.returncode == 0, done.stderr
