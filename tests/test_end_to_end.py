@@ -23,8 +23,9 @@ DEMO = Path(__file__).resolve().parents[1] / "pipelines" / "demo.yaml"
 TINY = ["data.demo.subjects=28", "data.demo.size=24", "data.demo.positive_fraction=0.3",
         "preprocess.size=[24,24,24]", "pretrain.crop=[16,16,16]", "pretrain.train.steps=4",
         "pretrain.train.batch_size=4", "pretrain.train.warmup_steps=1", "pretrain.train.log_every=1",
-        "pretrain.train.probe_every=2", "pretrain.train.checkpoint_every=2", "split.ladder.per_class=[2]",
-        "split.ladder.seeds=[0]", "finetune.epochs=1", "finetune.bootstrap=20", "finetune.batch_size=4"]
+        "pretrain.train.probe_every=2", "pretrain.train.checkpoint_every=2", "split.ladder.per_class=[3]",
+        "split.ladder.seeds=[0]", "split.repeats=1", "finetune.epochs=1", "finetune.bootstrap=20",
+        "finetune.batch_size=4", "finetune.protocols=[finetune]", "finetune.arms=[ssl,scratch,features]"]
 
 
 def medssl(args: list[str], cwd: Path, uri: str) -> subprocess.CompletedProcess:
@@ -57,8 +58,8 @@ def test_demo_pipeline_lands_in_mlflow_and_reruns_skip(server, tmp_path):
     stages = {c["name"] for c in seen["children"] if c["depth"] == 1}
     assert {"manifest", "pretrain", "ladder"} <= stages, stages
     rungs = [c for c in seen["children"] if c["depth"] == 2]
-    inits = {c["tags"].get("medssl.init") for c in rungs}
-    assert inits == {"ssl", "scratch"} and len(rungs) == 4, [(c["name"], c["tags"]) for c in rungs]
+    arms = {c["tags"].get("medssl.arm") for c in rungs}
+    assert arms == {"ssl", "scratch", "features"} and len(rungs) == 3, [(c["name"], c["tags"]) for c in rungs]
     pretrain_id = next(c["run_id"] for c in seen["children"] if c["name"] == "pretrain")
     assert all(c["tags"].get("medssl.pretrain_run_id") == pretrain_id for c in rungs)
     assert seen["registered_models"], "the best model per rung is registered"
@@ -68,7 +69,8 @@ def test_demo_pipeline_lands_in_mlflow_and_reruns_skip(server, tmp_path):
     manifest = (tmp_path / "demo.csv").read_text()
     assert "MRN" not in manifest, "raw patient ids must never reach the manifest"
     results = pd.read_csv(tmp_path / "work" / "demo" / "ladder" / "results.csv")
-    assert set(results["init"]) == {"ssl", "scratch"}
+    assert set(results["arm"]) == {"ssl", "scratch", "features"} and (results["status"] == "ok").all()
+    assert (results["n_patients_used"] == 6).all()  # 3 patients of each class, nothing else
 
     again = medssl(args, tmp_path, server.url)
     assert again.returncode == 0, again.stderr[-4000:]

@@ -38,15 +38,16 @@ def anatomy(spatial_dims: int) -> np.ndarray:
     return (image - image.min()) / (image.max() - image.min())
 
 
-def cohort(spatial_dims: int, n_patients: int = 12, seed: int = 0):
-    """Two images per patient; label 1 = a bright blob. Patients split 6 train / 3 val / 3 test."""
+def cohort(spatial_dims: int, n_patients: int = 24, seed: int = 0):
+    """Two images per patient, one label per patient (p % 2; 1 = a bright blob). Patients split
+    12 train / 4 val / 8 test, every split balanced."""
     rng = np.random.default_rng(seed)
     base, arrays, rows = anatomy(spatial_dims), {}, []
     grid = np.stack(np.meshgrid(*[np.arange(EDGE)] * spatial_dims, indexing="ij"))
     for p in range(n_patients):
-        split = "train" if p < 6 else "val" if p < 9 else "test"
+        split = "train" if p < n_patients // 2 else "val" if p < 2 * n_patients // 3 else "test"
         for k in range(2):
-            label = (p + k) % 2
+            label = p % 2
             image = np.roll(base, rng.integers(-2, 3, spatial_dims), axis=tuple(range(spatial_dims)))
             image = image * rng.uniform(0.8, 1.2) + rng.normal(0, 0.05, image.shape)
             if label:
@@ -66,11 +67,10 @@ def tiny_encoder_file(tmp_path, spatial_dims: int):
                         pretrain_run_id="pretrain123", manifest_digest="digest456")
 
 
-def rungs_of(df, sizes=(2, 3)):
-    """Nested per-class rungs from the training split, seed 0."""
-    train = df[df["split"] == "train"]
-    by_class = {c: sorted(train.loc[train["label"] == c, "image_id"]) for c in (0, 1)}
-    return [Rung(f"per_class_{n}", 0, tuple(sorted(by_class[0][:n] + by_class[1][:n]))) for n in sizes]
+def rungs_of(df, sizes=(3, 4), seeds=(0,)):
+    """Nested per-class rungs (in patients) from the training split."""
+    from medssl.cohort.splits import build_ladder
+    return build_ladder(df, "label", per_class=list(sizes), seeds=seeds)
 
 
 def children_of(client, experiment_id, parent_id):
@@ -83,9 +83,11 @@ def test_ladder_end_to_end_and_resume(tmp_path, store, spatial_dims):
     from medssl.evaluate.predict import evaluate_model, predict
     cache, df = cohort(spatial_dims)
     encoder = tiny_encoder_file(tmp_path, spatial_dims)
-    train0 = tuple(df.loc[(df["split"] == "train") & (df["label"] == 0), "image_id"][:3])
+    train0 = tuple(df.loc[(df["split"] == "train") & (df["label"] == 0), "image_id"][:6])
     rungs = rungs_of(df) + [Rung("only_negatives", 0, train0)]
     protocols = ["linear", "finetune"] if spatial_dims == 2 else ["finetune"]
+    arms = ({("random_features", "linear"), ("ssl", "linear")} if spatial_dims == 2 else set()) | \
+        {("scratch", "finetune"), ("ssl", "finetune"), ("features", "linear")}
     cfg = FinetuneConfig(protocols=protocols, epochs=2, batch_size=4, bootstrap=50, patience=1)
     experiment = f"ladder-test{spatial_dims}d"
     tracker = Tracker(experiment, store, outbox_dir=tmp_path / "outbox")
@@ -93,13 +95,23 @@ def test_ladder_end_to_end_and_resume(tmp_path, store, spatial_dims):
     log_models = "all" if spatial_dims == 2 else "best"  # both modes; "best" logs only improving runs
     with tracker.run("ladder") as parent:
         results = run_ladder(cfg, encoder, cache, df, "label", rungs, out, tracker, log_models=log_models)
-    n_ok = 2 * len(protocols) * 2  # 2 good rungs x protocols x {scratch, ssl}
-    assert (results["status"] == "ok").sum() == n_ok
+    ok = results[results["status"] == "ok"]
+    n_ok = 2 * len(arms)  # 2 good rungs x arms
+    assert len(ok) == n_ok and set(zip(ok["arm"], ok["protocol"])) == arms
     failed = results[results["status"] == "failed"]
-    assert len(failed) == len(protocols) * 2 and failed["error"].str.contains("lacks class 1").all()
-    assert results.loc[results["status"] == "ok", "auroc"].between(0, 1).all()
-    ssl = results[(results["status"] == "ok") & (results["init"] == "ssl")]
-    assert ssl["delta_auroc"].notna().all() and (ssl["delta_auroc_ci_low"] <= ssl["delta_auroc_ci_high"]).all()
+    assert len(failed) == len(arms) and failed["error"].str.contains("lacks class 1").all()
+    assert ok["auroc"].between(0, 1).all() and (ok["validation"] == "inner").all()
+    # budgets in patients: 3 and 4 of each class; inner validation spends nothing beyond them
+    assert sorted(set(ok["n_labelled_patients"])) == [6, 8] and (ok["n_patients_used"] == ok["n_labelled_patients"]).all()
+    assert (ok["n_extra_val_patients"] == 0).all() and ok["labels_note"].fillna("").eq("").all()
+    assert (ok["n_labelled"] == 2 * ok["n_labelled_patients"]).all()  # a patient's images all go with it
+    assert (ok["positive_class"].astype(str) == "1").all() and (ok["inner_folds"] == 3).all()
+    finetuned = ok[ok["protocol"] == "finetune"]
+    assert finetuned["chosen_epochs"].between(1, 2).all() and ok.loc[ok["protocol"] == "linear", "chosen_C"].notna().all()
+    for path in ok["predictions"]:  # the prediction-file contract of results.py
+        frame = pd.read_csv(path)
+        assert {"image_id", "label", "patient_id", "score", "prob_0", "prob_1", "predicted"} <= set(frame.columns)
+        assert len(frame) == 16 and np.allclose(frame["score"], frame["prob_1"])
 
     client = MlflowClient(tracker.tracking_uri)
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
@@ -108,32 +120,34 @@ def test_ladder_end_to_end_and_resume(tmp_path, store, spatial_dims):
     for child in children:
         tags = child.data.tags
         assert tags["medssl.pretrain_run_id"] == "pretrain123" and tags["medssl.manifest_digest"] == "digest456"
-        assert {"medssl.rung", "medssl.seed", "medssl.init", "medssl.protocol"} <= set(tags)
-        assert "test_auroc" in child.data.metrics
+        assert {"medssl.rung", "medssl.seed", "medssl.arm", "medssl.protocol", "medssl.repeat"} <= set(tags)
+        assert "test_auroc" in child.data.metrics and child.data.metrics["n_patients_used"] in (6, 8)
+        assert child.data.params["validation"] == "inner" and child.data.params["positive_class"] == "1"
     artifacts = {a.path for a in client.list_artifacts(children[0].info.run_id, "evaluation")}
     assert {"evaluation/roc.png", "evaluation/pr.png", "evaluation/confusion.png"} <= artifacts
     versions = {v.name: v for v in client.search_model_versions(f"name LIKE '{experiment}-label-%'")}
-    assert set(versions) == {f"{experiment}-label-per_class_2", f"{experiment}-label-per_class_3"}
-    version = versions[f"{experiment}-label-per_class_2"]
+    assert set(versions) == {f"{experiment}-label-per_class_3", f"{experiment}-label-per_class_4"}
+    version = versions[f"{experiment}-label-per_class_3"]
     logged = results[results["model_logged"] == True]  # noqa: E712
-    assert version.run_id in set(logged["run_id"])
+    assert version.run_id in set(logged["run_id"]) and not (logged["arm"] == "features").any()
+    deep = ok[ok["arm"] != "features"]
     if log_models == "all":
-        assert len(logged) == n_ok
-    else:  # per rung the first run logs; later ones only when their validation AUROC is higher
-        for _, part in results[results["status"] == "ok"].groupby("rung"):
+        assert len(logged) == len(deep)
+    else:  # per rung the first run logs; later ones only when their inner validation AUROC is higher
+        for _, part in deep.groupby("rung"):
             best_so_far = part["val_auroc"].cummax().shift(fill_value=-1)
             assert (part["model_logged"] == (part["val_auroc"] > best_so_far)).all()
-    assert version.tags["medssl.pretrain_run_id"] == "pretrain123" and version.tags["medssl.manifest_digest"] == "digest456"
+    assert version.tags["medssl.pretrain_run_id"] == "pretrain123" and version.tags["medssl.validation"] == "inner"
 
     # interrupted after all but the last finished child: only that one (and the failed rung) are redone
     csv = out / "results.csv"
     lines = csv.read_text().splitlines()
-    last_ok = results[results["status"] == "ok"]["key"].iloc[-1]
+    last_ok = ok["key"].iloc[-1]
     csv.write_text("\n".join(l for l in lines if not l.startswith(last_ok + ",")) + "\n")
     with tracker.run("ladder") as parent2:
         again = run_ladder(cfg, encoder, cache, df, "label", rungs, out, tracker, log_models=log_models)
     assert len(children_of(client, experiment_id, parent2.info.run_id)) == 1
-    assert set(again.loc[again["status"] == "ok", "key"]) == set(results.loc[results["status"] == "ok", "key"])
+    assert set(again.loc[again["status"] == "ok", "key"]) == set(ok["key"])
     assert len(client.search_model_versions(f"name LIKE '{experiment}-label-%'")) <= 3  # no duplicate of unchanged bests
 
     # external validation and predictions with the registered model
@@ -150,29 +164,30 @@ def test_mismatches_fail_before_training_and_name_the_problem(tmp_path):
     from medssl.ladder.ladder import run_ladder
     from medssl.tracking.tracker import NullTracker
     cache, df = cohort(2)
-    cfg = FinetuneConfig(protocols=["finetune"], epochs=1, batch_size=4, bootstrap=10)
+    cfg = FinetuneConfig(protocols=["finetune"], arms=["ssl", "scratch"], epochs=1, batch_size=4, bootstrap=10)
     three_d = tiny_encoder_file(tmp_path, 3)  # a 3D encoder given 2D images
-    results = run_ladder(cfg, three_d, cache, df, "label", rungs_of(df, (2,)), tmp_path / "a", NullTracker())
+    results = run_ladder(cfg, three_d, cache, df, "label", rungs_of(df, (3,)), tmp_path / "a", NullTracker())
     assert (results["status"] == "failed").all() and results["error"].str.contains("encoder is 3D").all()
 
     cfg2 = EncoderConfig(name="vit", in_channels=2, patch_size=8, hidden_size=16, num_layers=1, num_heads=2, mlp_dim=16)
     two_channel = save_encoder(tmp_path / "two.pt", build_encoder(cfg2, 2, [EDGE] * 2), cfg2, 2, [EDGE] * 2)
-    results = run_ladder(cfg, two_channel, cache, df, "label", rungs_of(df, (2,)), tmp_path / "b", NullTracker())
+    results = run_ladder(cfg, two_channel, cache, df, "label", rungs_of(df, (3,)), tmp_path / "b", NullTracker())
     assert results["error"].str.contains("expects 2 channel").all()
 
     unlabelled = df.assign(label=np.where(df["split"] == "val", np.nan, df["label"]))
-    results = run_ladder(cfg, tiny_encoder_file(tmp_path, 2), cache, unlabelled, "label", rungs_of(df, (2,)),
+    split_cfg = cfg.model_copy(update={"validation": "split"})
+    results = run_ladder(split_cfg, tiny_encoder_file(tmp_path, 2), cache, unlabelled, "label", rungs_of(df, (3,)),
                          tmp_path / "c", NullTracker())
-    assert results["error"].str.contains("validation split of rung per_class_2 has no labelled images").all()
+    assert results["error"].str.contains("validation split of rung per_class_3 has no labelled images").all()
 
     with pytest.raises(DataError, match="no labels in column 'label'"):
-        run_ladder(cfg, tiny_encoder_file(tmp_path, 2), cache, df.assign(label=np.nan), "label", rungs_of(df, (2,)),
+        run_ladder(cfg, tiny_encoder_file(tmp_path, 2), cache, df.assign(label=np.nan), "label", rungs_of(df, (3,)),
                    tmp_path / "d", NullTracker())
 
     # class names (as the manifest's label_names store them, string keys) appear in the message
     lacking = [Rung("negatives_only", 0, tuple(df.loc[(df["split"] == "train") & (df["label"] == 0), "image_id"]))]
     results = run_ladder(cfg, tiny_encoder_file(tmp_path, 2), cache, df, "label", lacking, tmp_path / "e",
-                         NullTracker(), class_names={"0": "normal", "1": "lesion"})
+                         NullTracker(), class_names={"0": "normal", "1": "lesion"}, positive_class="lesion")
     assert results["error"].str.contains("training subset of rung negatives_only lacks class 1 \\(lesion\\)").all()
 
 
@@ -180,20 +195,25 @@ def test_multiclass_ladder_without_mlflow(tmp_path, monkeypatch):
     from medssl.ladder import ladder
     from medssl.evaluate.predict import load_model, predict, save_classifier
     from medssl.tracking.tracker import NullTracker
-    cache, df = cohort(2)
-    df["label"] = [i % 3 for i in range(len(df))]  # three classes in every split
+    from medssl.ladder import child
+    cache, df = cohort(2, n_patients=36)  # 18 training patients, 6 of each class
+    df["label"] = [int(p[-2:], 16) % 3 for p in df["patient_id"]]  # three classes, one per patient
     train = df[df["split"] == "train"]
-    rungs = [Rung("half", 0, tuple(train["image_id"][:6])), Rung("all", 0, tuple(train["image_id"]))]
+    first = sorted(train["patient_id"].unique())[:9]  # 3 patients of each class
+    rungs = [Rung("half", 0, tuple(train.loc[train["patient_id"].isin(first), "image_id"])),
+             Rung("all", 0, tuple(train["image_id"]))]
     encoded = []  # image ids that went through a frozen encoder, per call
-    real_features = ladder.features
-    monkeypatch.setattr(ladder, "features", lambda enc, ds, bs: encoded.append(list(ds.ids)) or real_features(enc, ds, bs))
+    real_features = child.features
+    monkeypatch.setattr(child, "features", lambda enc, ds, bs: encoded.append(list(ds.ids)) or real_features(enc, ds, bs))
     cfg = FinetuneConfig(protocols=["linear"], epochs=2, batch_size=4, bootstrap=20)
     encoder = tiny_encoder_file(tmp_path, 2)
     results = ladder.run_ladder(cfg, encoder, cache, df, "label", rungs, tmp_path / "ladder", NullTracker())
     assert (results["status"] == "ok").all(), results["error"].tolist()
-    # frozen features computed once per encoder (scratch seed 0, SSL): train 12 + val 6 images each
-    assert sum(len(ids) for ids in encoded) == 2 * (12 + 6)
-    assert {"cm_2_2", "delta_auroc"} <= set(results.columns) and results["auroc"].between(0, 1).all()
+    # frozen features computed once per encoder (random seed 0, SSL) and image: the 36 training images each
+    # (no validation image: inner validation)
+    assert sum(len(ids) for ids in encoded) == 2 * 36
+    assert "cm_2_2" in results and results["auroc"].between(0, 1).all()
+    assert (results["positive_class"] == "").all() and results["threshold"].isna().all()
 
     # a plain-dict classifier file round-trips and predicts one score per class
     from medssl.models.classifier import Classifier
@@ -272,7 +292,7 @@ def test_report_from_a_real_ladder_pools_seeds_over_the_same_patient_resamples(t
     from medssl.ladder.ladder import run_ladder
     from medssl.tracking.tracker import NullTracker
     cache, df = cohort(2)
-    cfg = FinetuneConfig(protocols=["linear"], epochs=1, batch_size=4, bootstrap=40)
+    cfg = FinetuneConfig(protocols=["linear"], arms=["ssl", "random_features"], epochs=1, batch_size=4, bootstrap=40)
     train = df[df["split"] == "train"]
     ids = tuple(train["image_id"])
     rungs = [Rung("all", 0, ids), Rung("all", 1, ids)]
@@ -280,15 +300,12 @@ def test_report_from_a_real_ladder_pools_seeds_over_the_same_patient_resamples(t
     assert (results["status"] == "ok").all()
     one = results[results["seed"] == 0]
     paths = build_report(one, tmp_path / "r1", console=Console(file=open(tmp_path / "o1", "w")))  # n_boot: 40
-    summary = pd.read_csv(paths["summary_csv"]).set_index("arm")  # linear "scratch" is random features
-    for init, arm in (("ssl", "ssl"), ("scratch", "random_features")):
-        row = one[one["init"] == init].iloc[0]
+    summary = pd.read_csv(paths["summary_csv"]).set_index("arm")
+    for arm in ("ssl", "random_features"):  # (paired deltas between arms are the report's own bootstrap)
+        row = one[one["arm"] == arm].iloc[0]
         assert summary.loc[arm, "ci_method"] == "pooled resamples"
         assert summary.loc[arm, "auroc_ci_low"] == pytest.approx(row["auroc_ci_low"])
         assert summary.loc[arm, "auroc_ci_high"] == pytest.approx(row["auroc_ci_high"])
-    ssl = one[one["init"] == "ssl"].iloc[0]
-    assert summary.loc["ssl", "delta_auroc_vs_random_features_ci_low"] == pytest.approx(ssl["delta_auroc_ci_low"])
-    assert summary.loc["ssl", "delta_auroc_vs_random_features_ci_high"] == pytest.approx(ssl["delta_auroc_ci_high"])
 
     both = pd.read_csv(build_report(results, tmp_path / "r2", n_boot=40,
                                     console=Console(file=open(tmp_path / "o2", "w")))["summary_csv"])
@@ -300,8 +317,8 @@ def test_changed_settings_redo_finished_runs(tmp_path):
     from medssl.ladder.ladder import run_ladder
     from medssl.tracking.tracker import NullTracker
     cache, df = cohort(2)
-    encoder, rungs = tiny_encoder_file(tmp_path, 2), rungs_of(df, (2,))
-    cfg = FinetuneConfig(protocols=["linear"], epochs=1, batch_size=4, bootstrap=10)
+    encoder, rungs = tiny_encoder_file(tmp_path, 2), rungs_of(df, (3,))
+    cfg = FinetuneConfig(protocols=["linear"], arms=["ssl", "random_features"], epochs=1, batch_size=4, bootstrap=10)
     csv = tmp_path / "l" / "results.csv"
     first = run_ladder(cfg, encoder, cache, df, "label", rungs, tmp_path / "l", NullTracker())
     rows = len(csv.read_text().splitlines())
@@ -343,3 +360,103 @@ def test_finetune_views_change_training_and_are_part_of_the_seed():
     plain, a, b = weights(None), weights(flips), weights(flips)
     assert all(torch.equal(a[k], b[k]) for k in a)          # same seed, same views, same weights
     assert not all(torch.equal(a[k], plain[k]) for k in a)  # the views did reach the training batches
+
+
+# ----------------------------------------------------------------------------- honest budgets
+class RecordingCache(MemoryCache):
+    """Records every image id read, so a test can tell what a fit saw."""
+
+    def __init__(self, arrays):
+        super().__init__(arrays)
+        self.reads = []
+
+    def get(self, image_id):
+        self.reads.append(image_id)
+        return super().get(image_id)
+
+
+@pytest.mark.parametrize("validation", ["inner", "split"])
+def test_no_id_outside_the_rung_reaches_training_selection_or_threshold(tmp_path, monkeypatch, validation):
+    """Every image a fit reads (frozen features, engineered features, every fold, the refit, the threshold's
+    out-of-fold predictions) is the rung's, plus under validation: split the validation split, counted."""
+    from medssl.ladder import child
+    from medssl.ladder.ladder import run_ladder
+    from medssl.tracking.tracker import NullTracker
+    arrays, df = cohort(2)
+    cache = RecordingCache(arrays.arrays)
+    rungs = rungs_of(df, (3,))
+    val = set(df.loc[df["split"] == "val", "image_id"])
+    seen = {}
+    for name, position in (("_fit_deep", 1), ("_fit_features", 0)):  # (ctx, child, items, ...), (ctx, items, ...)
+        real = getattr(child, name)
+
+        def recording(ctx, *args, _real=real, _at=position, **kw):
+            items = args[_at]
+            cache.reads.clear()
+            out = _real(ctx, *args, **kw)
+            seen[len(seen)] = (set(items), set(cache.reads))
+            return out
+        monkeypatch.setattr(child, name, recording)
+    cfg = FinetuneConfig(epochs=2, batch_size=4, bootstrap=10, validation=validation)
+    results = run_ladder(cfg, tiny_encoder_file(tmp_path, 2), cache, df, "label", rungs, tmp_path / "l", NullTracker())
+    assert (results["status"] == "ok").all(), results["error"].tolist()
+    assert len(seen) == 5  # random_features, ssl linear, scratch, ssl finetune, features
+    allowed = set(rungs[0].image_ids) | (val if validation == "split" else set())
+    for items, reads in seen.values():
+        assert items == allowed and reads <= allowed
+    assert any(reads for _, reads in seen.values())
+    extra = 4 if validation == "split" else 0  # the 4 validation patients
+    assert (results["n_extra_val_patients"] == extra).all() and (results["n_patients_used"] == 6 + extra).all()
+    assert (results["labels_note"] == ("uses 4 extra validation labels" if extra else "")).all()
+
+
+def test_positive_class_is_coded_1_whatever_the_manifest_code(tmp_path):
+    """Labels coded alphabetically ('bleed' = 0): the ladder trains, thresholds and scores with bleed = 1."""
+    from medssl.ladder.ladder import run_ladder
+    from medssl.tracking.tracker import NullTracker
+    cache, df = cohort(2)
+    flipped = df.assign(label=1 - df["label"])  # the blob (the condition) is now manifest code 0
+    cfg = FinetuneConfig(protocols=["linear"], arms=["features"], bootstrap=10)
+    results = run_ladder(cfg, tiny_encoder_file(tmp_path, 2), cache, flipped, "label", rungs_of(df, (3,)),
+                         tmp_path / "l", NullTracker(), class_names={0: "bleed", 1: "normal"}, positive_class="bleed")
+    row = results.iloc[0]
+    assert row["status"] == "ok" and row["positive_class"] == "bleed" and row["class_names"] == '["normal", "bleed"]'
+    frame = pd.read_csv(row["predictions"]).set_index("image_id")
+    blob = df.set_index("image_id").loc[frame.index, "label"]  # 1 = has the blob
+    assert (frame["label"] == blob).all()                        # the condition is code 1 in the predictions
+
+
+def test_a_rung_that_holds_test_patients_is_refused_and_a_tiny_rung_names_its_class(tmp_path):
+    from medssl.errors import DataError
+    from medssl.ladder.ladder import run_ladder
+    from medssl.tracking.tracker import NullTracker
+    cache, df = cohort(2)
+    encoder = tiny_encoder_file(tmp_path, 2)
+    cfg = FinetuneConfig(protocols=["linear"], arms=["features"], bootstrap=10)
+    leaky = Rung("leaky", 0, rungs_of(df, (3,))[0].image_ids + tuple(df.loc[df["split"] == "test", "image_id"][:1]))
+    with pytest.raises(DataError, match="rung leaky .* holds 1 patient\\(s\\) of the evaluation splits"):
+        run_ladder(cfg, encoder, cache, df, "label", [leaky], tmp_path / "a", NullTracker())
+    results = run_ladder(cfg, encoder, cache, df, "label", rungs_of(df, (2,)), tmp_path / "b", NullTracker(),
+                         class_names={0: "normal", 1: "lesion"}, positive_class="lesion")
+    assert results["error"].str.contains("rung per_class_2 has 2 labelled patient\\(s\\) of class 0 \\(normal\\), "
+                                         "but inner validation with 3 folds needs at least 3").all()
+
+
+def test_parallel_ladder_gives_the_serial_results(tmp_path):
+    """Two worker processes share the children out (i % 2) and the merged file equals the serial one."""
+    from medssl.ladder.ladder import run_ladder
+    from medssl.tracking.tracker import NullTracker
+    cache, df = cohort(2)
+    encoder = tiny_encoder_file(tmp_path, 2)
+    cfg = FinetuneConfig(epochs=2, batch_size=4, bootstrap=20)
+    rungs = rungs_of(df, (3, 4))
+    serial = run_ladder(cfg, encoder, cache, df, "label", rungs, tmp_path / "serial", NullTracker())
+    parallel = run_ladder(cfg.model_copy(update={"workers": 2}), encoder, cache, df, "label", rungs,
+                          tmp_path / "parallel", NullTracker())
+    assert (serial["status"] == "ok").all() and len(serial) == 10
+    assert list(parallel["key"]) == list(serial["key"])  # merged in plan order
+    assert not list((tmp_path / "parallel").glob("results.rank*.csv"))  # shards merged away
+    for column in ("auroc", "balanced_accuracy", "threshold", "chosen_C", "chosen_epochs", "val_auroc"):
+        assert np.allclose(parallel[column], serial[column], atol=1e-5, equal_nan=True), column
+    for a, b in zip(serial["predictions"], parallel["predictions"]):
+        assert np.allclose(pd.read_csv(a)["score"], pd.read_csv(b)["score"], atol=1e-5)

@@ -88,9 +88,14 @@ def test_ladder_nested_every_class_in_train_only(kind):
     if kind == "fractions":
         assert set(rungs[len(budgets) - 1].image_ids) == train_labelled       # 100% = all of train
     else:
-        rare_train = sum(labels[i] == "2" for i in train_labelled)
+        rare_train = df.loc[(df.split == "train") & (df.label == "2"), "patient_id"].nunique()
         rung = [r for r in rungs if r.name == "per_class_5" and r.seed == 0][0]
-        assert rung.counts == {0: 5, 1: 5, 2: min(5, rare_train)}           # capped by availability
+        assert rung.counts == {0: 5, 1: 5, 2: min(5, rare_train)}           # patients, capped by availability
+        patient = df.set_index("image_id")["patient_id"]
+        chosen = set(patient[list(rung.image_ids)])
+        assert len(chosen) == 5 + 5 + min(5, rare_train)                     # rungs count patients ...
+        every_image = set(df.loc[df.patient_id.isin(chosen) & (df.label != ""), "image_id"])
+        assert set(rung.image_ids) == every_image                           # ... with all their labelled images
     assert set(rungs[0].image_ids) != set(rungs[len(budgets)].image_ids)     # seeds differ
 
 
@@ -156,3 +161,58 @@ def test_splits_and_rungs_do_not_depend_on_the_pseudonymisation_salt():
         by_id = dict(zip(df["image_id"], df["paths"]))
         views.append((dict(zip(df["paths"], df["split"])), [sorted(by_id[i] for i in r.image_ids) for r in rungs]))
     assert views[0] == views[1]
+
+
+def test_repeats_redraw_the_test_patients_and_pretraining_sees_none_of_them():
+    from medssl.cohort.splits import HELDOUT, assign_repeats, manifest_split
+    df = cohort(n_patients=120, positive=20, rare=6)
+    repeats = assign_repeats(df, "label", 0, 0.0, 0.25, 3)
+    assert repeats[0].equals(assign_splits(df, "label", 0, 0.0, 0.25))  # repeat 0 = the plain split
+    test_sets = [set(df.loc[r == "test", "patient_id"]) for r in repeats]
+    assert test_sets[0] != test_sets[1] and test_sets[1] != test_sets[2]
+    for r in repeats:  # each repeat is a patient-level split of its own, every class in test
+        assert (df.assign(s=r).groupby("patient_id")["s"].nunique() == 1).all()
+        assert set(df.loc[(r == "test") & (df.label != ""), "label"]) == {"0", "1", "2"}
+    df["split"] = manifest_split(repeats)
+    held_anywhere = set().union(*test_sets)
+    seen = set(df.set_index("image_id").loc[pretrain_ids(df), "patient_id"])
+    assert not seen & held_anywhere and (df["split"] == HELDOUT).any()
+    # the rungs of repeat r come from that repeat's training patients
+    rungs = build_ladder(df, "label", per_class=[3], seeds=[0], split=repeats[2], repeat=2)
+    patient = df.set_index("image_id")["patient_id"]
+    assert rungs[0].repeat == 2 and not set(patient[list(rungs[0].image_ids)]) & test_sets[2]
+
+
+def test_positive_class_is_the_rarer_class_by_patients_never_the_alphabet():
+    from medssl.cohort.classes import binary_coding, class_names, positive_code
+    from medssl.cohort.splits import label_codes
+    rows = [{"image_id": f"i{p}-{k}", "patient_id": f"p{p}", "label": int(p >= 3)}
+            for p in range(20) for k in range(1 if p >= 3 else 4)]  # 3 'bleed' patients (12 images), 17 'normal'
+    df = pd.DataFrame(rows)
+    names = {0: "bleed", 1: "normal"}  # as ingest codes names: alphabetically, so code 1 is the healthy class
+    codes = label_codes(df, "label")
+    assert positive_code(df, codes, class_names(df, codes, names)) == 0       # rarer in patients (not images)
+    assert positive_code(df, codes, names, "normal") == 1                     # named by the user
+    assert positive_code(df, codes, names, 0) == 0                            # or by its code
+    assert binary_coding(names, 0) == ({1: 0, 0: 1}, ["normal", "bleed"])     # the condition becomes code 1
+    with pytest.raises(DataError, match="not a class of the label.*bleed"):
+        positive_code(df, codes, names, "tumour")
+    balanced = df[df.patient_id.isin(["p0", "p1", "p3", "p4"])].groupby("patient_id").head(1)
+    codes = label_codes(balanced, "label")
+    with pytest.raises(DataError, match="equally frequent"):
+        positive_code(balanced, codes, names)
+    assert positive_code(balanced, codes, {0: "0", 1: "1"}) == 1              # plain 0/1 codes: 1, as usual
+
+
+def test_splits_file_keeps_repeats_and_classes(tmp_path):
+    from medssl.cohort.splits import assign_repeats
+    df = cohort()
+    repeats = assign_repeats(df, "label", 0, 0.2, 0.3, 2)
+    df["split"] = repeats[0]
+    rungs = [r for i, s in enumerate(repeats) for r in build_ladder(df, "label", per_class=[2], seeds=[0],
+                                                                    split=s, repeat=i)]
+    path = write_splits(tmp_path / "x.splits.json", df, rungs, {"a": 1}, repeats=repeats,
+                        classes={"names": {0: "a", 1: "b", 2: "c"}, "positive": None})
+    back = read_splits(path)
+    assert back["rungs"] == rungs and [r.repeat for r in back["rungs"]] == [0, 1]
+    assert back["repeats"][1] == dict(zip(df.image_id, repeats[1])) and back["classes"]["names"][2] == "c"

@@ -10,10 +10,15 @@ Rules (they hold for every pipeline):
   val/test patients carry "val"/"test", no image of an evaluation patient reaches the SSL encoder.
   Consequence for readers: rows with split "val"/"test" can be unlabelled; use `labelled_ids` to pick
   evaluation images.
-- Ladders are drawn from the labelled images of the training split only. For one seed each rung is a prefix of
-  one per-class random order, hence nested in the next rung, and every rung holds every class. The unit is
-  the labelled image (what an annotator labels). per_class=N means N images of EVERY class (no extra
-  negatives), capped by what the training split holds; fractions are taken per class, at least one each.
+- Ladders are drawn from the labelled patients of the training split only. For one seed each rung is a prefix of
+  one per-class random order of PATIENTS, hence nested in the next rung, and every rung holds every class. The
+  unit is the labelled patient (labels are per patient; a patient may have several studies): per_class=N means
+  N patients of EVERY class (their stratum, as for the splits), each with all its labelled training images,
+  capped by what the training split holds; fractions are taken per class, at least one patient each.
+- Repeats (`split.repeats`): repeat r is another patient-level split (repeat 0 = the split of `seed`, as without
+  repeats) with its own rungs. The splits file's `splits` (the `split` column stages read) holds repeat 0,
+  except that a patient who is in training in repeat 0 but held out (val/test) in another repeat reads
+  "heldout": pretraining (train and "" only) then never sees an image of a patient any repeat evaluates on.
 - Everything is a pure function of (manifest rows, settings, seed): row order does not matter.
 """
 from __future__ import annotations
@@ -29,7 +34,8 @@ import pandas as pd
 
 from medssl.errors import DataError
 
-SPLITS_FORMAT = "medssl-splits/1"
+SPLITS_FORMAT = "medssl-splits/2"  # 2: repeats, patient rungs, positive class
+HELDOUT = "heldout"  # manifest split of a repeat-0 training patient evaluated in another repeat
 
 
 @dataclass(frozen=True)
@@ -38,7 +44,8 @@ class Rung:
     name: str                       # "frac_0.05" or "per_class_10"; same name across seeds
     seed: int
     image_ids: tuple[str, ...]
-    counts: dict = field(default_factory=dict, compare=False)   # {class code: images}
+    counts: dict = field(default_factory=dict, compare=False)   # {class code: patients}
+    repeat: int = 0                 # which patient-level split (split.repeats) the rung is drawn from
 
 
 # ------------------------------------------------------------------------------------------ labels
@@ -85,10 +92,11 @@ def _allocate(n: int, val_fraction: float, test_fraction: float) -> tuple[int, i
 
 
 def assign_splits(df: pd.DataFrame, label: str, seed: int, val_fraction: float,
-                  test_fraction: float) -> pd.Series:
+                  test_fraction: float, repeat: int = 0) -> pd.Series:
     """"train" | "val" | "test" | "" per row (index of `df`), by patient, stratified by the patient's label.
 
-    Patients with no labelled image get "" (they still feed pretraining). Deterministic in `seed`.
+    Patients with no labelled image get "" (they still feed pretraining). Deterministic in (`seed`, `repeat`);
+    repeat 0 is the split the same seed gave before repeats existed.
     """
     if val_fraction + test_fraction >= 1:
         raise DataError(f"val_fraction + test_fraction = {val_fraction + test_fraction} leaves no training data",
@@ -101,12 +109,28 @@ def assign_splits(df: pd.DataFrame, label: str, seed: int, val_fraction: float,
     first_path = _stable_keys(df, "patient_id")
     for code, patients in strata.groupby(strata, sort=True):
         order = sorted(patients.index, key=lambda patient: (first_path.get(patient, ""), patient))
-        rng = np.random.default_rng([seed, int(code)])     # per class: a new class does not reshuffle others
+        # per class: a new class does not reshuffle others; a repeat is one more entropy word
+        rng = np.random.default_rng([seed, int(code)] + ([int(repeat)] if repeat else []))
         order = [order[i] for i in rng.permutation(len(order))]
         n_val, n_test = _allocate(len(order), val_fraction, test_fraction)
         for i, patient in enumerate(order):
             assigned[patient] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
     return df["patient_id"].map(assigned).fillna("").astype(str).rename("split")
+
+
+def assign_repeats(df: pd.DataFrame, label: str, seed: int, val_fraction: float, test_fraction: float,
+                   repeats: int) -> list[pd.Series]:
+    """One `assign_splits` per repeat (index of `df`)."""
+    return [assign_splits(df, label, seed, val_fraction, test_fraction, r) for r in range(repeats)]
+
+
+def manifest_split(assignments: Sequence[pd.Series]) -> pd.Series:
+    """The manifest's `split` column: repeat 0, with HELDOUT for its training rows held out in another repeat."""
+    first = assignments[0].copy()
+    elsewhere = pd.concat([a.isin(["val", "test"]) for a in assignments[1:]], axis=1).any(axis=1) \
+        if len(assignments) > 1 else pd.Series(False, index=first.index)
+    first[(first == "train") & elsewhere] = HELDOUT
+    return first
 
 
 def pretrain_ids(df: pd.DataFrame) -> list[str]:
@@ -123,7 +147,7 @@ def labelled_ids(df: pd.DataFrame, label: str, split: str) -> list[str]:
 
 # ------------------------------------------------------------------------------------------ ladders
 def _rung_counts(available: dict[int, int], fraction: float | None, per_class: int | None) -> dict[int, int]:
-    """Images per class in one rung. Fractions are taken per class (stratified) with at least one image of
+    """Patients per class in one rung. Fractions are taken per class (stratified) with at least one patient of
     each class; per_class=N means N of every class, capped by what the training split holds."""
     if fraction is not None:
         return {c: min(n, max(1, round(fraction * n))) for c, n in available.items()}
@@ -131,35 +155,40 @@ def _rung_counts(available: dict[int, int], fraction: float | None, per_class: i
 
 
 def build_ladder(df: pd.DataFrame, label: str, fractions: Sequence[float] | None = None,
-                 per_class: Sequence[int] | None = None, seeds: Sequence[int] = (0, 1, 2)) -> list[Rung]:
-    """Nested labelled subsets of the training split: for each seed, rungs in increasing budget, each a
-    superset of the previous one and holding every class of the labelled data. Needs `df["split"]`."""
+                 per_class: Sequence[int] | None = None, seeds: Sequence[int] = (0, 1, 2),
+                 split: pd.Series | None = None, repeat: int = 0) -> list[Rung]:
+    """Nested labelled subsets of the training split, counted in patients: for each seed, rungs in increasing
+    budget, each a superset of the previous one and holding every class of the labelled data.
+    `split`: the repeat's assignment (default `df["split"]`)."""
     if (fractions is None) == (per_class is None):
         raise DataError("give exactly one of fractions or per_class", where="split.ladder")
     budgets = sorted(fractions) if fractions is not None else sorted(per_class)
     if any(b <= 0 for b in budgets) or (fractions is not None and any(f > 1 for f in budgets)):
         raise DataError(f"ladder budgets must be positive (fractions at most 1): {budgets}", where="split.ladder")
     codes = label_codes(df, label)
-    train = (df["split"].fillna("") == "train") & codes.notna()
-    path_of = _stable_keys(df, "image_id")  # salt-free order, as for the splits
-    by_class = {int(c): sorted(df.loc[train & (codes == c), "image_id"], key=lambda i: (path_of.get(i, ""), i))
+    split = df["split"] if split is None else split
+    train = (split.fillna("") == "train") & codes.notna()
+    strata = _patient_strata(df[train], codes[train])                     # {patient: class}
+    images = df[train].groupby("patient_id")["image_id"].apply(sorted)   # a patient's labelled training images
+    path_of = _stable_keys(df, "patient_id")  # salt-free order, as for the splits
+    by_class = {int(c): sorted(strata.index[strata == c], key=lambda p: (path_of.get(p, ""), p))
                 for c in sorted(codes.dropna().unique())}
     rungs: list[Rung] = []
     for seed in seeds:
-        orders = {c: _shuffled(ids, seed, c) for c, ids in by_class.items()}
+        orders = {c: _shuffled(ids, seed, c, repeat) for c, ids in by_class.items()}
         for budget in budgets:
             name = f"frac_{budget:g}" if fractions is not None else f"per_class_{budget}"
             for c, ids in orders.items():
                 if not ids:
-                    raise DataError(f"class {c} has no labelled image in the training split, so rung '{name}' "
+                    raise DataError(f"class {c} has no labelled patient in the training split, so rung '{name}' "
                                     f"cannot contain it", where=f"label '{label}', rung {name}, seed {seed}",
                                     fix="add images of that class, lower split.test_fraction/val_fraction, "
                                         "or merge the class")
             counts = _rung_counts({c: len(ids) for c, ids in orders.items()},
                                   budget if fractions is not None else None,
                                   budget if per_class is not None else None)
-            chosen = tuple(sorted(i for c, ids in orders.items() for i in ids[:counts[c]]))
-            rungs.append(Rung(name, int(seed), chosen, counts))
+            chosen = tuple(sorted(i for c, ids in orders.items() for p in ids[:counts[c]] for i in images[p]))
+            rungs.append(Rung(name, int(seed), chosen, counts, int(repeat)))
     return rungs
 
 
@@ -170,8 +199,9 @@ def _stable_keys(df: pd.DataFrame, by: str) -> dict[str, str]:
     return df.groupby(by)["paths"].min().astype(str).to_dict()
 
 
-def _shuffled(ids: list[str], seed: int, code: int) -> list[str]:
-    rng = np.random.default_rng([int(seed), int(code), 7])   # 7: a stream different from the split's
+def _shuffled(ids: list[str], seed: int, code: int, repeat: int = 0) -> list[str]:
+    # 7: a stream different from the split's; a repeat adds one entropy word
+    rng = np.random.default_rng([int(seed), int(code), 7] + ([int(repeat)] if repeat else []))
     return [ids[i] for i in rng.permutation(len(ids))]
 
 
@@ -181,13 +211,22 @@ def _assignment_digest(splits: dict[str, str]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def write_splits(path: Path | str, df: pd.DataFrame, rungs: Sequence[Rung], settings: dict) -> Path:
-    """JSON next to the manifest ("NAME.splits.json"): the settings, every image's split and every rung, so a
-    later run reuses exactly the same subsets (and `read_splits(expect=...)` notices changed settings)."""
+def write_splits(path: Path | str, df: pd.DataFrame, rungs: Sequence[Rung], settings: dict,
+                 repeats: Sequence[pd.Series] | None = None, classes: dict | None = None) -> Path:
+    """JSON next to the manifest ("NAME.splits.json"): the settings, every image's split (per repeat), every
+    rung and the class coding (`classes`: {"names": {code: name}, "positive": code or None}), so a later run
+    reuses exactly the same subsets (and `read_splits(expect=...)` notices changed settings)."""
     path = Path(path)
-    splits = dict(zip(df["image_id"].astype(str), df["split"].fillna("").astype(str)))
-    doc = {"format": SPLITS_FORMAT, "settings": settings, "digest": _assignment_digest(splits),
-           "splits": splits, "rungs": [_rung_json(r) for r in rungs]}
+    ids = df["image_id"].astype(str)
+    repeats = list(repeats) if repeats is not None else [df["split"]]
+    per_repeat = [dict(zip(ids, r.fillna("").astype(str))) for r in repeats]
+    # "splits": df["split"], what pretraining may see (manifest_split: HELDOUT marks repeat-0 training patients
+    # that another repeat evaluates on); "repeats": every repeat's own train / val / test
+    combined = dict(zip(ids, df["split"].fillna("").astype(str)))
+    doc = {"format": SPLITS_FORMAT, "settings": settings, "digest": _assignment_digest(combined),
+           "splits": combined, "repeats": per_repeat, "rungs": [_rung_json(r) for r in rungs],
+           "classes": {"names": {str(k): v for k, v in (classes or {}).get("names", {}).items()},
+                       "positive": (classes or {}).get("positive")}}
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(doc, indent=1, sort_keys=True))
     tmp.replace(path)            # atomic: a crash never leaves half a file that later runs would trust
@@ -202,7 +241,9 @@ def _rung_json(rung: Rung) -> dict:
 
 
 def read_splits(path: Path | str, expect: dict | None = None) -> dict:
-    """{"settings", "splits": {image_id: split}, "rungs": [Rung], "digest"}. With `expect`, a DataError if the
+    """{"settings", "splits": {image_id: split} (repeat 0, HELDOUT where another repeat evaluates), "repeats":
+    [{image_id: split}] (each repeat's own), "rungs": [Rung],
+    "classes": {"names": {code: name}, "positive": code | None}, "digest"}. With `expect`, a DataError if the
     file was written with other settings (the subsets would not be the ones asked for)."""
     path = Path(path)
     if not path.is_file():
@@ -219,6 +260,9 @@ def read_splits(path: Path | str, expect: dict | None = None) -> dict:
         changed = sorted(k for k in set(doc["settings"]) | set(expect) if doc["settings"].get(k) != expect.get(k))
         raise DataError(f"the splits were made with other settings (changed: {', '.join(changed)})",
                         where=str(path), fix="run the 'splits' stage again, or restore the old settings")
-    rungs = [Rung(r["name"], r["seed"], tuple(r["image_ids"]), {int(k): v for k, v in r["counts"].items()})
-             for r in doc["rungs"]]
-    return {"settings": doc["settings"], "splits": doc["splits"], "rungs": rungs, "digest": doc["digest"]}
+    rungs = [Rung(r["name"], r["seed"], tuple(r["image_ids"]), {int(k): v for k, v in r["counts"].items()},
+                  int(r.get("repeat", 0))) for r in doc["rungs"]]
+    classes = {"names": {int(k): v for k, v in doc["classes"]["names"].items()},
+               "positive": doc["classes"]["positive"]}
+    return {"settings": doc["settings"], "splits": doc["splits"], "repeats": doc["repeats"], "rungs": rungs,
+            "classes": classes, "digest": doc["digest"]}

@@ -1,4 +1,4 @@
-"""Fine-tuning at each rung: protocols, early stopping, thresholds, registration."""
+"""Fine-tuning at each rung: arms, protocols, inner validation, early stopping, thresholds, registration."""
 from __future__ import annotations
 
 from typing import Literal
@@ -9,12 +9,25 @@ from medssl.config.base import Section
 from medssl.config.pretrain import ViewsConfig
 from medssl.config.segmentation import SegmentationConfig
 
+ARMS = ("ssl", "scratch", "features", "random_features")
+
 
 class FinetuneConfig(Section):
     task: Literal["classification", "segmentation"] = Field(
         "classification", description="classification: the label ladder; segmentation: the Dice ladder on masks")
     segmentation: SegmentationConfig = SegmentationConfig()
     protocols: list[Literal["linear", "finetune"]] = ["linear", "finetune"]
+    arms: list[Literal["ssl", "scratch", "features", "random_features"]] = Field(
+        list(ARMS), description="ssl; scratch (fine-tuned from random init, same tuning as ssl); features "
+                                "(engineered image features + logistic regression); random_features (frozen "
+                                "random encoder + the linear probe)")
+    validation: Literal["inner", "split"] = Field(
+        "inner", description="inner: epochs, probe C and threshold chosen by cross-validation inside the rung's "
+                             "own patients, then a refit on the whole rung; split: on the labelled validation "
+                             "split (uses extra labels; results say how many)")
+    inner_folds: int = Field(3, ge=2, description="K of the inner, patient-level stratified cross-validation")
+    workers: int = Field(1, ge=1, description="ladder children run in this many processes (torchrun ranks "
+                                              "share the children out the same way)")
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(8, ge=1)
     lr: float = Field(1e-3, gt=0)

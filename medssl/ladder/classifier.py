@@ -1,17 +1,16 @@
 """Encoder + linear head, trained under one of two protocols, with checks before any training starts.
 
 Protocols
-- "linear": the encoder is frozen; its features are computed ONCE for the train and validation images and a
-  converged, standardised scikit-learn logistic regression (strength chosen on validation) is fitted on them,
-  then folded into the torch head (models/probe.py), so the head lives in the same Classifier that is saved,
-  logged to MLflow and scored by `predict`, with one code path for binary and multi-class.
+- "linear": the encoder is frozen; its features are computed ONCE and a converged, standardised scikit-learn
+  logistic regression is fitted on them (inner.fit_probe: C chosen inside the rung), then folded into the torch
+  head (models/probe.py), so the head lives in the same Classifier that is saved, logged to MLflow and scored by
+  `predict`, with one code path for binary and multi-class.
 - "finetune": encoder and head train together (AdamW, one warm-up epoch then cosine decay); the encoder's
   learning rate is lr * encoder_lr_scale so the pretrained features are adjusted, not overwritten; optional
   random views of the training images (finetune.views), drawn from the run's seed.
-Fine-tuning stops early on the validation loss (or AUROC) after `patience` epochs and keeps the best epoch's
-weights; the probe picks its regularisation strength by the same validation score.
-The binary operating point is chosen on the validation split and stored in the model (`threshold` buffer);
-the test split is never looked at here.
+Every choice (epochs, C, the binary operating point stored in the model's `threshold` buffer) is made on the
+held-out parts of `inner.Folds`: inner cross-validation over the rung's own patients, or the legacy validation
+split; see inner.py. The test split is never looked at here.
 """
 from __future__ import annotations
 
@@ -21,13 +20,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, WeightedRandomSampler
 
 from medssl.config import FinetuneConfig
 from medssl.errors import ConfigError, DataError, TrainingError
-from medssl.evaluate.metrics import choose_threshold, positive_scores
+from medssl.ladder.inner import Folds, choose_epochs, fit_probe, held_out_scores, split_folds, threshold_of
 from medssl.models.classifier import Classifier
-from medssl.models.probe import fit_probe_head
+from medssl.models.probe import load_folded
 
 PROTOCOLS = ("linear", "finetune")
 
@@ -38,8 +37,9 @@ class FitResult:
     threshold: float
     val_loss: float
     val_auroc: float
-    epochs: int
+    epochs: int                 # finetune: the chosen epochs (of the refit); linear: strengths tried
     history: list[dict] = field(default_factory=list)
+    chosen_C: float = float("nan")
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -62,8 +62,8 @@ def check_images(encoder: nn.Module, sample: torch.Tensor, spatial_dims: int, in
 
 
 def check_labels(splits: dict, n_classes: int, rung: str, class_names: dict | None = None):
-    """Every class must be in the rung's training subset, in validation (thresholds, early stopping) and in
-    test (AUROC). `splits`: {"training subset": labels, "validation split": labels, ...}."""
+    """Every class must be in the rung's training subset, in the validation split when one is used (thresholds,
+    early stopping) and in test (AUROC). `splits`: {"training subset": labels, "test split": labels, ...}."""
     names = class_names or {}
     if n_classes < 2:
         raise DataError("fewer than two classes are labelled", where=f"rung {rung}",
@@ -80,50 +80,108 @@ def check_labels(splits: dict, n_classes: int, rung: str, class_names: dict | No
 
 
 # ---------------------------------------------------------------------------------------- training
-def fit(encoder: nn.Module, train_ds: Dataset, val_ds: Dataset, n_classes: int, protocol: str,
-        cfg: FinetuneConfig, seed: int, monitor: str = "val_loss", device: str | None = None,
-        spatial_dims: int | None = None) -> FitResult:
-    """Train a Classifier on `train_ds`, early-stopped and thresholded on `val_ds` (datasets yield dicts)."""
+def fit_rung(encoder: nn.Module, dataset: Dataset, folds: Folds, n_classes: int, protocol: str,
+             cfg: FinetuneConfig, seed: int, monitor: str = "val_loss", device: str | None = None,
+             spatial_dims: int | None = None) -> FitResult:
+    """Train a Classifier on `dataset` (the rung's images, then for validation: split the validation images),
+    every choice made on the held-out parts of `folds` (datasets yield dicts; linear: a FeatureSet)."""
     if protocol not in PROTOCOLS:
         raise ConfigError(f"unknown protocol {protocol!r}", where="finetune.protocols", fix=f"one of {PROTOCOLS}")
     if monitor not in ("val_loss", "val_auroc"):
         raise ConfigError(f"unknown early-stopping monitor {monitor!r}", fix="val_loss or val_auroc")
     torch.manual_seed(seed)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = Classifier(encoder, n_classes, spatial_dims=spatial_dims).to(device)
-    y_train = labels_of(train_ds)
-    loss_fn = nn.CrossEntropyLoss(weight=class_weights(y_train, n_classes, cfg.imbalance).to(device))
+    y = labels_of(dataset)
     if protocol == "linear":
+        model = Classifier(encoder, n_classes, spatial_dims=spatial_dims)
         for p in model.encoder.parameters():
             p.requires_grad_(False)
-        # a caller may pass FeatureSets it computed once for many runs (the ladder does, per encoder)
-        train_ds, val_ds = (d if isinstance(d, FeatureSet) else features(model.encoder, d, cfg.batch_size)
-                            for d in (train_ds, val_ds))
-        best = _linear_probe(model.head, train_ds, val_ds, n_classes, cfg, loss_fn, monitor, device, seed)
+        feats = dataset if isinstance(dataset, FeatureSet) else features(encoder.to(device), dataset, cfg.batch_size)
+        probe = fit_probe(feats.feats.numpy(), y, folds, n_classes, cfg.imbalance != "none", monitor, seed,
+                          class_weights(y[folds.refit if folds.refit is not None else folds.splits[0][0]],
+                                        n_classes, cfg.imbalance).numpy(), cfg.target_sensitivity)
+        load_folded(model.head, probe.model, n_classes)
+        result = FitResult(model, probe.threshold, probe.val_loss, probe.val_auroc, len(probe.history),
+                           probe.history, chosen_C=probe.C)
     else:
-        groups = [{"params": model.encoder.parameters(), "lr": cfg.lr * cfg.encoder_lr_scale},
-                  {"params": model.head.parameters(), "lr": cfg.lr}]
-        optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-        loader = train_loader(train_ds, y_train, cfg, seed)
-        scheduler = _schedule(optimizer, cfg, len(loader))
-        best = _early_stopped(model, loader, val_ds, optimizer, scheduler, loss_fn, cfg, monitor, device, seed)
-        model.load_state_dict(best["state"])
-    threshold = _validation_threshold(best["val_scores"], best["val_y"], cfg.target_sensitivity)
-    model.threshold.fill_(threshold)
-    return FitResult(model.cpu().eval(), threshold, best["val_loss"], best["val_auroc"], best["epoch"],
-                     best["history"])
+        result = _fit_finetune(encoder, dataset, y, folds, n_classes, cfg, seed, monitor, device, spatial_dims)
+    result.model.threshold.fill_(result.threshold)
+    result.model = result.model.cpu().eval()
+    return result
 
 
-def _linear_probe(head, train_ds, val_ds, n_classes, cfg, loss_fn, monitor, device, seed) -> dict:
-    """Converged logistic regression on the frozen features (models/probe.py); strength chosen on validation."""
-    def score(candidate):
-        val = evaluate_loss(candidate, val_ds, loss_fn, cfg.batch_size, device)
-        return (-val["loss"] if monitor == "val_loss" else val["auroc"]), val
-    history = fit_probe_head(head, train_ds.feats.numpy(), train_ds.labels, n_classes, cfg.imbalance != "none",
-                             score, seed)
-    val = evaluate_loss(head, val_ds, loss_fn, cfg.batch_size, device)
-    return {"epoch": len(history), "val_loss": val["loss"], "val_auroc": val["auroc"], "val_scores": val["probs"],
-            "val_y": val["y"], "history": history}
+def fit(encoder: nn.Module, train_ds: Dataset, val_ds: Dataset, n_classes: int, protocol: str,
+        cfg: FinetuneConfig, seed: int, monitor: str = "val_loss", device: str | None = None,
+        spatial_dims: int | None = None) -> FitResult:
+    """Legacy form (validation: split): train on `train_ds`, every choice made on `val_ds`."""
+    if isinstance(train_ds, FeatureSet) and isinstance(val_ds, FeatureSet):
+        both = FeatureSet(torch.cat([train_ds.feats, val_ds.feats]), np.r_[train_ds.labels, val_ds.labels])
+    else:
+        both = ConcatDataset([train_ds, val_ds])
+        both.labels = np.r_[labels_of(train_ds), labels_of(val_ds)]
+    return fit_rung(encoder, both, split_folds(len(train_ds), len(val_ds)), n_classes, protocol, cfg, seed,
+                    monitor, device, spatial_dims)
+
+
+def _fit_finetune(encoder, dataset, y, folds: Folds, n_classes, cfg, seed, monitor, device, spatial_dims):
+    """Each fold from the same initial weights; epochs = best of the mean held-out curve; refit on the rung."""
+    single = folds.refit is None  # validation: split keeps the one fold's best model
+    runs = []
+    for tr, va in folds.splits:
+        model = Classifier(encoder if single else copy.deepcopy(encoder), n_classes, spatial_dims=spatial_dims)
+        runs.append(_train_fold(model.to(device), Subset(dataset, tr), y[tr], Subset(dataset, va), cfg, seed,
+                                monitor, device, keep_best=single))
+    epochs = choose_epochs([run["scores"] for run in runs])
+    oof = np.zeros((len(y), n_classes))
+    for (_, va), run in zip(folds.splits, runs):
+        oof[va] = run["probs"][epochs - 1]
+    held = folds.held_out
+    loss, auroc = held_out_scores(y[held], oof[held], np.ones(n_classes))
+    horizon = min(len(run["scores"]) for run in runs)
+    history = [{"epoch": e + 1, "val_loss": float(np.mean([r["losses"][e] for r in runs])),
+                "val_auroc": float(np.mean([r["aurocs"][e] for r in runs]))} for e in range(horizon)]
+    if single:
+        model.load_state_dict(runs[0]["state"])
+    else:  # the refit: whole rung, the chosen epochs, the same schedule (lr trajectory) as the folds
+        model = Classifier(encoder, n_classes, spatial_dims=spatial_dims).to(device)
+        refit = folds.refit
+        optimizer, scheduler, loader, loss_fn = _training(model, Subset(dataset, refit), y[refit], cfg, seed, device)
+        for _ in train_epochs(model, loader, optimizer, scheduler, loss_fn, cfg, device, seed, epochs):
+            pass
+    return FitResult(model, threshold_of(y[held], oof[held], cfg.target_sensitivity), loss, auroc, epochs, history)
+
+
+def _training(model, train_ds, y_train, cfg: FinetuneConfig, seed: int, device):
+    """Optimizer (encoder lr scaled), per-step schedule, shuffled loader and class-weighted loss of one fit."""
+    groups = [{"params": model.encoder.parameters(), "lr": cfg.lr * cfg.encoder_lr_scale},
+              {"params": model.head.parameters(), "lr": cfg.lr}]
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    loader = train_loader(train_ds, y_train, cfg, seed)
+    loss_fn = nn.CrossEntropyLoss(weight=class_weights(y_train, model.head.out_features, cfg.imbalance).to(device))
+    return optimizer, _schedule(optimizer, cfg, len(loader)), loader, loss_fn
+
+
+def _train_fold(model, train_ds, y_train, val_ds, cfg, seed, monitor, device, keep_best: bool) -> dict:
+    """Train up to cfg.epochs, stopping after `patience` epochs without a better held-out score; per epoch the
+    held-out loss, AUROC, score and probabilities (and, with keep_best, the best epoch's weights)."""
+    optimizer, scheduler, loader, loss_fn = _training(model, train_ds, y_train, cfg, seed, device)
+    run = {"losses": [], "aurocs": [], "scores": [], "probs": [], "state": None}
+    best, waited = None, 0
+    for _ in train_epochs(model, loader, optimizer, scheduler, loss_fn, cfg, device, seed, cfg.epochs):
+        val = evaluate_loss(model, val_ds, loss_fn, cfg.batch_size, device)
+        score = -val["loss"] if monitor == "val_loss" else val["auroc"]
+        for key, value in (("losses", val["loss"]), ("aurocs", val["auroc"]), ("scores", score),
+                           ("probs", val["probs"])):
+            run[key].append(value)
+        if best is None or score > best:
+            best, waited = score, 0
+            if keep_best:
+                run["state"] = copy.deepcopy(model.state_dict())
+        else:
+            waited += 1
+            if waited >= cfg.patience:
+                break
+    return run
 
 
 def _schedule(optimizer, cfg: FinetuneConfig, steps_per_epoch: int):
@@ -136,11 +194,11 @@ def _schedule(optimizer, cfg: FinetuneConfig, steps_per_epoch: int):
     return warmup_cosine(optimizer, min(steps_per_epoch, total), total)
 
 
-def _early_stopped(module, loader, val_ds, optimizer, scheduler, loss_fn, cfg, monitor, device, seed) -> dict:
+def train_epochs(module, loader, optimizer, scheduler, loss_fn, cfg, device, seed: int, epochs: int):
+    """Yield after each of `epochs` training epochs (the caller validates, or not, between them)."""
     from medssl.augment.views import make_views
-    best, history, waited = None, [], 0
     views = torch.Generator(device=device).manual_seed(seed)  # the views are part of the seed, like the order
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(1, epochs + 1):
         module.train()
         for batch in loader:
             optimizer.zero_grad(set_to_none=True)
@@ -154,19 +212,7 @@ def _early_stopped(module, loader, val_ds, optimizer, scheduler, loss_fn, cfg, m
             loss.backward()
             optimizer.step()
             scheduler.step()
-        val = evaluate_loss(module, val_ds, loss_fn, cfg.batch_size, device)
-        history.append({"epoch": epoch, "val_loss": val["loss"], "val_auroc": val["auroc"]})
-        score = -val["loss"] if monitor == "val_loss" else val["auroc"]
-        if best is None or score > best["score"]:
-            best = {"score": score, "epoch": epoch, "val_loss": val["loss"], "val_auroc": val["auroc"],
-                    "val_scores": val["probs"], "val_y": val["y"], "state": copy.deepcopy(module.state_dict())}
-            waited = 0
-        else:
-            waited += 1
-            if waited >= cfg.patience:
-                break
-    best["history"] = history
-    return best
+        yield epoch
 
 
 @torch.no_grad()
@@ -182,13 +228,6 @@ def evaluate_loss(module, dataset, loss_fn, batch_size: int, device) -> dict:
     loss = float(nn.functional.cross_entropy(logits, y, weight=loss_fn.weight.cpu()))
     auroc = classification_metrics(y.numpy(), probs)["auroc"]
     return {"loss": loss, "auroc": auroc, "probs": probs, "y": y.numpy()}
-
-
-def _validation_threshold(val_probs, y_val, target_sensitivity) -> float:
-    scores = positive_scores(val_probs)
-    if scores.ndim == 2:  # multi-class: argmax decides, no threshold
-        return float("nan")
-    return choose_threshold(y_val, scores, target_sensitivity)
 
 
 # ------------------------------------------------------------------------------------- data pieces

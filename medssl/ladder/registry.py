@@ -27,28 +27,25 @@ def log_model(tracker, model, description: dict) -> None:
         tracker.log_artifact(folder, "model")
 
 
-def model_description(ctx, rung, values: dict, delta: dict, arm: str | None = None) -> dict:
-    """The spec (architecture, preprocessing, labels, threshold, lineage) and model-card facts of one child."""
-    names = [str(ctx.class_names.get(k, k)) for k in range(ctx.n_classes)]
-    positive = getattr(ctx, "positive_class", None) or (names[1] if ctx.n_classes == 2 else None)
+def model_description(ctx, child, values: dict, test_ids: list[str]) -> dict:
+    """The spec (architecture, preprocessing, labels in the ladder's coding: binary positive class = code 1,
+    lineage with the labelled patients used) and model-card facts of one child. Paired deltas between arms
+    are the report's (pooled over seeds and repeats), so the card of one child carries none."""
+    rung, names = child.rung, [str(n) for n in ctx.class_names]
     spec = {"architecture": {"encoder": ctx.encoder_cfg.model_dump(mode="json"), "spatial_dims": ctx.spatial_dims,
                              "img_size": ctx.img_size, "in_channels": ctx.encoder_cfg.in_channels,
                              "n_classes": ctx.n_classes},
             "preprocess": ctx.cache.cfg.model_dump(mode="json", exclude={"cache_dir"}),
-            "labels": {"column": ctx.data.get("label", "label"), "names": names, "positive": positive},
+            "labels": {"column": ctx.data.get("label", "label"), "names": names, "positive": ctx.positive or None},
             "inputs": {"modalities": ctx.data.get("modalities", []), "image_dims": ctx.data.get("image_dims", [])},
             "lineage": {"pretrain_run_id": str(ctx.info.get("run_id") or ""),
                         "manifest_digest": str(ctx.info.get("manifest_digest") or ""), "rung": rung.name,
-                        "arm": arm or "", "seed": rung.seed,
+                        "arm": child.arm, "seed": rung.seed, "repeat": rung.repeat,
+                        "validation": ctx.cfg.validation,
                         "labelled_patients": len({ctx.patients[i] for i in rung.image_ids})}}
-    test_patients = len({ctx.patients[i] for i in ctx.test_ids})
-    deltas = {}
-    if "delta_auroc" in delta:
-        deltas["scratch"] = {"delta": delta["delta_auroc"], "ci_low": delta.get("delta_auroc_ci_low"),
-                             "ci_high": delta.get("delta_auroc_ci_high")}
     card = {"data": {"labelled patients in the rung": spec["lineage"]["labelled_patients"],
-                     "test patients (internal)": test_patients},
-            "sites": {"internal test split": values}, "deltas": deltas}
+                     "test patients (internal)": len({ctx.patients[i] for i in test_ids})},
+            "sites": {"internal test split": values}, "deltas": {}}
     return {"spec": spec, "card": card}
 
 
@@ -66,9 +63,11 @@ def _quiet(logger_name: str):
 
 
 def register_best(tracker, results: pd.DataFrame, prefix: str, lineage: dict) -> dict[str, str]:
-    """Per rung: the run with the best validation AUROC (any seed, init, protocol) -> a version of the
+    """Per rung: the run with the best validation AUROC (any arm with a model, any protocol) -> a version of the
     registered model "<prefix>-<rung>", tagged with the lineage (pretraining run id, manifest digest) and the
-    run's rung / seed / init / protocol. Idempotent: a run already registered under that name is not
+    run's rung / seed / arm / protocol / labelled patients used. The ladder passes the children of ONE draw
+    of each rung (repeat 0, first seed), whose validation AUROC is out-of-fold on that rung's own patients, so
+    the choice spends no label outside the rung. Idempotent: a run already registered under that name is not
     registered again (resumed ladders). Returns {rung: version}."""
     from mlflow.tracking import MlflowClient
     client = MlflowClient(tracker.tracking_uri)
@@ -86,9 +85,12 @@ def register_best(tracker, results: pd.DataFrame, prefix: str, lineage: dict) ->
         if best["run_id"] in known:
             registered[rung] = known[best["run_id"]]
             continue
-        tags = {**lineage, "medssl.rung": rung, "medssl.seed": int(best["seed"]), "medssl.init": best["init"],
-                "medssl.protocol": best["protocol"], "medssl.val_auroc": f"{best['val_auroc']:.4f}",
-                "medssl.test_auroc": f"{best['auroc']:.4f}"}
+        arm = best.get("arm", best.get("init", ""))
+        tags = {**lineage, "medssl.rung": rung, "medssl.seed": int(best["seed"]), "medssl.arm": arm,
+                "medssl.init": arm, "medssl.protocol": best["protocol"], "medssl.val_auroc": f"{best['val_auroc']:.4f}",
+                "medssl.test_auroc": f"{best['auroc']:.4f}", "medssl.validation": str(best.get("validation", "")),
+                "medssl.positive_class": str(best.get("positive_class", "") or ""),
+                "medssl.n_patients_used": str(best.get("n_patients_used", ""))}
         version = tracker.register_model("model", name, tags, run_id=best["run_id"])
         if version:
             registered[rung] = version

@@ -15,7 +15,7 @@ any two arms of one (repeat, rung, seed) form a paired comparison on identical t
   ssl       finetune   SSL encoder fine-tuned (epochs chosen inside the rung)
   scratch   finetune   the same network from random init, same schedule and tuning effort as ssl/finetune
   random_features linear  frozen RANDOMLY initialised encoder + the same probe (never called "scratch")
-  features  linear     engineered image features (baselines.py) + the same probe, C chosen inside the rung
+  features  linear     engineered image features (features.py) + the same probe, C chosen inside the rung
 
 results.csv columns (one row per child; unknown extra columns may appear and must be ignored):
   key                "r<repeat>/<rung>/seed<seed>/<arm>/<protocol>", unique per child
@@ -76,6 +76,9 @@ import pandas as pd
 from medssl.ui import console
 from medssl.ingest.csv_safe import read_csv, write_csv  # cells that would run as spreadsheet formulas
 
+TEXT_COLUMNS = ("key", "rung", "arm", "protocol", "init", "status", "error", "validation", "labels_note",
+                "positive_class", "class_names", "rung_class_patients", "run_id", "settings_digest", "predictions")
+
 
 def finished_keys(results_csv: Path, digest: str | None = None) -> set[str]:
     """Children that finished ("ok"), under the same settings when `digest` is given."""
@@ -106,7 +109,11 @@ def read_results(results_csv: Path) -> pd.DataFrame:
     results_csv = Path(results_csv)
     if not results_csv.is_file() or results_csv.stat().st_size == 0:
         return pd.DataFrame(columns=["key", "status"])
-    results = read_csv(results_csv, keep_default_na=True)
+    text = {c: str for c in TEXT_COLUMNS}
+    results = read_csv(results_csv, keep_default_na=True, dtype=text)
+    for column in TEXT_COLUMNS:  # a class named "1" stays the string "1"; an empty note stays ""
+        if column in results:
+            results[column] = results[column].fillna("")
     return results.drop_duplicates("key", keep="last").reset_index(drop=True)
 
 
@@ -124,3 +131,42 @@ def print_failures(results: pd.DataFrame) -> None:
         console.print(f"[red]{len(failed)} of {len(results)} ladder runs failed[/] (kept in results.csv):")
         for _, row in failed.iterrows():
             console.print(f"  {row['key']}: {row['error']}")
+
+
+def write_predictions(path: Path, ids, y, groups, probs: np.ndarray, threshold: float) -> Path:
+    """The child's test prediction file, in the format documented above (overwrites write_evaluation's)."""
+    probs = np.asarray(probs, float)  # (N, K)
+    frame = pd.DataFrame({"image_id": list(ids), "label": np.asarray(y, int), "patient_id": list(groups)})
+    if probs.shape[1] == 2:
+        frame["score"] = probs[:, 1]
+        frame["predicted"] = (probs[:, 1] >= threshold).astype(int)
+    else:
+        for k in range(probs.shape[1]):
+            frame[f"score_{k}"] = probs[:, k]
+        frame["predicted"] = probs.argmax(axis=1)
+    for k in range(probs.shape[1]):
+        frame[f"prob_{k}"] = probs[:, k]
+    write_csv(frame, path)
+    return Path(path)
+
+
+def shard_path(results_csv: Path, rank: int) -> Path:
+    return Path(results_csv).with_name(f"{Path(results_csv).stem}.rank{rank}.csv")
+
+
+def merge_shards(results_csv: Path, world: int) -> None:
+    """Fold the ranks' shard files into results.csv (latest row per key wins) and remove them. Rows keep the
+    plan's order whatever rank ran them, so a parallel ladder's file reads like a serial one's."""
+    results_csv = Path(results_csv)
+    shards = [shard_path(results_csv, r) for r in range(world) if shard_path(results_csv, r).is_file()]
+    if not shards:
+        return
+    frames = [read_results(results_csv)] + [read_results(s) for s in shards]
+    merged = pd.concat([f for f in frames if len(f)], ignore_index=True).drop_duplicates("key", keep="last")
+    if "plan_index" in merged:
+        merged = merged.sort_values("plan_index", kind="stable")
+    tmp = results_csv.with_name(results_csv.name + ".tmp")
+    write_csv(merged, tmp)
+    tmp.replace(results_csv)  # atomic: a crash while merging leaves the old file and the shards
+    for shard in shards:
+        shard.unlink()

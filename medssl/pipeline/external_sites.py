@@ -38,7 +38,8 @@ def score_sites(cfg: PipelineConfig, results: pd.DataFrame, training_meta: dict,
     """{site name: rows like results.csv's, `predictions` = the site's prediction files} for the report."""
     from medssl.evaluate.external import score_site, training_codes
     label = cfg.split.label
-    names = (training_meta.get("label_names") or {}).get(label) or _numeric_names(results)
+    # the ladder's own coding first: it recodes a binary label so the positive class is code 1 (cohort/classes.py)
+    names = _numeric_names(results) or (training_meta.get("label_names") or {}).get(label)
     scored = {}
     for site in cfg.evaluate.external:
         df, meta, cache = prepare_site(cfg, site)
@@ -49,7 +50,7 @@ def score_sites(cfg: PipelineConfig, results: pd.DataFrame, training_meta: dict,
 
 
 def _numeric_names(results: pd.DataFrame) -> dict[int, str]:
-    """Training classes of a manifest with integer labels and no names: the ladder's class_names column."""
+    """Training classes as the ladder coded them (its class_names column: binary positive class = code 1)."""
     import json
     if "class_names" in results and results["class_names"].notna().any():
         return dict(enumerate(json.loads(results["class_names"].dropna().iloc[0])))

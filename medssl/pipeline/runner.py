@@ -45,14 +45,17 @@ STAGES: tuple[Stage, ...] = (
     Stage("demo", (), lambda c: c.data.demo, demo_stage.run_demo, "build the demo cohort from real anatomy"),
     Stage("manifest", ("demo",), lambda c: (c.data, c.manifest), manifest_stage.run_manifest,
           "scan the folder, assemble DICOM series, join labels"),
-    Stage("splits", ("manifest",), lambda c: c.split, splits_stage.run_splits,
-          "patient-level train/val/test splits and label ladders", revision=2),  # 2: ordered by source path
+    # the validation mode decides whether a validation split is drawn at all
+    Stage("splits", ("manifest",), lambda c: (c.split, c.finetune.validation), splits_stage.run_splits,
+          "patient-level train/val/test splits and label ladders",
+          revision=3),  # 2: ordered by source path; 3: repeats, rungs in patients, positive class
     Stage("cache", ("splits",), lambda c: c.preprocess, cache_stage.run_cache,
           "decode, orient, resample and normalise every image once"),
     Stage("pretrain", ("cache",), lambda c: c.pretrain, pretrain_stage.run_pretrain,
           "self-supervised pretraining of the encoder"),
     Stage("ladder", ("pretrain",), lambda c: c.finetune, lambda ctx: _by_task(ctx, ladder_stage.run_ladder,
-          seg_stage.run_seg_ladder), "fine-tune at each label budget, SSL vs scratch"),
+          seg_stage.run_seg_ladder), "fine-tune at each label budget, SSL vs scratch, features and random features",
+          revision=2),  # 2: inner validation, arms, repeats
     Stage("report", ("ladder",), lambda c: c.evaluate if c.finetune.task == "classification" else "segmentation",
           lambda ctx: _by_task(ctx, report_stage.run_report, seg_stage.run_seg_report),
           "label-efficiency curve and table"),
