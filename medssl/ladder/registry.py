@@ -40,8 +40,7 @@ def model_description(ctx, child, values: dict, test_ids: list[str]) -> dict:
             "inputs": {"modalities": ctx.data.get("modalities", []), "image_dims": ctx.data.get("image_dims", [])},
             "lineage": {"pretrain_run_id": str(ctx.info.get("run_id") or ""),
                         "manifest_digest": str(ctx.info.get("manifest_digest") or ""), "rung": rung.name,
-                        "arm": child.arm, "seed": rung.seed, "repeat": rung.repeat,
-                        "validation": ctx.cfg.validation,
+                        "arm": child.arm, "seed": rung.seed, "protocol": child.protocol,
                         "labelled_patients": len({ctx.patients[i] for i in rung.image_ids})}}
     card = {"data": {"labelled patients in the rung": spec["lineage"]["labelled_patients"],
                      "test patients (internal)": len({ctx.patients[i] for i in test_ids})},
