@@ -442,8 +442,21 @@ def test_a_rung_that_holds_test_patients_is_refused_and_a_tiny_rung_names_its_cl
                                          "but inner validation with 3 folds needs at least 3").all()
 
 
+def _torchrun_rank(rank: int, world: int, port: int, tmp: str) -> None:
+    """One rank of a torchrun-like launch (its environment), running the whole ladder call."""
+    from medssl.ladder.ladder import run_ladder
+    from medssl.tracking.tracker import NullTracker
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    cache, df = cohort(2)
+    cfg = FinetuneConfig(epochs=2, batch_size=4, bootstrap=20)
+    run_ladder(cfg, f"{tmp}/encoder2d.pt", cache, df, "label", rungs_of(df, (3, 4)), f"{tmp}/ranks", NullTracker())
+
+
 def test_parallel_ladder_gives_the_serial_results(tmp_path):
-    """Two worker processes share the children out (i % 2) and the merged file equals the serial one."""
+    """Two worker processes, and two torchrun ranks, share the children out (i % 2); the merged file equals
+    the serial one."""
     from medssl.ladder.ladder import run_ladder
     from medssl.tracking.tracker import NullTracker
     cache, df = cohort(2)
@@ -453,10 +466,19 @@ def test_parallel_ladder_gives_the_serial_results(tmp_path):
     serial = run_ladder(cfg, encoder, cache, df, "label", rungs, tmp_path / "serial", NullTracker())
     parallel = run_ladder(cfg.model_copy(update={"workers": 2}), encoder, cache, df, "label", rungs,
                           tmp_path / "parallel", NullTracker())
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.start_processes(_torchrun_rank, args=(2, port, str(tmp_path)), nprocs=2,
+                                          start_method="spawn")
+    from medssl.ladder.results import read_results
+    ranks = read_results(tmp_path / "ranks" / "results.csv")
     assert (serial["status"] == "ok").all() and len(serial) == 10
-    assert list(parallel["key"]) == list(serial["key"])  # merged in plan order
-    assert not list((tmp_path / "parallel").glob("results.rank*.csv"))  # shards merged away
-    for column in ("auroc", "balanced_accuracy", "threshold", "chosen_C", "chosen_epochs", "val_auroc"):
-        assert np.allclose(parallel[column], serial[column], atol=1e-5, equal_nan=True), column
-    for a, b in zip(serial["predictions"], parallel["predictions"]):
-        assert np.allclose(pd.read_csv(a)["score"], pd.read_csv(b)["score"], atol=1e-5)
+    for other, folder in ((parallel, "parallel"), (ranks, "ranks")):
+        assert list(other["key"]) == list(serial["key"])  # merged in plan order
+        assert not list((tmp_path / folder).glob("results.rank*.csv"))  # shards merged away
+        for column in ("auroc", "balanced_accuracy", "threshold", "chosen_C", "chosen_epochs", "val_auroc"):
+            assert np.allclose(other[column], serial[column], atol=1e-5, equal_nan=True), (folder, column)
+        for a, b in zip(serial["predictions"], other["predictions"]):
+            assert np.allclose(pd.read_csv(a)["score"], pd.read_csv(b)["score"], atol=1e-5)
