@@ -37,8 +37,11 @@ def run_seg_ladder(ctx: Context) -> dict:
     pretrain = ctx.outputs["pretrain"]
     tags = {"medssl.pretrain_run_id": pretrain["run_id"], "medssl.manifest_digest": meta.get("digest", "")}
     with ctx.child("ladder", **tags):
-        results, scores = ladder(ctx.cfg.finetune, pretrain["encoder"], images, masks, df,
-                                 read_splits(ctx.splits_path)["rungs"], _spacing(ctx, df), ctx.paths.ladder, ctx.tracker)
+        # repeat 0 only: the segmentation ladder scores the `split` column's test patients (split.repeats' other
+        # repeats draw their rungs from patients that repeat 0 may test on)
+        rungs = [r for r in read_splits(ctx.splits_path)["rungs"] if r.repeat == 0]
+        results, scores = ladder(ctx.cfg.finetune, pretrain["encoder"], images, masks, df, rungs,
+                                 _spacing(ctx, df), ctx.paths.ladder, ctx.tracker)
         if scores.empty:
             raise DataError("no segmentation run finished", where=str(ctx.paths.ladder / RESULTS),
                             fix="see the failures listed above")
