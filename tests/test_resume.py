@@ -112,9 +112,9 @@ def test_sigkilled_run_resumes_to_identical_weights_and_losses(tmp_path):
     full, broken = tmp_path / "full", tmp_path / "broken"
     full.mkdir(), broken.mkdir()
 
-    reference = _start(script, full, full / "losses.jsonl", 0.0)
+    # one after the other: on a loaded CPU a slow reference would let the interrupted run finish unkilled
+    _finish(_start(script, full, full / "losses.jsonl", 0.0))
     interrupted = _start(script, broken, broken / "losses.jsonl", 0.2)
-    _finish(reference)
     _wait_for_checkpoint(broken, 8, interrupted)
     time.sleep(0.3)  # die between checkpoints, after a few more logged steps that must be redone
     interrupted.send_signal(signal.SIGKILL)
