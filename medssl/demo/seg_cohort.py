@@ -18,6 +18,7 @@ import pandas as pd
 from scipy import ndimage
 
 from medssl.config import DemoConfig
+from medssl.ingest.csv_safe import write_csv
 from medssl.demo.cohort import (FORMAT_VERSION, _prepare, _reusable, axial_slice, load_anatomy, output_grid,
                                 plan_subjects, render_subject)
 from medssl.demo.files import write_dicom_study, write_nifti_study
@@ -71,7 +72,7 @@ def build_seg_demo(cfg: DemoConfig, out: Path | None = None, spatial_dims: int =
             rows.append(_write_subject(subject, anatomy, points, affine, cfg, images, masks, spatial_dims))
             bar.advance(task)
     table = pd.DataFrame(rows)
-    table[["path", "label", "mask"]].to_csv(out / "labels.csv", index=False)
-    table.to_csv(out / "truth.csv", index=False)
+    write_csv(table[["path", "label", "mask"]], out / "labels.csv")
+    write_csv(table, out / "truth.csv")
     (out / ".medssl-demo.json").write_text(json.dumps({"settings": settings}, indent=2))   # last: complete
     return out / "labels.csv"

@@ -16,6 +16,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from medssl.evaluate.seg_metrics import patient_interval
+from medssl.ingest.csv_safe import write_csv
 
 COLOURS = {"ssl": "tab:blue", "scratch": "tab:orange"}
 
@@ -96,7 +97,7 @@ def write_report(summary: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     table, curve = out_dir / "seg_summary.csv", out_dir / "dice_curve.png"
-    summary.to_csv(table, index=False)
+    write_csv(summary, table)
     dice_curve(summary).savefig(curve, dpi=120)
     return {"table": table, "curve": curve}
 

@@ -20,6 +20,7 @@ import torch
 
 from medssl.config import EncoderConfig, FinetuneConfig
 from medssl.errors import ConfigError, DataError, MedsslError
+from medssl.ingest.csv_safe import write_csv
 from medssl.evaluate.seg_metrics import image_scores, paired_delta, summarise
 from medssl.evaluate.seg_report import overlay_figure
 from medssl.ladder.results import append_result, finished_keys, print_failures, read_results, settings_digest
@@ -171,7 +172,7 @@ def _run_child(ctx: SegContext, rung, init: str, train_ids: list[str]) -> dict:
         for row in result.history:
             ctx.tracker.log_metrics({"train_loss": row["loss"]}, step=row["step"])
         scores, shown = _evaluate(ctx, result.model, device)
-        scores.to_csv(folder / "scores.csv", index=False)
+        write_csv(scores, folder / "scores.csv")
         values = summarise(scores, ctx.cfg.bootstrap, seed)
         delta = _paired(ctx, rung, scores, seed) if init == "ssl" else {}
         ctx.tracker.log_metrics({**{f"test_{k}": v for k, v in values.items() if np.isfinite(v)},

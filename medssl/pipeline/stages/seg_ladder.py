@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 from medssl.errors import DataError
+from medssl.ingest.csv_safe import write_csv
 from medssl.pipeline.context import Context, open_cache, read_data
 from medssl.ui import console
 
@@ -46,7 +47,7 @@ def run_seg_ladder(ctx: Context) -> dict:
             raise DataError("no segmentation run finished", where=str(ctx.paths.ladder / RESULTS),
                             fix="see the failures listed above")
         summary = pooled_summary(scores, ctx.cfg.finetune.bootstrap, ctx.cfg.finetune.seed)
-        scores.to_csv(ctx.paths.ladder / "seg_scores.csv", index=False)
+        write_csv(scores, ctx.paths.ladder / "seg_scores.csv")
         artifacts = write_report(summary, ctx.paths.ladder)
         ctx.tracker.log_artifact(ctx.paths.ladder / RESULTS, "ladder")
     console.print(render_table(summary))
