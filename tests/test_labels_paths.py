@@ -105,3 +105,11 @@ def test_shared_copies_carry_no_identifier(tmp_path: Path):
     assert "MRN0000123" not in out.with_suffix(".skipped.csv").read_text()
     assert "MRN0000777" not in summary.render() and pseudonym("pat-", "MRN0000777", "s") in summary.render()
     assert len(pd.read_csv(out.with_suffix(".shared.csv"))) == len(df) == 2
+
+
+def test_header_only_labels_file_is_not_a_crash(tmp_path: Path):
+    root = _folder(tmp_path / "data")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("patient_id,label\n")
+    summary, df = _build(root, labels, tmp_path)
+    assert summary.n_labelled == 0 and len(df) == 2

@@ -210,7 +210,7 @@ def _join(images: list[dict], labels: Path | None, join_on: str, salt: str, fold
     aliases = path_aliases(table.codes.index, folder, labels) if table.id_column == "path" else None
     keys = _image_keys(images, table.id_column, salt)
     codes, report = join_labels(table, keys, aliases)
-    if images and len(report.unmatched) == len(table.codes.index):
+    if images and len(table.codes.index) and len(report.unmatched) == len(table.codes.index):
         raise _nothing_matched(table, images, aliases, folder, salt)
     masks = None if table.masks is None else join_masks(_aliased(table.masks, aliases), keys)
     return codes, report, table.names, table.id_column, masks
