@@ -40,8 +40,15 @@ def evaluate_external(cfg: PipelineConfig, model: str, manifest: Path, out: Path
 
 
 def _training_names(cfg: PipelineConfig) -> dict[int, str]:
-    """{code: class name} of the pipeline's training manifest, when it has been built."""
+    """{code: class name} as the ladder's models were trained (results.csv class_names: a binary label is
+    recoded so the positive class is code 1), else of the pipeline's training manifest, when it has been built."""
+    import json
     from medssl.ingest.manifest import read_manifest
+    from medssl.ladder.results import read_results
+    results = read_results(Path(cfg.workdir) / cfg.name / "ladder" / "results.csv")
+    coded = [c for c in results.get("class_names", []) if isinstance(c, str) and c]
+    if coded:
+        return dict(enumerate(json.loads(coded[0])))
     if not Path(cfg.manifest.out).is_file():
         return {}
     df, meta = read_manifest(cfg.manifest.out)
