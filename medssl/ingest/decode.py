@@ -13,6 +13,7 @@ Decisions (documented in data_manifests/README.md too):
 """
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,10 +199,14 @@ READERS = {  # format -> reader of its file list
 def confined_paths(row: Mapping, root: Path) -> list[Path]:
     """The row's files, resolved (links followed) and required to lie inside the manifest root: a manifest
     from elsewhere must not make medssl read `../../etc/passwd`, an absolute path or a link out of the folder."""
-    base = Path(root).resolve()
-    paths = []
+    base, folders, paths = Path(root).resolve(), {}, []
     for rel in str(row["paths"]).split("|"):
-        path = (base / rel).resolve()
+        parent, name = os.path.split(rel)
+        if parent not in folders:   # a series' slices share a folder: resolve it once, not once per slice
+            folders[parent] = (base / parent).resolve()
+        path = folders[parent] / name
+        if name in ("", ".", "..") or os.path.islink(path):
+            path = path.resolve()
         if not path.is_relative_to(base):
             raise DataError(f"manifest path {rel[:200]!r} points outside the dataset folder {base}",
                             where=f"manifest row {row.get('image_id', '')}",

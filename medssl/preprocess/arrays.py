@@ -122,16 +122,20 @@ def inverted(kind: str, photometric: str) -> bool:
 
 
 def normalise(array: np.ndarray, modality: str, photometric: str, ct_window: Sequence[float],
-              mr_percentiles: Sequence[float]) -> np.ndarray:
-    """float32 in [0, 1] (a constant image carries no contrast: all background)."""
+              mr_percentiles: Sequence[float], inplace: bool = False) -> np.ndarray:
+    """float32 in [0, 1] (a constant image carries no contrast: all background). `inplace`: `array` is a
+    float32 buffer of the caller's that may be overwritten (one pass and one 4-bytes-per-voxel buffer fewer)."""
     kind, low, high = intensity_range(array, modality, ct_window, mr_percentiles)
+    out = array if inplace and array.dtype == np.float32 else np.array(array, dtype=np.float32)
     if high <= low:
-        out = np.zeros(array.shape, np.float32)
+        out[...] = 0.0
     else:
-        out = np.clip(array, low, high).astype(np.float32, copy=False)
+        np.clip(out, low, high, out=out)
         out -= np.float32(low)
         out /= np.float32(high - low)
-    return 1.0 - out if inverted(kind, photometric) else out
+    if inverted(kind, photometric):
+        np.subtract(np.float32(1.0), out, out=out)
+    return out
 
 
 # ------------------------------------------------------------------------------------------ the chain
@@ -150,7 +154,9 @@ def fast_chain(array: np.ndarray, affine: np.ndarray, modality: str, photometric
         array, affine = to_ras(array, affine)
     else:
         affine = in_plane_frame(affine)
-    out = normalise(array, modality, photometric, cfg.ct_window, cfg.mr_percentiles)
+    # one copy in RAS order (the percentile subsample reads it flat), then normalised in place
+    out = normalise(np.array(array, dtype=np.float32, order="C"), modality, photometric, cfg.ct_window,
+                    cfg.mr_percentiles, inplace=True)
     if cfg.size is not None:
         out, affine = pad_or_crop(out, affine, per_rank(cfg.size, rank, -1))
     return out, affine

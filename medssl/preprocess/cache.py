@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -263,5 +264,8 @@ def _clean(row: dict) -> dict:
 
 
 def _single_thread() -> None:
-    import torch
-    torch.set_num_threads(1)   # N worker processes x M torch threads would oversubscribe the CPU
+    """N worker processes x M torch threads would oversubscribe the CPU. Only when torch is already loaded
+    (the MONAI chain): the numpy chain never needs it, and importing it costs each worker seconds."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)
