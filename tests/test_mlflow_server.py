@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from medssl.tracking.reviewer import check_experiment, screenshot, ui_url
+from medssl.tracking.reviewer import check_experiment, page_text, screenshot, ui_url
 from medssl.tracking.tracker import Tracker, lineage_tags
 
 pytestmark = pytest.mark.slow
@@ -179,10 +179,18 @@ def test_reviewer_sees_parent_children_model_and_report(server, tmp_path):
 @pytest.mark.skipif(shutil.which("chromium") is None or not os.environ.get("MEDSSL_TEST_SCREENSHOT"),
                     reason="chromium takes a minute on a loaded CPU: set MEDSSL_TEST_SCREENSHOT=1 (needs chromium)")
 def test_screenshot_of_the_mlflow_ui(server, tmp_path):
+    """The parent run's page, as the UI renders it, shows the run description (the verdict) and its metrics:
+    what the README screenshot claims a reviewer sees first."""
     tracker = Tracker("shot", tracking_uri=server.url, outbox_dir=tmp_path / "outbox")
-    with tracker.run("pipeline"):
-        tracker.log_metrics({"loss": 0.5})
+    verdict = "rung 5/class: SSL beats scratch and features"
+    with tracker.run("pipeline") as parent:
+        tracker.log_metrics({"r5_ssl_auroc": 0.71})
+        tracker.set_tags({"mlflow.note.content": verdict})
     experiment = requests.get(f"{server.url}/api/2.0/mlflow/experiments/get-by-name",
                               params={"experiment_name": "shot"}, timeout=10).json()["experiment"]
-    png = screenshot(ui_url(server.url, experiment["experiment_id"]), tmp_path / "ui.png")
+    run_page = ui_url(server.url, experiment["experiment_id"], parent.info.run_id)
+    assert run_page.endswith(f"/#/experiments/{experiment['experiment_id']}/runs/{parent.info.run_id}")
+    rendered = page_text(run_page)
+    assert verdict in rendered and "r5_ssl_auroc" in rendered, rendered[-2000:]
+    png = screenshot(run_page, tmp_path / "ui.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

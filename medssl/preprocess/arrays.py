@@ -108,7 +108,7 @@ def intensity_range(values: np.ndarray, modality: str, ct_window: Sequence[float
     if kind == "percentiles":
         flat = values.ravel()
         # a regular subsample of at most ~256k voxels: the percentiles move by far less than one grey
-        # level, and the full sort was half of the cache stage's time on 128^3 volumes
+        # level, and a full sort of every voxel would dominate the cache stage on large volumes
         flat = flat[::max(1, flat.size // PERCENTILE_SAMPLES)]
         low, high = (float(v) for v in np.percentile(flat, mr_percentiles))
         return kind, low, high

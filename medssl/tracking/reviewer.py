@@ -6,7 +6,7 @@ made from this experiment's runs, and the report artifact on the parent. It uses
 uses, so a green check means the UI shows it too. A non-HTTP tracking URI (local `mlflow.db`) has no REST
 API; then the same questions go through `MlflowClient`.
 
-    python -m medssl.tracking.reviewer http://127.0.0.1:5000 demo [--screenshot out.png]
+    python -m medssl.tracking.reviewer http://127.0.0.1:5000 demo [--screenshot out.png]   # the parent run's page
 """
 from __future__ import annotations
 
@@ -172,25 +172,40 @@ def ui_url(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> 
 def screenshot(url: str, out_png: Path | str, wait_ms: int = 8000, timeout_s: float = 90.0) -> Path:
     """PNG of `url` from headless Debian chromium (`apt-get install chromium`); the UI is a JavaScript page,
     so chromium is given `wait_ms` of virtual time to render it first."""
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    if browser is None:
-        raise TrackingError("chromium is not installed, so no screenshot can be taken", where="medssl.reviewer",
-                            fix="apt-get install chromium (Debian), or open the URL in a browser: " + url)
     out_png = Path(out_png).resolve()
     out_png.parent.mkdir(parents=True, exist_ok=True)
+    done = _chromium(url, [f"--screenshot={out_png}"], wait_ms, timeout_s)
+    if not out_png.is_file() or out_png.stat().st_size == 0:
+        raise TrackingError(f"chromium wrote no screenshot (exit {done.returncode}): {done.stderr[-500:]}",
+                            where="chromium", fix="check that the URL opens: " + url)
+    return out_png
+
+
+def page_text(url: str, wait_ms: int = 8000, timeout_s: float = 90.0) -> str:
+    """The page's DOM after the UI's JavaScript has rendered it (what `screenshot` shows, as HTML text), so a
+    test can check that the run page really displays the description and metrics."""
+    done = _chromium(url, ["--dump-dom"], wait_ms, timeout_s)
+    if not done.stdout.strip():
+        raise TrackingError(f"chromium rendered nothing (exit {done.returncode}): {done.stderr[-500:]}",
+                            where="chromium", fix="check that the URL opens: " + url)
+    return done.stdout
+
+
+def _chromium(url: str, action: list[str], wait_ms: int, timeout_s: float) -> subprocess.CompletedProcess:
+    """Headless chromium on a fresh profile, offline-friendly (no sync, updates or background traffic)."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        raise TrackingError("chromium is not installed, so the UI cannot be rendered", where="medssl.reviewer",
+                            fix="apt-get install chromium (Debian), or open the URL in a browser: " + url)
     with tempfile.TemporaryDirectory() as profile:
         cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                "--disable-background-networking", "--disable-component-update", "--disable-sync",
                "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1600,1000",
-               "--hide-scrollbars", f"--virtual-time-budget={wait_ms}", f"--screenshot={out_png}", url]
+               "--hide-scrollbars", f"--virtual-time-budget={wait_ms}", *action, url]
         try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired:
             raise TrackingError(f"chromium took over {timeout_s:.0f} s for {url}", where=browser) from None
-    if not out_png.is_file() or out_png.stat().st_size == 0:
-        raise TrackingError(f"chromium wrote no screenshot (exit {done.returncode}): {done.stderr[-500:]}",
-                            where=browser, fix="check that the URL opens: " + url)
-    return out_png
 
 
 def main(argv: list[str]) -> int:
@@ -201,7 +216,8 @@ def main(argv: list[str]) -> int:
     print(json.dumps(result, indent=2, default=str))
     if "--screenshot" in argv and result.get("experiment"):
         path = argv[argv.index("--screenshot") + 1]
-        print("screenshot:", screenshot(ui_url(argv[0], result["experiment"]["id"]), path))
+        parent = (result.get("parent") or {}).get("run_id")  # the parent run's page carries the answer
+        print("screenshot:", screenshot(ui_url(argv[0], result["experiment"]["id"], parent), path))
     return 0 if result["ok"] else 1
 
 

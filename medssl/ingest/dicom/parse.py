@@ -1,11 +1,11 @@
 """A small, fast reader for the DICOM attributes medssl needs, in uncompressed little-endian files.
 
-Why: pydicom builds a full Dataset and converts each value on access (~3-5 ms per file); indexing 100,000
-slices that way takes minutes. This reader walks the element stream with `struct`, keeps ~25 tags, skips
-everything else by its length (sequences included) and stops at PixelData, whose offset it records so a
-slice is decoded from one read of its file. It returns None for anything outside its lane (big endian,
-compressed, DICOMDIR, Enhanced multi-frame, odd layouts); callers then use pydicom, so correctness never
-depends on this shortcut.
+Why: pydicom builds a full Dataset and converts each value on access; indexing a folder of many thousand
+slices pays that on every file, for only the few tags medssl needs. This reader walks the element stream
+with `struct`, keeps ~25 tags, skips everything else by its length (sequences included) and stops at
+PixelData, whose offset it records so a slice is decoded from one read of its file. It returns None for
+anything outside its lane (big endian, compressed, DICOMDIR, Enhanced multi-frame, odd layouts); callers
+then use pydicom, so correctness never depends on this shortcut.
 
 `basic_fields` / `enhanced_geometry` turn either source (these fields or a pydicom Dataset, both answer
 `.get(keyword)`) into the one header dict the rest of medssl uses.
