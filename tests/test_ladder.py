@@ -108,6 +108,17 @@ def test_ladder_end_to_end_and_resume(tmp_path, store, spatial_dims):
     assert (ok["positive_class"].astype(str) == "1").all() and (ok["inner_folds"] == 3).all()
     finetuned = ok[ok["protocol"] == "finetune"]
     assert finetuned["chosen_epochs"].between(1, 2).all() and ok.loc[ok["protocol"] == "linear", "chosen_C"].notna().all()
+    from sklearn.metrics import roc_auc_score
+    for _, row in ok[ok["arm"] == "ssl"].iterrows():  # paired per-child deltas against every baseline
+        for arm in sorted({a for a, _ in arms} - {"ssl"}):
+            theirs = ok[(ok["rung"] == row["rung"]) & (ok["arm"] == arm)]
+            same = theirs[theirs["protocol"] == row["protocol"]]  # the same protocol where the arm has it
+            other = same if len(same) else theirs
+            a, b = (pd.read_csv(p).set_index("image_id") for p in (row["predictions"], other["predictions"].iloc[0]))
+            b = b.loc[a.index]
+            by_hand = roc_auc_score(a["label"], a["score"]) - roc_auc_score(b["label"], b["score"])
+            assert row[f"delta_auroc_vs_{arm}"] == pytest.approx(by_hand, abs=1e-9), arm
+            assert row[f"delta_auroc_vs_{arm}_ci_low"] <= row[f"delta_auroc_vs_{arm}_ci_high"]
     for path in ok["predictions"]:  # the prediction-file contract of results.py
         frame = pd.read_csv(path)
         assert {"image_id", "label", "patient_id", "score", "prob_0", "prob_1", "predicted"} <= set(frame.columns)

@@ -20,7 +20,9 @@ import torch
 
 from medssl.config import EncoderConfig, FinetuneConfig
 from medssl.errors import ConfigError, DataError
+from medssl.ingest.csv_safe import write_csv
 from medssl.ladder.child import Child, child_dir  # noqa: F401 — child_dir: where a child's files are
+from medssl.ladder.deltas import add_deltas
 from medssl.ladder.parallel import run_children
 from medssl.ladder.registry import register_best
 from medssl.ladder.results import print_failures, read_results, settings_digest, shard_path
@@ -113,6 +115,13 @@ def run_ladder(cfg: FinetuneConfig, encoder_source, cache, df: pd.DataFrame, lab
     results = read_results(ctx.out_dir / RESULTS)
     if "settings_digest" in results:  # rows of earlier settings stay in the file but are not this ladder's
         results = results[results["settings_digest"].astype(str) == ctx.digest].reset_index(drop=True)
+    if len(results) and (results["status"] == "ok").any():
+        results = add_deltas(results, tracker, cfg.bootstrap)
+        every = read_results(ctx.out_dir / RESULTS)  # rows of other settings stay, as history
+        kept = every[every["settings_digest"].astype(str) != ctx.digest] if "settings_digest" in every else every[:0]
+        tmp = ctx.out_dir / (RESULTS + ".tmp")
+        write_csv(pd.concat([kept, results], ignore_index=True), tmp)
+        tmp.replace(ctx.out_dir / RESULTS)  # atomic, like the shards' merge
     print_failures(results)
     if cfg.register_model and log_models != "none" and getattr(tracker, "experiment", None):
         registrable = results[(results["repeat"] == 0) & (results["seed"] == ctx.first_seed)] if len(results) else results

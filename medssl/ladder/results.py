@@ -55,6 +55,10 @@ results.csv columns (one row per child; unknown extra columns may appear and mus
                      balanced_accuracy sensitivity specificity f1, per-child patient bootstrap, 95%);
                      multi-class: auroc (macro OvR) balanced_accuracy f1 brier cm_<t>_<p> (+ CIs)
                      All binary metrics describe the POSITIVE class named in positive_class.
+  delta_<m>_vs_<arm>[_ci_low|_ci_high]  SSL rows only, m in auroc, balanced_accuracy: this child minus the
+                     <arm> child of the same (repeat, rung, seed) (same protocol when that arm has it), on the
+                     same test images and patient resamples (deltas.py); one child's, not pooled
+  plan_index         the child's place in the ladder's plan (the order results.csv is kept in)
 
 Prediction file (`predictions` column; children/<key with non [A-Za-z0-9_.-] runs as "__">/predictions.csv),
 one row per test image, written once the child finished:
