@@ -67,6 +67,8 @@ PIECES = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*/
 def test_every_shipped_config_piece_is_a_valid_section(path):
     import yaml
     from medssl import config as c
+    from medssl.config.loading import _resolve_uses
     section = {"views": c.ViewsConfig, "encoders": c.EncoderConfig, "ssl": c.SSLConfig,
-               "preprocess": c.PreprocessConfig, "finetune": c.FinetuneConfig}[path.parent.name]
-    section.model_validate(yaml.safe_load(path.read_text()))
+               "preprocess": c.PreprocessConfig, "finetune": c.FinetuneConfig,
+               "recipes": c.PretrainConfig}[path.parent.name]
+    section.model_validate(_resolve_uses(yaml.safe_load(path.read_text()), path.parent))  # recipes use pieces
