@@ -87,7 +87,7 @@ def test_multiclass_and_empty_conventions():
     assert (one["dice"], one["hd95"], one["surface_dice"]) == (1.0, 0.0, 1.0)
     assert two["dice"] == 0.0 and np.isnan(two["hd95"]) and two["hd95_missing"]
     (empty,) = image_scores(np.zeros((4, 4), int), np.zeros((4, 4), int), 2, spacing=(1, 1))
-    assert empty["dice"] == 1.0 and not empty["hd95_missing"]
+    assert np.isnan(empty["dice"]) and np.isnan(empty["surface_dice"]) and not empty["hd95_missing"]
 
 
 def _scores(dice_by_patient: dict[str, list[float]]) -> pd.DataFrame:

@@ -2,7 +2,9 @@
 and paired SSL - scratch differences of the patient-mean Dice.
 
 Conventions for empty structures (they decide what a small-label ladder reports, so they are explicit):
-- truth and prediction both empty for a class: Dice 1 (nothing to find, nothing found); HD95 / surface Dice NaN.
+- truth and prediction both empty for a class: every score NaN, left out of the means (as MONAI's
+  ignore_empty and nnU-Net do): counting it as Dice 1 would inflate multi-class scores on images that lack a
+  class, and the interval would claim a precision the data do not have.
 - truth non-empty, prediction empty (or the reverse): Dice 0, surface Dice 0, HD95 NaN (no surface to measure
   from) and counted in `hd95_missing`, never silently averaged as a number.
 A patient's score is the mean over its images; the cohort score is the mean over patients (each patient
@@ -48,7 +50,7 @@ def image_scores(pred: np.ndarray, truth: np.ndarray, n_classes: int, spacing, t
         has_p, has_t = bool(p[0, k].any()), bool(t[0, k].any())
         both = has_p and has_t
         rows.append({"class": k,
-                     "dice": 1.0 if not (has_p or has_t) else float(dice[k - 1]),
+                     "dice": float(dice[k - 1]) if has_p or has_t else float("nan"),
                      "hd95": float(hd[k - 1]) if both else float("nan"),
                      "surface_dice": float(nsd[k - 1]) if both else (0.0 if has_p or has_t else float("nan")),
                      "hd95_missing": bool(has_p != has_t)})

@@ -28,7 +28,7 @@ def pooled_summary(scores: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> p
                    .groupby(level=["rung", "init", "patient_id"]).mean())
     rows = []
     for (rung, init), values in per_patient.groupby(level=["rung", "init"]):
-        values = values.droplevel(["rung", "init"])
+        values = values.droplevel(["rung", "init"]).dropna()   # patients with no structure to score
         low, high = patient_interval(values.to_numpy(), values.index, n_boot, seed, 0.05)
         part = scores[(scores["rung"] == rung) & (scores["init"] == init)]
         rows.append({"rung": rung, "init": init, "n_labelled": int(part["n_labelled"].median()),
