@@ -173,7 +173,7 @@ class VolumeCache:
         """Preprocess every row not cached yet (or whose source changed), in parallel processes.
         Returns {image_id: reason} for the images that failed; never raises for one bad image."""
         if not fast_chain_applies(self.cfg):
-            # import MONAI here, once: forked workers inherit it instead of each paying its ~5 s import
+            # import MONAI here, once: forked workers inherit it instead of each paying its slow import again
             import medssl.preprocess.transforms  # noqa: F401
         if manifest_root is not None and Path(manifest_root).expanduser().resolve() != self.source_root:
             raise DataError(f"this cache holds the images of {self.source_root}, not of {manifest_root}",

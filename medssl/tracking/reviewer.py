@@ -164,17 +164,21 @@ def _problems(parent, children, models, report, report_path) -> list[str]:
 
 
 def ui_url(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str:
-    """The MLflow UI page of an experiment (or of one run) on a tracking server."""
+    """The MLflow UI page of an experiment (or of one run) on a tracking server. `workflowType` asks MLflow 3's
+    UI for its model-training pages: a fresh browser otherwise files every run under GenAI "Evaluations"."""
     base = tracking_uri.rstrip("/")
-    return f"{base}/#/experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "")
+    page = f"{base}/#/experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "")
+    return page + "?workflowType=machine_learning"
 
 
-def screenshot(url: str, out_png: Path | str, wait_ms: int = 8000, timeout_s: float = 90.0) -> Path:
+def screenshot(url: str, out_png: Path | str, wait_ms: int = 8000, timeout_s: float = 90.0,
+               window: tuple[int, int] = (1600, 1000)) -> Path:
     """PNG of `url` from headless Debian chromium (`apt-get install chromium`); the UI is a JavaScript page,
-    so chromium is given `wait_ms` of virtual time to render it first."""
+    so chromium is given `wait_ms` of virtual time to render it first. `window` (width, height): a run page
+    needs a tall one to show its description and metrics in one picture."""
     out_png = Path(out_png).resolve()
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    done = _chromium(url, [f"--screenshot={out_png}"], wait_ms, timeout_s)
+    done = _chromium(url, [f"--screenshot={out_png}", f"--window-size={window[0]},{window[1]}"], wait_ms, timeout_s)
     if not out_png.is_file() or out_png.stat().st_size == 0:
         raise TrackingError(f"chromium wrote no screenshot (exit {done.returncode}): {done.stderr[-500:]}",
                             where="chromium", fix="check that the URL opens: " + url)
@@ -184,7 +188,7 @@ def screenshot(url: str, out_png: Path | str, wait_ms: int = 8000, timeout_s: fl
 def page_text(url: str, wait_ms: int = 8000, timeout_s: float = 90.0) -> str:
     """The page's DOM after the UI's JavaScript has rendered it (what `screenshot` shows, as HTML text), so a
     test can check that the run page really displays the description and metrics."""
-    done = _chromium(url, ["--dump-dom"], wait_ms, timeout_s)
+    done = _chromium(url, ["--dump-dom", "--window-size=1600,1000"], wait_ms, timeout_s)
     if not done.stdout.strip():
         raise TrackingError(f"chromium rendered nothing (exit {done.returncode}): {done.stderr[-500:]}",
                             where="chromium", fix="check that the URL opens: " + url)
@@ -200,8 +204,8 @@ def _chromium(url: str, action: list[str], wait_ms: int, timeout_s: float) -> su
     with tempfile.TemporaryDirectory() as profile:
         cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1600,1000",
-               "--hide-scrollbars", f"--virtual-time-budget={wait_ms}", *action, url]
+               "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--hide-scrollbars",
+               f"--virtual-time-budget={wait_ms}", *action, url]
         try:
             return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -217,7 +221,8 @@ def main(argv: list[str]) -> int:
     if "--screenshot" in argv and result.get("experiment"):
         path = argv[argv.index("--screenshot") + 1]
         parent = (result.get("parent") or {}).get("run_id")  # the parent run's page carries the answer
-        print("screenshot:", screenshot(ui_url(argv[0], result["experiment"]["id"], parent), path))
+        shot = screenshot(ui_url(argv[0], result["experiment"]["id"], parent), path, window=(1600, 1700))
+        print("screenshot:", shot)
     return 0 if result["ok"] else 1
 
 
