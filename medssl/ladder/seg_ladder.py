@@ -187,7 +187,7 @@ def _run_child(ctx: SegContext, rung, init: str, train_ids: list[str]) -> dict:
         if logged:
             _log_model(ctx, rung, init, result.model.cpu(), values)
         run_id = run.info.run_id
-    return {"run_id": run_id or "", "model_logged": logged, "scores": str(folder / "scores.csv"),
+    return {"run_id": run_id or "", "model_logged": logged, "scores": str((folder / "scores.csv").resolve()),
             "final_train_loss": result.final_loss, "train_seconds": round(time.perf_counter() - start, 1),
             "bootstrap_seed": seed, "bootstrap_n": ctx.cfg.bootstrap, **values, **delta}
 
