@@ -431,3 +431,30 @@ print("monai" in sys.modules, cache.path("img-a"))
     cached = np.load(stored)
     assert cached.dtype == np.float16 and cached.flags.c_contiguous
     np.testing.assert_array_equal(cached, expected.astype(np.float16))
+
+
+def test_predict_never_writes_into_the_training_cache(tmp_path, monkeypatch):
+    """`medssl predict` indexes a folder and preprocesses it into the workdir's external cache."""
+    import medssl.evaluate.predict as predict_module
+    from medssl.config import PipelineConfig
+    from medssl.pipeline import commands
+    data, affine = t1()
+    (tmp_path / "images").mkdir()
+    nib.save(nib.Nifti1Image(data, affine), tmp_path / "images" / "t1.nii.gz")
+    cfg = PipelineConfig.model_validate({"name": "x", "workdir": str(tmp_path / "work"),
+                                         "data": {"folder": str(tmp_path / "images")},
+                                         "preprocess": {"cache_dir": str(tmp_path / "train_cache"),
+                                                        "size": [24, 24, 24]}})
+    used = {}
+
+    def fake_predict(model, cache, df, out, **kwargs):
+        used["cache"] = cache
+        return pd.DataFrame({"image_id": df["image_id"], "score": 0.5})
+
+    monkeypatch.setattr(predict_module, "predict", fake_predict)
+    monkeypatch.setattr(commands, "open_tracker", lambda cfg: type("T", (), {"tracking_uri": None})())
+    monkeypatch.setenv("MEDSSL_SALT", "s")
+    commands.predict_folder(cfg, "unused", tmp_path / "images", tmp_path / "pred.csv")
+    assert used["cache"].has(str(pd.read_csv(tmp_path / "pred.csv")["image_id"][0]))
+    assert (tmp_path / "work") in used["cache"].dir.parents
+    assert not (tmp_path / "train_cache").exists()
