@@ -94,6 +94,21 @@ def test_demo_pipeline_lands_in_mlflow_and_reruns_skip(server, tmp_path):
     assert len(predictions) == len(pd.read_csv(tmp_path / "demo.csv"))
     assert predictions["score"].between(0, 1).all() and predictions["paths"].notna().all()
 
+    # the registered model is a medssl package (no pickle) with its card, served by MLflow on a scan
+    from mlflow.tracking import MlflowClient
+    version = seen["registered_models"][0]
+    client = MlflowClient(server.url)
+    run_id = client.get_model_version(version["name"], version["version"]).run_id
+    files = {f.path for f in client.list_artifacts(run_id, "model")}
+    assert {"model/MLmodel", "model/model_card.md", "model/data"} <= files, files
+    packed = {f.path for f in client.list_artifacts(run_id, "model/data/medssl_model")}
+    assert packed == {"model/data/medssl_model/medssl-model.json", "model/data/medssl_model/model.safetensors"}
+    scan = next(images.rglob("*.nii.gz"))
+    row = _served_answer(model, scan, server.url)
+    assert row["path"] == str(scan)
+    exported = medssl(["export", model, "--format", "onnx", "--out", str(tmp_path / "demo.onnx")], tmp_path, server.url)
+    assert exported.returncode == 0 and (tmp_path / "demo.onnx").stat().st_size > 0, exported.stderr[-3000:]
+
 
 def answer_on_the_parent_run(url: str, run_id: str, tmp_path: Path) -> None:
     """What the run page shows, read through MLflow's REST API: the verdict as the description, the headline
@@ -114,3 +129,35 @@ def answer_on_the_parent_run(url: str, run_id: str, tmp_path: Path) -> None:
     assert tags["mlflow.note.content"].startswith("### Does SSL help?")
     assert all(line in tags["mlflow.note.content"] for line in verdicts)
     assert json.loads(tags["mlflow.loggedArtifacts"]) == [{"path": "report/summary_table.json", "type": "table"}]
+
+
+def _served_answer(model_uri: str, scan: Path, tracking_uri: str) -> dict:
+    """`mlflow models serve` on the registered model, one request with a scan path, the first prediction."""
+    import json
+    import time
+    import urllib.error
+    import urllib.request
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager",
+                               "local", "-p", str(port), "-h", "127.0.0.1"], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
+    body = json.dumps({"dataframe_split": {"columns": ["path"], "data": [[str(scan)]]}}).encode()
+    try:
+        for _ in range(180):
+            try:
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                                 headers={"Content-Type": "application/json"})
+                row = json.loads(urllib.request.urlopen(request, timeout=60).read())["predictions"][0]
+                probs = [v for k, v in row.items() if k.startswith("p_")]
+                assert len(probs) == 2 and abs(sum(probs) - 1) < 1e-5 and row["call"], row
+                return row
+            except urllib.error.HTTPError as err:   # the server answered, with an error: show it
+                raise AssertionError(err.read().decode()[-2000:]) from None
+            except OSError:                           # not listening yet
+                assert server.poll() is None, server.stderr.read().decode()[-2000:]
+                time.sleep(1)
+        raise AssertionError("the served model never answered")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
