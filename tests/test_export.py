@@ -24,7 +24,7 @@ from medssl.config import EncoderConfig, PreprocessConfig
 from medssl.errors import DataError, TrainingError
 from medssl.export.card import model_card
 from medssl.export.formats import export, load_bundle_network
-from medssl.export.package import load_package, read_spec, save_package
+from medssl.export.package import input_size, load_package, read_spec, save_package
 from medssl.export.pyfunc import save_pyfunc
 from medssl.export.resolve import open_model
 from medssl.ingest.manifest import build_manifest, read_manifest
@@ -41,7 +41,9 @@ ENCODERS = {"resnet": EncoderConfig(name="resnet10", width=0.25),
 
 def _spec(dims: int, encoder: EncoderConfig, modality: str) -> dict:
     size = [32, 32, 16] if dims == 3 else [32, 32]
-    return {"architecture": {"encoder": encoder.model_dump(), "spatial_dims": dims, "img_size": size, "n_classes": 2},
+    # a CNN's img_size is the pretraining crop (it takes any size); what it is fed is preprocess.size
+    crop = size if encoder.name == "vit" else [16] * dims
+    return {"architecture": {"encoder": encoder.model_dump(), "spatial_dims": dims, "img_size": crop, "n_classes": 2},
             "preprocess": PreprocessConfig(spatial_dims=dims, size=size,
                                            spacing=[6.0, 6.0, 6.0] if dims == 3 else [4.0, 4.0]
                                            ).model_dump(mode="json", exclude={"cache_dir"}),
@@ -132,7 +134,7 @@ def test_tampered_or_foreign_models_are_refused_and_never_executed(tmp_path):
 @pytest.mark.parametrize("dims,kind", [(2, "resnet"), (3, "resnet"), (3, "vit")])
 def test_exports_match_pytorch_within_tolerance(tmp_path, dims, kind):
     package = load_package(_package(tmp_path, dims, kind))
-    x = torch.randn(3, 1, *package.spec.architecture.img_size)
+    x = torch.randn(3, 1, *input_size(package.spec))
     with torch.no_grad():
         want = torch.softmax(package.model(x), 1)
     for fmt, out in [("onnx", tmp_path / "m.onnx"), ("torchscript", tmp_path / "m.ts"), ("bundle", tmp_path / "b")]:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from medssl.errors import TrainingError
-from medssl.export.package import ModelPackage, example_input
+from medssl.export.package import ModelPackage, example_input, input_size
 
 TOLERANCE = 1e-4
 FORMATS = ("onnx", "torchscript", "bundle")
@@ -78,14 +78,14 @@ def to_bundle(package: ModelPackage, out: Path) -> Path:
 def bundle_metadata(package: ModelPackage) -> dict:
     spec = package.spec
     arch = spec.architecture
-    size = [1, arch.in_channels, *arch.img_size]
+    size = [1, arch.in_channels, *input_size(spec)]
     return {"version": "0.1.0", "changelog": {"0.1.0": "exported by medssl"}, "monai_version": _monai_version(),
             "pytorch_version": torch.__version__.split("+")[0], "numpy_version": np.__version__,
             "task": "classification", "description": f"medssl {arch.encoder.name} classifier of "
                                                      f"'{spec.labels.column}' ({', '.join(spec.labels.names)})",
             "authors": "medssl", "copyright": "the model owner", "network_data_format": {
                 "inputs": {"image": {"type": "image", "format": "magnitude", "num_channels": arch.in_channels,
-                                     "spatial_shape": arch.img_size, "dtype": "float32", "value_range": [],
+                                     "spatial_shape": input_size(spec), "dtype": "float32", "value_range": [],
                                      "is_patch_data": False, "channel_def": {"0": "image"}}},
                 "outputs": {"pred": {"type": "probabilities", "format": "classes", "num_channels": arch.n_classes,
                                      "spatial_shape": [arch.n_classes], "dtype": "float32", "value_range": [0, 1],

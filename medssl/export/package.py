@@ -92,9 +92,14 @@ def is_package(folder: Path | str) -> bool:
     return (Path(folder) / SPEC_FILE).is_file()
 
 
+def input_size(spec: ModelSpec) -> list[int]:
+    """The spatial size of what the model is fed: the preprocessing's fixed size (what every training image
+    was cropped/padded to), else the encoder's own (a ViT's img_size)."""
+    return list(spec.preprocess.size or spec.architecture.img_size)
+
+
 @torch.no_grad()
 def example_input(spec: ModelSpec, seed: int = 0) -> torch.Tensor:
-    """(1, C, *img_size) standard-normal input, the shape the model's exports are traced and checked with."""
-    arch = spec.architecture
+    """(1, C, *input_size) standard-normal input, the shape the model's exports are traced and checked with."""
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn((1, arch.in_channels, *arch.img_size), generator=generator)
+    return torch.randn((1, spec.architecture.in_channels, *input_size(spec)), generator=generator)

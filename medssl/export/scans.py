@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 
 from medssl.errors import DataError
+from medssl.export.package import input_size
 from medssl.export.spec import ModelSpec
 from medssl.ingest.manifest import build_manifest, read_manifest
 from medssl.preprocess.cache import VolumeCache
@@ -78,7 +79,7 @@ def load_scans(paths: list[str], spec: ModelSpec, work: Path) -> tuple[list[str]
 
 
 def _check_shapes(images: list[torch.Tensor], spec: ModelSpec, paths: list[str]) -> None:
-    want = (spec.architecture.in_channels, *spec.architecture.img_size)
+    want = (spec.architecture.in_channels, *input_size(spec))
     for image, path in zip(images, paths):
         if tuple(image.shape) != want:
             raise DataError(f"preprocessed to {tuple(image.shape)}, the model takes {want}", where=path,
