@@ -181,12 +181,15 @@ def test_outage_queues_in_order_and_replays_exact_steps(tracker, monkeypatch):
     down = make_flaky(tracker, monkeypatch, "log_batch", down=False)
     with tracker.run("flaky") as run:
         tracker.log_metrics({"loss": 0.0}, step=0)
+        assert tracker.flush()
         down["on"] = True
         for step in range(1, 6):
             tracker.log_metrics({"loss": float(step)}, step=step)
+        assert not tracker.flush()  # the sender tried and failed: all five wait, on disk too
         assert len(tracker.outbox) == 5 and tracker.outbox.path.is_file()
         down["on"] = False
         tracker.log_metrics({"loss": 6.0}, step=6)
+        assert tracker.flush()
         assert len(tracker.outbox) == 0 and not tracker.outbox.path.exists()
     history = tracker.client.get_metric_history(run.info.run_id, "loss")
     assert [(m.step, m.value) for m in history] == [(s, float(s)) for s in range(7)]
@@ -206,7 +209,17 @@ def test_outbox_left_by_a_dead_process_is_replayed(tracker, tmp_path):
     history = tracker.client.get_metric_history(run.info.run_id, "loss")
     assert [(m.step, m.value, m.timestamp) for m in history] == [(s, 2.0 - s, 1000 + s) for s in range(3)]
     assert not list((tmp_path / "outbox").glob("*.jsonl"))
-    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]  # low retries so an outage costs seconds
+
+
+def test_a_tracker_changes_no_environment_variable(store, tmp_path, monkeypatch):
+    """MLflow's HTTP settings are the user's (and every child process's): a Tracker leaves them alone."""
+    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    before = dict(os.environ)
+    tracker = Tracker("env", tracking_uri=store, outbox_dir=tmp_path / "outbox", end_grace_s=0)
+    with tracker.run("env"):
+        tracker.log_metrics({"loss": 1.0})
+    assert dict(os.environ) == before
 
 
 def test_reviewer_check_on_a_local_store_names_what_is_missing(tracker, store, tmp_path):
@@ -226,24 +239,33 @@ def test_reviewer_check_on_a_local_store_names_what_is_missing(tracker, store, t
     assert seen["problems"] == ["no registered model comes from this experiment's runs"] and not seen["ok"]
 
 
-def test_a_hung_server_costs_a_training_step_seconds_not_minutes(tracker, tmp_path):
-    """A server that accepts connections and never answers (stuck proxy): calls time out and are queued."""
+def test_a_hung_server_never_stalls_a_training_step(tracker, monkeypatch):
+    """A server that accepts connections and never answers (stuck proxy): the training thread does not wait
+    at all; the sender thread times out (the user's MLflow HTTP settings), keeps the calls, sends them later."""
     from mlflow.tracking import MlflowClient
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")  # a user's setting: MLflow's default waits 2 min
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     hung = socket.socket()
     hung.bind(("127.0.0.1", 0))
     hung.listen(16)
     with tracker.run("hung") as run:
         tracker.log_metrics({"loss": 0.0}, step=0)
+        assert tracker.flush()
         healthy = tracker.outbox.client
         tracker.outbox.client = MlflowClient(f"http://127.0.0.1:{hung.getsockname()[1]}")
-        start = time.monotonic()
-        for step in range(1, 4):
-            tracker.log_metrics({"loss": float(step)}, step=step)
-        assert time.monotonic() - start < 12            # one 5 s timeout, then back-off: no retry per step
+        took = [timed(tracker.log_metrics, {"loss": float(step)}, step=step) for step in range(1, 4)]
+        assert max(took) < 0.5, took                     # a local append, no network on this thread
+        assert not tracker.flush(timeout=60) and len(tracker.outbox) == 3  # timed out: kept, not lost
         tracker.outbox.client = healthy
     hung.close()
     history = tracker.client.get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in history] == [0, 1, 2, 3]
+
+
+def timed(call, *args, **kwargs) -> float:
+    start = time.monotonic()
+    call(*args, **kwargs)
+    return time.monotonic() - start
 
 
 def test_a_refused_call_is_dropped_and_training_goes_on(tracker):
@@ -252,7 +274,8 @@ def test_a_refused_call_is_dropped_and_training_goes_on(tracker):
         tracker.log_params({"lr": 0.1})
         tracker.log_params({"lr": 0.2})
         tracker.log_metrics({"loss": 1.0}, step=1)
-        assert len(tracker.outbox) == 0
+        assert tracker.flush()
+        assert len(tracker.outbox) == 0 and len(tracker.outbox.refused) == 1
     got = tracker.client.get_run(run.info.run_id)
     assert got.data.params["lr"] == "0.1" and got.data.metrics["loss"] == 1.0
 
@@ -286,3 +309,31 @@ def test_runs_left_open_by_a_killed_process_are_marked_killed(tracker, tmp_path)
         pass
     assert tracker.client.get_run(orphan.info.run_id).info.status == "KILLED"
     assert not list((tmp_path / "outbox").glob("open-*.json"))
+
+
+def test_tracker_and_null_tracker_share_one_interface(tracker):
+    """One interface (RunTracker): both implement every method with the same parameters."""
+    import inspect
+    from medssl.tracking.base import RunTracker
+    methods = [n for n, v in vars(RunTracker).items() if not n.startswith("_") and callable(v)]
+    assert {"run", "log_metrics", "set_description", "log_table", "flush", "close"} <= set(methods)
+    for impl in (tracker, NullTracker()):
+        assert isinstance(impl, RunTracker)
+        for name in methods:
+            want = list(inspect.signature(getattr(RunTracker, name)).parameters)[1:]  # without self
+            assert list(inspect.signature(getattr(impl, name)).parameters) == want, (type(impl), name)
+
+
+def test_description_and_table_reach_the_run(tracker, tmp_path):
+    table = pd.DataFrame({"rung": [2, 5], "auroc": [0.61, 0.74], "arm": ["ssl", "scratch"]})
+    with tracker.run("report") as run:
+        tracker.set_description("# Verdict\nSSL helps at 5 labels per class")
+        tracker.log_table(table, "report/ladder.json")
+    got = tracker.client.get_run(run.info.run_id)
+    assert got.data.tags["mlflow.note.content"] == "# Verdict\nSSL helps at 5 labels per class"
+    assert {"path": "report/ladder.json", "type": "table"} in json.loads(got.data.tags["mlflow.loggedArtifacts"])
+    local = tracker.client.download_artifacts(run.info.run_id, "report/ladder.json", str(tmp_path / "dl"))
+    pd.testing.assert_frame_equal(pd.read_json(local, orient="split"), table)
+    with pytest.raises(TrackingError, match=".json"):
+        with tracker.run("bad-table"):
+            tracker.log_table(table, "report/ladder.csv")

@@ -144,6 +144,7 @@ class Pipeline:
         if dry_run:
             return
         _check_distributed(plan)
+        self._check_writable()  # before MLflow: a run must never be opened by work that cannot be saved
         self.ctx.open_tracker()
         with self.ctx.tracker.run(f"{self.cfg.name}-pipeline", tags=self.ctx.pipeline_tags()) as parent:
             self.ctx.parent_run_id = parent.info.run_id
@@ -151,6 +152,21 @@ class Pipeline:
             for stage, fingerprint, todo in plan:
                 self._run_stage(stage, fingerprint, todo)
         console.print(where_to_look(self.ctx))
+
+    def _check_writable(self) -> None:
+        """The workdir, the cache and the manifest's folder take files, or a clear error now."""
+        places = {"workdir": self.ctx.paths.root, "preprocess.cache_dir": self.cfg.preprocess.cache_dir,
+                  "manifest.out": self.cfg.manifest.out.parent}
+        for setting, folder in places.items():
+            try:
+                Path(folder).mkdir(parents=True, exist_ok=True)
+                probe = Path(folder) / f".medssl-write-test-{os.getpid()}"
+                probe.write_text("")
+                probe.unlink()
+            except OSError as err:
+                raise MedsslError(f"cannot write in {folder}: {err.strerror or err}", where=setting,
+                                  fix=f"make it writable, or point {setting} at a folder you can write "
+                                      f"(e.g. {setting}=/path/you/own on the command line)") from None
 
     def _run_stage(self, stage: Stage, fingerprint: str, todo: bool) -> None:
         if not todo:

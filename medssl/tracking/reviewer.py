@@ -1,88 +1,39 @@
-"""What a reviewer sees in MLflow: check one experiment's story through the REST API, and screenshot the UI.
+"""What a reviewer sees in MLflow: check one experiment's story through MlflowClient, and screenshot the UI.
 
 `check_experiment` asks the tracking server what a person opening the experiment would find: the latest
 parent (pipeline) run, its child runs (stages, rungs, seeds) with status and metrics, the registered models
-made from this experiment's runs, and the report artifact on the parent. It uses the REST endpoints the UI
-uses, so a green check means the UI shows it too. A non-HTTP tracking URI (local `mlflow.db`) has no REST
-API; then the same questions go through `MlflowClient`.
+made from this experiment's runs, and the report artifact on the parent. `MlflowClient` on an http(s) URI
+calls the same REST endpoints the UI uses, so a green check means the UI shows it too; on a local store
+(`mlflow.db`) it asks the store directly.
 
     python -m medssl.tracking.reviewer http://127.0.0.1:5000 demo [--screenshot out.png]   # the parent run's page
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import requests
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 
 from medssl.errors import TrackingError
 
-API = "/api/2.0/mlflow"
 PARENT_TAG = "mlflow.parentRunId"
+PAGE = 1000
+# the command's own process only: a reviewer wants an answer in seconds, not MLflow's minutes of retries
+COMMAND_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
-class _Rest:
-    """The few MLflow REST calls the check needs, answered as plain JSON dicts."""
-
-    def __init__(self, uri: str, timeout: float = 10.0):
-        self.base, self.timeout = uri.rstrip("/"), timeout
-
-    def _call(self, method: str, endpoint: str, **kwargs) -> dict:
-        try:
-            response = requests.request(method, f"{self.base}{API}/{endpoint}", timeout=self.timeout, **kwargs)
-        except requests.RequestException as err:
-            raise TrackingError(f"MLflow server not reachable: {err}", where=self.base,
-                                fix="start it (mlflow server ...) or check the tracking URI") from None
-        if response.status_code == 404 and endpoint.startswith("experiments/"):
-            return {}
-        if not response.ok:
-            raise TrackingError(f"MLflow answered {response.status_code} to {endpoint}: {response.text[:300]}",
-                                where=self.base)
-        return response.json()
-
-    def experiment(self, name: str) -> dict | None:
-        return self._call("GET", "experiments/get-by-name", params={"experiment_name": name}).get("experiment")
-
-    def runs(self, experiment_id: str) -> list[dict]:
-        runs, token = [], None
-        while True:
-            body = {"experiment_ids": [experiment_id], "max_results": 1000, **({"page_token": token} if token else {})}
-            page = self._call("POST", "runs/search", json=body)
-            runs += page.get("runs", [])
-            token = page.get("next_page_token")
-            if not token:
-                return [_flat_run(r) for r in runs]
-
-    def model_versions(self) -> list[dict]:
-        versions, token = [], None
-        while True:
-            page = self._call("GET", "registered-models/search",
-                              params={"max_results": 1000, **({"page_token": token} if token else {})})
-            for model in page.get("registered_models", []):
-                versions += self._call("GET", "model-versions/search",
-                                       params={"filter": f"name='{model['name']}'"}).get("model_versions", [])
-            token = page.get("next_page_token")
-            if not token:
-                return versions
-
-    def artifacts(self, run_id: str, path: str) -> list[str]:
-        listed = self._call("GET", "artifacts/list", params={"run_id": run_id, "path": path})
-        files = []
-        for entry in listed.get("files", []):
-            files += self.artifacts(run_id, entry["path"]) if entry.get("is_dir") else [entry["path"]]
-        return files
-
-
-class _Client(_Rest):
-    """The same answers from a local store through MlflowClient (no server, no REST)."""
+class _Questions:
+    """The few questions the check asks, answered as plain dicts, every page of every answer."""
 
     def __init__(self, uri: str):
-        from mlflow.tracking import MlflowClient
-        self.base, self.client = uri, MlflowClient(uri)
+        self.uri, self.client = uri, MlflowClient(uri)
 
     def experiment(self, name: str) -> dict | None:
         found = self.client.get_experiment_by_name(name)
@@ -90,12 +41,13 @@ class _Client(_Rest):
                                            "lifecycle_stage": found.lifecycle_stage}
 
     def runs(self, experiment_id: str) -> list[dict]:
-        found = self.client.search_runs([experiment_id], max_results=50000)
-        return [_flat_run(r.to_dictionary()) for r in found]
+        return [_flat_run(r.to_dictionary()) for r in
+                _pages(lambda token: self.client.search_runs([experiment_id], max_results=PAGE, page_token=token))]
 
     def model_versions(self) -> list[dict]:
-        return [dict(v) for m in self.client.search_registered_models()
-                for v in self.client.search_model_versions(f"name='{m.name}'")]
+        models = _pages(lambda token: self.client.search_registered_models(max_results=PAGE, page_token=token))
+        return [dict(v) for m in models for v in _pages(lambda token, name=m.name: self.client.search_model_versions(
+            f"name='{name}'", max_results=PAGE, page_token=token))]
 
     def artifacts(self, run_id: str, path: str) -> list[str]:
         files = []
@@ -104,21 +56,35 @@ class _Client(_Rest):
         return files
 
 
+def _pages(search) -> list:
+    """Every result of an MLflow search, following its page tokens."""
+    found, token = [], None
+    while True:
+        page = search(token)
+        found += list(page)
+        token = page.token
+        if not token:
+            return found
+
+
 def _flat_run(run: dict) -> dict:
-    """REST run JSON (lists of key/value) or MlflowClient dict -> {run_id, name, status, start, tags, metrics}."""
+    """Run.to_dictionary() -> {run_id, name, status, start_time, tags, metrics, n_params}."""
     info, data = run["info"], run.get("data", {})
-
-    def as_map(items) -> dict:
-        return {i["key"]: i["value"] for i in items} if isinstance(items, list) else dict(items or {})
-
     return {"run_id": info["run_id"], "name": info.get("run_name", ""), "status": info.get("status", ""),
-            "start_time": int(info.get("start_time") or 0), "tags": as_map(data.get("tags")),
-            "metrics": as_map(data.get("metrics")), "n_params": len(data.get("params") or [])}
+            "start_time": int(info.get("start_time") or 0), "tags": dict(data.get("tags") or {}),
+            "metrics": dict(data.get("metrics") or {}), "n_params": len(data.get("params") or {})}
 
 
 def check_experiment(tracking_uri: str, experiment: str, report_path: str = "report") -> dict:
     """Parent run, child runs, registered models and report artifact of `experiment`, with a problem list."""
-    api = _Rest(tracking_uri) if tracking_uri.startswith(("http://", "https://")) else _Client(tracking_uri)
+    try:
+        return _check(_Questions(tracking_uri), tracking_uri, experiment, report_path)
+    except MlflowException as err:
+        raise TrackingError(f"MLflow did not answer the review: {str(err)[:300]}", where=tracking_uri,
+                            fix="start the server (mlflow server ...) or check the tracking URI") from None
+
+
+def _check(api: _Questions, tracking_uri: str, experiment: str, report_path: str) -> dict:
     found = api.experiment(experiment)
     if not found:
         return {"ok": False, "experiment": None, "problems": [f"no experiment named '{experiment}'"]}
@@ -216,6 +182,8 @@ def main(argv: list[str]) -> int:
     if len(argv) < 2:
         print(__doc__.strip().splitlines()[-1].strip())
         return 2
+    for key, value in COMMAND_HTTP.items():
+        os.environ.setdefault(key, value)  # this command's own process; a user's settings win
     result = check_experiment(argv[0], argv[1])
     print(json.dumps(result, indent=2, default=str))
     if "--screenshot" in argv and result.get("experiment"):

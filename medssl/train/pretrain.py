@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from medssl.config import PretrainConfig
+from medssl.tracking.base import NullTracker
 from medssl.train import checkpoint as ckpt
 from medssl.train.determinism import deterministic_algorithms
 from medssl.train.distributed import barrier, init_distributed, sharded_loader
@@ -63,7 +64,7 @@ def run_pretraining(cfg: PretrainConfig, cache, image_ids, groups: dict | None, 
     config = {"pretrain": cfg.model_dump(mode="json", exclude={"train"}), "spatial_dims": spatial_dims,
               "manifest_digest": manifest_digest}
     with deterministic_algorithms(t.deterministic):
-        result = train(method, factory, t, out_dir, tracker if info.rank == 0 else _Silent(), device,
+        result = train(method, factory, t, out_dir, tracker if info.rank == 0 else NullTracker(), device,
                        probe=probe, keep_checkpoints=keep_checkpoints, config=config,
                        sync_batchnorm=sync_batchnorm, prepare=prepare)
     path = out_dir / "encoder.pt"
@@ -84,13 +85,6 @@ def _log_outputs(tracker, encoder_path: Path, result: dict, log_checkpoint: bool
         tracker.log_artifact(result["checkpoint"], "checkpoints")
     if result["loss"] is not None:
         tracker.log_metrics({"pretrain/final_loss": result["loss"]}, step=result["step"])
-
-
-class _Silent:
-    """The tracker of ranks other than 0."""
-
-    def log_metrics(self, *args, **kwargs) -> None:
-        return None
 
 
 def _loader_factory(dataset, t, world_size: int, workers: int):
