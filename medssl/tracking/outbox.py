@@ -125,9 +125,12 @@ class Outbox:
                 if batch is None:
                     return
             if batch:
-                sent = self._deliver(batch)
+                sent, answers, failure = self._deliver(batch)
                 with self._cond:
-                    self._settle(batch[:sent])
+                    self._settle(batch[:sent])  # before any waiter hears the answers, so it counts right
+                    self._outcomes.update(answers)
+                    if failure is not None:
+                        self._failed(*failure)
 
     def _next_batch(self) -> list[dict] | None:
         """Under the lock: the calls to send now ([] after a wait with nothing due; None: closed and empty)."""
@@ -144,34 +147,33 @@ class Outbox:
             self._read_back()
         return list(itertools.islice(self._pending, SEND_AT_ONCE))
 
-    def _deliver(self, batch: list[dict]) -> int:
-        """Send `batch` in order without the lock; how many were delivered (or refused for good)."""
+    def _deliver(self, batch: list[dict]) -> tuple[int, dict, tuple | None]:
+        """Send `batch` in order without the lock: how many were delivered (or refused for good), the answers
+        to registrations, and the (op, error) that stopped the pass."""
+        answers = {}
         for done, op in enumerate(batch):
             try:
                 result = SENDERS[op["kind"]](self.client, op)
             except Exception as err:  # noqa: BLE001 — an outage shows up as many exception types
                 if not is_permanent(err):
-                    self._failed(op, err)
-                    return done
+                    return done, answers, (op, err)
                 self.refused.append(f"{op['kind']} for run {op['run_id']}: {err}")
                 console.print(f"[red]MLflow refused a {op['kind']} call for run {op['run_id']}[/] "
                               f"(dropped, training goes on): {err}")
                 result = err
             if op["kind"] == "register":  # the only call whose caller waits for its answer
-                with self._cond:
-                    self._outcomes[op["id"]] = result
+                answers[op["id"]] = result
             self._failures = 0
-        return len(batch)
+        return len(batch), answers, None
 
     def _failed(self, op: dict, err: Exception) -> None:
-        with self._cond:
-            self._failures += 1
-            self._failed_pass = self._pass
-            wait = min(self.max_interval, self.retry_interval * 2 ** (self._failures - 1))
-            self._next_try = time.monotonic() + wait
-            if op["kind"] == "register":
-                self._outcomes[op["id"]] = None
-            self._cond.notify_all()
+        """Under the lock: back off before the next pass, and say so once per outage."""
+        self._failures += 1
+        self._failed_pass = self._pass
+        self._next_try = time.monotonic() + min(self.max_interval, self.retry_interval * 2 ** (self._failures - 1))
+        if op["kind"] == "register":
+            self._outcomes[op["id"]] = None
+        self._cond.notify_all()
         if is_auth(err) and not self.auth_warned:
             console.print(f"[bold red]MLflow refuses medssl's credentials[/] ({err.error_code}): {err}\n"
                           f"  nothing is dropped: logging is kept in {self.path} and retried until MLflow "
