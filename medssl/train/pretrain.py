@@ -85,6 +85,9 @@ def _log_outputs(tracker, encoder_path: Path, result: dict, log_checkpoint: bool
         tracker.log_artifact(result["checkpoint"], "checkpoints")
     if result["loss"] is not None:
         tracker.log_metrics({"pretrain/final_loss": result["loss"]}, step=result["step"])
+    # what a run made of its budget (train.budget_minutes): the steps and the training seconds, resumes included
+    tracker.log_metrics({"pretrain/steps": result["step"], "pretrain/train_s": result.get("elapsed_s", 0.0)},
+                        step=result["step"])
 
 
 def _loader_factory(dataset, t, world_size: int, workers: int):
