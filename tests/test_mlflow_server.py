@@ -30,24 +30,24 @@ def free_port() -> int:
 class Server:
     """`mlflow server` on a fixed port and store, which the test can stop and start again."""
 
-    def __init__(self, root: Path, port: int):
-        self.root, self.port, self.proc = root, port, None
+    def __init__(self, root: Path, port: int, extra: tuple = (), env: dict | None = None):
+        self.root, self.port, self.proc, self.extra, self.env = root, port, None, tuple(extra), env or {}
         self.url = f"http://127.0.0.1:{port}"
 
     def start(self, timeout: float = 45.0) -> None:
         cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
                "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1",
-               "--port", str(self.port), "--workers", "1"]
+               "--port", str(self.port), "--workers", "1", *self.extra]
         self.log = open(self.root / "server.log", "a")
         # no GenAI job runner (two more Python processes): the test needs tracking and artifacts only
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **self.env}
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"mlflow server exited: {(self.root / 'server.log').read_text()[-2000:]}")
             try:
-                if requests.get(f"{self.url}/health", timeout=1).status_code == 200:
+                if requests.get(f"{self.url}/health", timeout=1).status_code in (200, 401):
                     return
             except requests.RequestException:
                 time.sleep(0.3)
