@@ -103,6 +103,11 @@ def test_demo_pipeline_lands_in_mlflow_and_reruns_skip(server, tmp_path):
     assert {"model/MLmodel", "model/model_card.md", "model/data"} <= files, files
     packed = {f.path for f in client.list_artifacts(run_id, "model/data/medssl_model")}
     assert packed == {"model/data/medssl_model/medssl-model.json", "model/data/medssl_model/model.safetensors"}
+    import mlflow.artifacts
+    card = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model/model_card.md",
+                                                    dst_path=str(tmp_path / "card"), tracking_uri=server.url))
+    text = card.read_text()    # rewritten by the report: the rung's pooled evidence, internal and external
+    assert "| internal |" in text and "| siteB |" in text and "(internal) |" in text, text  # + a paired delta
     scan = next(images.rglob("*.nii.gz"))
     row = _served_answer(model, scan, server.url)
     assert row["path"] == str(scan)

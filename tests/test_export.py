@@ -237,3 +237,25 @@ def test_export_command_writes_a_checked_onnx_file(tmp_path):
         want = torch.softmax(load_package(folder).model(x), 1).numpy()
     assert np.abs(session.run(None, {"image": x.numpy()})[0] - want).max() <= 1e-4
     assert main(["export", str(tmp_path / "nothing"), "--format", "onnx", "--out", str(tmp_path / "x.onnx")]) != 0
+
+
+def test_registered_model_card_takes_the_reports_pooled_evidence():
+    from medssl.ladder.cards import evidence
+    summary = pd.DataFrame([
+        {"site": "internal", "rung": "per_class_5", "protocol": "finetune", "arm": "ssl", "auroc": 0.8,
+         "auroc_ci_low": 0.7, "auroc_ci_high": 0.9, "delta_auroc_vs_scratch": 0.1,
+         "delta_auroc_vs_scratch_ci_low": 0.02, "delta_auroc_vs_scratch_ci_high": 0.2,
+         "delta_auroc_vs_features": -0.05, "delta_auroc_vs_features_ci_low": -0.1,
+         "delta_auroc_vs_features_ci_high": 0.01},
+        {"site": "siteB", "rung": "per_class_5", "protocol": "finetune", "arm": "ssl", "auroc": 0.6,
+         "auroc_ci_low": 0.5, "auroc_ci_high": 0.7},
+        {"site": "internal", "rung": "per_class_5", "protocol": "finetune", "arm": "scratch", "auroc": 0.7}])
+    facts = evidence(summary, "per_class_5", "finetune", "ssl")
+    assert facts["sites"] == {"internal": {"auroc": 0.8, "auroc_ci_low": 0.7, "auroc_ci_high": 0.9},
+                              "siteB": {"auroc": 0.6, "auroc_ci_low": 0.5, "auroc_ci_high": 0.7}}
+    assert facts["deltas"] == {"scratch (internal)": {"delta": 0.1, "ci_low": 0.02, "ci_high": 0.2},
+                               "features (internal)": {"delta": -0.05, "ci_low": -0.1, "ci_high": 0.01}}
+    # a registered baseline: the same pair from its side (scratch − SSL)
+    scratch = evidence(summary, "per_class_5", "finetune", "scratch")
+    assert scratch["sites"] == {"internal": {"auroc": 0.7}}
+    assert scratch["deltas"] == {"ssl (internal)": {"delta": -0.1, "ci_low": -0.2, "ci_high": -0.02}}

@@ -20,4 +20,7 @@ def run_report(ctx: Context) -> dict:
         external = score_sites(ctx.cfg, results, meta, getattr(ctx.tracker, "tracking_uri", None))
     artifacts = build_report(results, ctx.paths.report, tracker=ctx.tracker, run_id=ctx.parent_run_id,
                              external=external)
+    from medssl.ingest.csv_safe import read_csv
+    from medssl.ladder.cards import refresh_model_cards
+    refresh_model_cards(ctx.tracker, read_csv(artifacts["summary_csv"]))  # registered models get the evidence
     return {"paths": [str(p) for p in artifacts.values()], **{k: str(v) for k, v in artifacts.items()}}
