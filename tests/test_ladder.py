@@ -104,6 +104,19 @@ def test_ladder_end_to_end_and_resume(tmp_path, store, spatial_dims):
     # budgets in patients: 3 and 4 of each class; inner validation spends nothing beyond them
     assert sorted(set(ok["n_labelled_patients"])) == [6, 8] and (ok["n_patients_used"] == ok["n_labelled_patients"]).all()
     assert (ok["n_extra_val_patients"] == 0).all() and ok["labels_note"].fillna("").eq("").all()
+    # every deep child keeps its model as a local package (external sites score all of them); it reproduces
+    # the child's own test predictions
+    from medssl.evaluate.predict import score_dataset
+    from medssl.export.package import load_package
+    from medssl.train.loaders import ImageDataset
+    deep = ok[ok["arm"] != "features"]
+    assert (ok.loc[ok["arm"] == "features", "model"].fillna("") == "").all() and deep["model"].str.len().gt(0).all()
+    row = deep.iloc[0]
+    kept = load_package(row["model"])
+    saved = pd.read_csv(row["predictions"])
+    _, probs = score_dataset(kept.model, ImageDataset(cache, list(saved["image_id"]), list(saved["label"]),
+                                                      spatial_dims=kept.spec.architecture.spatial_dims))
+    assert np.allclose(probs[:, 1], saved["score"], atol=1e-5)
     assert (ok["n_labelled"] == 2 * ok["n_labelled_patients"]).all()  # a patient's images all go with it
     assert (ok["positive_class"].astype(str) == "1").all() and (ok["inner_folds"] == 3).all()
     finetuned = ok[ok["protocol"] == "finetune"]

@@ -94,10 +94,12 @@ def _run_child(ctx, child: Child) -> dict:
         counts = _counts(ctx, child, ids, y_test)
         paths = write_evaluation(folder, test_ids, y_test, probs, values, fitted["threshold"], groups)
         write_predictions(folder / "predictions.csv", test_ids, y_test, groups, probs, fitted["threshold"])
+        kept = _keep_model(ctx, child, fitted, values, test_ids, folder)
         paths.append(_write_subset(folder, ids["train"]))
         logged = _log_child(ctx, child, fitted, values, paths, test_ids, counts["n_patients_used"])
         run_id = run.info.run_id
     return {"run_id": run_id or "", "model_logged": logged, "predictions": str(folder / "predictions.csv"),
+            "model": kept,
             "bootstrap_seed": seed, "bootstrap_n": cfg.bootstrap, **counts,
             "inner_folds": cfg.inner_folds if cfg.validation == "inner" else 0,
             "chosen_epochs": fitted["epochs"], "chosen_C": fitted["C"], "threshold": fitted["threshold"],
@@ -222,3 +224,13 @@ def _beats_logged(ctx, child: Child, val_auroc: float) -> bool:
     mine = done[(done["status"] == "ok") & (done["rung"] == child.rung.name) & logged
                 & (done["repeat"] == 0) & (done["seed"] == ctx.first_seed)]
     return not len(mine) or val_auroc > float(mine["val_auroc"].max())
+
+
+def _keep_model(ctx, child: Child, fitted: dict, values: dict, test_ids, folder: Path) -> str:
+    """Every deep child's model as a local medssl package beside its predictions (safetensors + JSON), so
+    external sites can score every run, not only those logged to MLflow. The features arm has no network."""
+    if child.arm == "features":
+        return ""
+    from medssl.export.package import save_package
+    spec = model_description(ctx, child, values, test_ids)["spec"]
+    return str(save_package(folder / "model", fitted["result"].model, spec))

@@ -49,6 +49,7 @@ results.csv columns (one row per child; unknown extra columns may appear and mus
   n_test_patients, n_test_images   size of the repeat's test split
   run_id, model_logged  MLflow child run id ("" without MLflow); whether its model was logged
   predictions        path of the child's test prediction file (below)
+  model              the child's model as a local medssl package folder (export/package.py; empty for features)
   bootstrap_seed, bootstrap_n   the per-child patient bootstrap behind the *_ci_low/_ci_high columns
   metrics            binary: auroc auprc balanced_accuracy sensitivity specificity sens_at_spec90
                      sens_at_spec95 f1 brier ece cm_<t>_<p> (+ <name>_ci_low/_ci_high for auroc auprc
@@ -81,7 +82,8 @@ from medssl.ui import console
 from medssl.ingest.csv_safe import read_csv, write_csv  # cells that would run as spreadsheet formulas
 
 TEXT_COLUMNS = ("key", "rung", "arm", "protocol", "init", "status", "error", "validation", "labels_note",
-                "positive_class", "class_names", "rung_class_patients", "run_id", "settings_digest", "predictions")
+                "positive_class", "class_names", "rung_class_patients", "run_id", "settings_digest", "predictions",
+                "model")
 
 
 def finished_keys(results_csv: Path, digest: str | None = None) -> set[str]:
