@@ -58,7 +58,8 @@ def model_card(spec: ModelSpec, *, data: dict | None = None, sites: dict[str, di
              f"- RAS orientation, spacing {pre.spacing or 'native'} mm, size {pre.size or 'native'}, "
              f"modality-aware intensity normalisation (CT window {list(pre.ct_window)}, MR percentiles "
              f"{list(pre.mr_percentiles)}); the served model replays exactly this chain",
-             f"- operating point (binary): {spec.threshold:.3f}, chosen inside the rung's own labels", "",
+             (f"- operating point (binary): {spec.threshold:.3f}, chosen inside the rung's own labels"
+              if spec.threshold is not None else "- calls: the most probable class (multi-class)"), "",
              "## Data (counts only; no identifiers)"]
     lines += [f"- {k}: {v}" for k, v in (data or {}).items()] or ["- not recorded"]
     lines += ["", "## Label budget",

@@ -41,7 +41,8 @@ def save_package(folder: Path | str, model: Classifier, spec: dict) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, folder / WEIGHTS_FILE, metadata={"format": "medssl-model/1"})
-    full = ModelSpec.model_validate({**spec, "threshold": float(model.threshold),
+    binary = model.head.out_features == 2
+    full = ModelSpec.model_validate({**spec, "threshold": float(model.threshold) if binary else None,
                                      "weights_sha256": _sha256(folder / WEIGHTS_FILE)})
     (folder / SPEC_FILE).write_text(json.dumps(full.model_dump(mode="json"), indent=1))
     return folder
@@ -79,12 +80,13 @@ def load_package(folder: Path | str) -> ModelPackage:
         raise _refuse(f"{WEIGHTS_FILE} is not a safetensors file ({err})", folder) from None
     arch = spec.architecture
     encoder = build_encoder(arch.encoder, arch.spatial_dims, arch.img_size)
-    model = Classifier(encoder, arch.n_classes, threshold=spec.threshold, spatial_dims=arch.spatial_dims)
+    threshold = 0.5 if spec.threshold is None else spec.threshold
+    model = Classifier(encoder, arch.n_classes, threshold=threshold, spatial_dims=arch.spatial_dims)
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise _refuse(f"the weights do not fit the architecture (missing {result.missing_keys[:3]}, "
                       f"unexpected {result.unexpected_keys[:3]})", folder)
-    model.threshold.fill_(spec.threshold)
+    model.threshold.fill_(threshold)
     return ModelPackage(model.eval(), spec, folder)
 
 

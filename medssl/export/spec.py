@@ -54,6 +54,7 @@ class ModelSpec(Section):
                                                      "every scan given to the model")
     labels: Labels
     inputs: Inputs = Inputs()
-    threshold: float = Field(0.5, ge=0, le=1, description="binary operating point chosen inside the rung")
+    threshold: float | None = Field(0.5, ge=0, le=1, description="binary operating point chosen inside the "
+                                                                 "rung; none for multi-class (argmax)")
     lineage: Lineage = Lineage()
     weights_sha256: str = Field(description="sha256 of model.safetensors: a changed file is refused")

@@ -117,7 +117,7 @@ def run_ladder(cfg: FinetuneConfig, encoder_source, cache, df: pd.DataFrame, lab
         results = results[results["settings_digest"].astype(str) == ctx.digest].reset_index(drop=True)
     if len(results) and (results["status"] == "ok").any():
         results = add_deltas(results, tracker, cfg.bootstrap)
-        every = read_results(ctx.out_dir / RESULTS)  # rows of other settings stay, as history
+        every = read_results(ctx.out_dir / RESULTS, latest=False)  # rows of other settings stay, as history
         kept = every[every["settings_digest"].astype(str) != ctx.digest] if "settings_digest" in every else every[:0]
         tmp = ctx.out_dir / (RESULTS + ".tmp")
         write_csv(pd.concat([kept, results], ignore_index=True), tmp)

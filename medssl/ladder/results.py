@@ -110,8 +110,9 @@ def append_result(results_csv: Path, row: dict) -> None:
         write_csv(pd.concat([old, new], ignore_index=True), results_csv)
 
 
-def read_results(results_csv: Path) -> pd.DataFrame:
-    """All rows, the latest per child (a failed child that succeeded on a rerun shows as ok)."""
+def read_results(results_csv: Path, latest: bool = True) -> pd.DataFrame:
+    """The latest row per child (a failed child that succeeded on a rerun shows as ok); `latest=False`: every
+    row, history of earlier settings included."""
     results_csv = Path(results_csv)
     if not results_csv.is_file() or results_csv.stat().st_size == 0:
         return pd.DataFrame(columns=["key", "status"])
@@ -120,7 +121,7 @@ def read_results(results_csv: Path) -> pd.DataFrame:
     for column in TEXT_COLUMNS:  # a class named "1" stays the string "1"; an empty note stays ""
         if column in results:
             results[column] = results[column].fillna("")
-    return results.drop_duplicates("key", keep="last").reset_index(drop=True)
+    return results.drop_duplicates("key", keep="last").reset_index(drop=True) if latest else results
 
 
 def settings_digest(settings: dict, encoder_source: str) -> str:
