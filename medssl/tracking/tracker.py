@@ -15,7 +15,7 @@ import os
 import time
 import uuid
 import warnings
-from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from medssl.errors import TrackingError
+from medssl.tracking.background import in_daemon_thread
 from medssl.tracking.base import DESCRIPTION_TAG, NullTracker, RunTracker
 from medssl.tracking.outbox import Outbox
 from medssl.tracking.records import (DIGEST_CHARS, MAX_TAG_CHARS, check_pseudonymous, cut, flatten,
@@ -61,7 +62,6 @@ class Tracker:
         self.end_grace_s, self.start_wait_s = end_grace_s, start_wait_s
         self._runs: list[str] = []  # open runs, innermost last
         self._experiment_id: str | None = None
-        self._opener = ThreadPoolExecutor(1, thread_name_prefix="medssl-mlflow-open")
 
     # ------------------------------------------------------------------------------------------ runs
     @property
@@ -104,7 +104,7 @@ class Tracker:
             tags[MLFLOW_PARENT_RUN_ID] = parent
         if not self.tracking_uri.startswith(("http://", "https://")):
             return self._create_run(name, tags, time.monotonic() + self.start_wait_s)  # local: no network
-        future = self._opener.submit(self._create_run, name, tags, time.monotonic() + self.start_wait_s)
+        future = in_daemon_thread(self._create_run, name, tags, time.monotonic() + self.start_wait_s)
         try:
             return future.result(timeout=self.start_wait_s + OPEN_SLACK_S)
         except FutureTimeout:
@@ -183,7 +183,6 @@ class Tracker:
         """Deliver what is queued (up to `end_grace_s`) and stop the sender thread; the rest stays on disk."""
         self._drain()
         self.outbox.close()
-        self._opener.shutdown(wait=False)
 
     def _run_id(self, run_id: str | None) -> str:
         run_id = run_id or self.active_run_id
