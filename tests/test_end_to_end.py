@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from medssl.tracking.reviewer import check_experiment
-from test_mlflow_server import Server, free_port
+from test_mlflow_server import free_port, server  # noqa: F401  (the module's mlflow server fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -32,14 +32,6 @@ def medssl(args: list[str], cwd: Path, uri: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MEDSSL_SALT": "test-salt"}
     return subprocess.run([sys.executable, "-m", "medssl.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=500)
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = Server(tmp_path_factory.mktemp("server"), free_port())
-    srv.start()
-    yield srv
-    srv.stop()
 
 
 def test_demo_pipeline_lands_in_mlflow_and_reruns_skip(server, tmp_path):

@@ -15,19 +15,11 @@ import requests
 
 from medssl.tracking import liveness
 from medssl.tracking.tracker import Tracker
-from test_mlflow_server import Server, free_port, timed
+from test_mlflow_server import Server, free_port, server, timed  # noqa: F401  (server: fixture)
 
 pytestmark = pytest.mark.slow
 ADMIN = ("admin", "admin-password-1234")
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = Server(tmp_path_factory.mktemp("server"), free_port())
-    srv.start()
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture(scope="module")
