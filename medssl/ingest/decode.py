@@ -26,7 +26,8 @@ from PIL import Image
 from pydicom.pixels import apply_modality_lut
 
 from medssl.ingest.dicom.assemble import multiframe_geometry, plane_affine, stack_affine
-from medssl.ingest.dicom.parse import basic_fields, enhanced_geometry, read_slice
+from medssl.ingest.dicom.fields import basic_fields, enhanced_geometry
+from medssl.ingest.dicom.parse import read_slice
 from medssl.ingest.nifti_header import nifti_shape, nonfinite_problem
 from medssl.errors import DataError
 
@@ -35,7 +36,7 @@ LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 @dataclass
 class LoadedImage:
-    array: np.ndarray        # (C, X, Y[, Z]) float32
+    array: np.ndarray        # (C, X, Y[, Z]) float32, not necessarily contiguous
     affine: np.ndarray       # (4, 4) voxel (i, j, k) -> RAS+ mm
     modality: str
     photometric: str
@@ -103,14 +104,20 @@ def _rescale(item) -> tuple[float, float]:
 
 def _read_slice(path: Path) -> tuple[np.ndarray, Mapping]:
     """(R, C) float32 in modality units, and the header it came with (fast path: one read, no pydicom)."""
+    stored, header, scale = _read_stored(path)
+    if scale is None:
+        return stored, header
+    return stored.astype(np.float32) * np.float32(scale[0]) + np.float32(scale[1]), header
+
+
+def _read_stored(path: Path) -> tuple[np.ndarray, Mapping, tuple[float, float] | None]:
+    """(pixels, header, (slope, intercept) still to apply): stored integers from the fast reader, or float32
+    modality units already rescaled (scale None) when pydicom had to decode the file."""
     fast = read_slice(str(path))
     if fast is not None:
-        pixels, fields = fast
-        slope, intercept = _rescale(fields)
-        return pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept), fields
+        return fast[0], fast[1], _rescale(fast[1])
     ds = pydicom.dcmread(path, force=True)  # preamble-less files were accepted by the scan
-    return _modality_units(ds.pixel_array, ds), ds
-
+    return _modality_units(ds.pixel_array, ds), ds, None
 
 def _modality_units(pixels: np.ndarray, ds) -> np.ndarray:
     """Stored values -> modality units: a Modality LUT Sequence through pydicom's apply_modality_lut (it
@@ -122,20 +129,33 @@ def _modality_units(pixels: np.ndarray, ds) -> np.ndarray:
 
 
 def _load_series(paths: list[Path]) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    first, ds0 = _read_slice(paths[0])
-    volume = np.empty((first.shape[1], first.shape[0], len(paths)), dtype=np.float32)  # (X, Y, Z)
-    volume[:, :, 0] = first.T
+    """(1, X, Y, Z) float32 in modality units. Slices are stacked as stored (Z, R, C), one contiguous copy
+    each, and rescaled in one vectorised pass (per-slice slope/intercept broadcast along Z); the (X, Y, Z)
+    result is a transposed view, laid out once by whoever copies it next (the cache's RAS copy)."""
+    first, ds0, scale0 = _read_stored(paths[0])
+    stack = np.empty((len(paths), *first.shape), dtype=first.dtype if scale0 else np.float32)  # (Z, R, C)
+    scales = np.empty((len(paths), 2), dtype=np.float32)
     ds = ds0
-    for k, path in enumerate(paths[1:], start=1):
-        plane, ds = _read_slice(path)
+    for k, path in enumerate(paths):
+        plane, ds, scale = (first, ds0, scale0) if k == 0 else _read_stored(path)
         if plane.shape != first.shape:
             raise DataError(f"slice {k} has {plane.shape} pixels, slice 0 has {first.shape}", where=str(path),
                             fix="rebuild the manifest: the series changed since it was indexed")
-        volume[:, :, k] = plane.T
+        if not np.can_cast(plane.dtype, stack.dtype, casting="safe"):   # a pydicom slice among stored ints
+            stack = stack.astype(np.float32)
+        stack[k] = plane
+        scales[k] = scale if scale is not None else (1.0, 0.0)
+    volume = stack.astype(np.float32, copy=False)
+    if (scales != scales[0]).any():
+        volume *= scales[:, 0, None, None]
+        volume += scales[:, 1, None, None]
+    elif tuple(scales[0]) != (1.0, 0.0):
+        volume *= scales[0, 0]
+        volume += scales[0, 1]
     h0, h1 = basic_fields(ds0, str(paths[0]), ""), basic_fields(ds, str(paths[-1]), "")
     step = (np.asarray(h1["ipp"]) - np.asarray(h0["ipp"])) / (len(paths) - 1)
     affine = stack_affine(h0["iop"], h0["ipp"], h0["spacing"] or [1.0, 1.0], step)
-    return volume[None], affine, []
+    return volume.transpose(2, 1, 0)[None], affine, []   # (1, X, Y, Z) view of (Z, R, C)
 
 
 def _frame_rescale(ds, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -198,21 +218,22 @@ READERS = {  # format -> reader of its file list
 
 def confined_paths(row: Mapping, root: Path) -> list[Path]:
     """The row's files, resolved (links followed) and required to lie inside the manifest root: a manifest
-    from elsewhere must not make medssl read `../../etc/passwd`, an absolute path or a link out of the folder."""
-    base, folders, paths = Path(root).resolve(), {}, []
+    from elsewhere must not make medssl read `../../etc/passwd`, an absolute path or a link out of the folder.
+    (String path operations: a series has hundreds of slices, and pathlib objects cost more than the stats.)"""
+    base, folders, paths = os.path.realpath(root), {}, []
     for rel in str(row["paths"]).split("|"):
         parent, name = os.path.split(rel)
         if parent not in folders:   # a series' slices share a folder: resolve it once, not once per slice
-            folders[parent] = (base / parent).resolve()
-        path = folders[parent] / name
+            folders[parent] = os.path.realpath(os.path.join(base, parent))
+        path = os.path.join(folders[parent], name)
         if name in ("", ".", "..") or os.path.islink(path):
-            path = path.resolve()
-        if not path.is_relative_to(base):
+            path = os.path.realpath(path)
+        if not (path == base or path.startswith(base.rstrip(os.sep) + os.sep)):
             raise DataError(f"manifest path {rel[:200]!r} points outside the dataset folder {base}",
                             where=f"manifest row {row.get('image_id', '')}",
                             fix="manifest paths must be relative to its root, without '..', absolute parts or "
                                 "links out of the folder; rebuild the manifest from the folder itself")
-        paths.append(path)
+        paths.append(Path(path))
     return paths
 
 
@@ -233,5 +254,7 @@ def load_image(row: Mapping, root: Path) -> LoadedImage:
         raise DataError(f"cannot decode image {row.get('image_id', '')}: {type(err).__name__}: {err}",
                         where=str(paths[0]),
                         fix="check the file (re-export or remove it) and rebuild the manifest") from err
-    return LoadedImage(np.ascontiguousarray(array, dtype=np.float32), affine, str(row.get("modality") or ""),
+    # not forced contiguous: a DICOM series is a transposed view of its slice stack, and every consumer copies
+    # it once anyway (the cache's chain lays it out in RAS order), so a copy here would be a wasted pass
+    return LoadedImage(np.asarray(array, dtype=np.float32), affine, str(row.get("modality") or ""),
                        str(row.get("photometric") or "MONOCHROME2"), tuple(problems))

@@ -23,7 +23,8 @@ import pydicom
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID
 
-from medssl.ingest.dicom.parse import HEAD_BYTES, basic_fields, enhanced_geometry, meta_group, parse, parse_buffer
+from medssl.ingest.dicom.fields import basic_fields, enhanced_geometry
+from medssl.ingest.dicom.parse import HEAD_BYTES, meta_group, parse, parse_buffer
 from medssl.ingest.decode import raster_header
 from medssl.ingest.listing import list_files
 from medssl.ingest.nifti_header import BOMB_RATIO, nifti_header

@@ -106,13 +106,30 @@ def intensity_range(values: np.ndarray, modality: str, ct_window: Sequence[float
     if kind == "window":
         return kind, float(ct_window[0]), float(ct_window[1])
     if kind == "percentiles":
-        flat = values.ravel()
         # a regular subsample of at most ~256k voxels: the percentiles move by far less than one grey
         # level, and a full sort of every voxel would dominate the cache stage on large volumes
-        flat = flat[::max(1, flat.size // PERCENTILE_SAMPLES)]
-        low, high = (float(v) for v in np.percentile(flat, mr_percentiles))
+        sample = every_nth(values, max(1, values.size // PERCENTILE_SAMPLES))
+        low, high = (float(v) for v in np.percentile(sample, mr_percentiles))
         return kind, low, high
     return kind, float(values.min()), float(values.max())
+
+
+def memory_order(array: np.ndarray) -> str:
+    """"F" when the array's fastest-varying axis is its first spatial one, else "C": the plain layout a copy
+    of it can be made in with the fewest broken runs (np.save writes only C or F arrays at full speed)."""
+    axes = [(abs(stride), axis) for axis, (stride, n) in enumerate(zip(array.strides, array.shape)) if n > 1]
+    first = next((axis for axis, n in enumerate(array.shape) if n > 1), 0)
+    return "F" if axes and min(axes)[1] == first and array.ndim > 1 and not array.flags.c_contiguous else "C"
+
+
+def every_nth(values: np.ndarray, step: int) -> np.ndarray:
+    """values.ravel()[::step], the same voxels in the same (C) order whatever the array's memory layout, but
+    without ravel's full copy of a non-C-contiguous array (a DICOM stack is X-fastest)."""
+    if step == 1 or values.flags.c_contiguous:
+        return values.ravel()[::step]
+    if values.shape[-1] % step == 0:        # flat index k*step = every step-th voxel of the last axis
+        return values[..., ::step].ravel()
+    return values[np.unravel_index(np.arange(0, values.size, step), values.shape)]
 
 
 def inverted(kind: str, photometric: str) -> bool:
@@ -154,9 +171,11 @@ def fast_chain(array: np.ndarray, affine: np.ndarray, modality: str, photometric
         array, affine = to_ras(array, affine)
     else:
         affine = in_plane_frame(affine)
-    # one copy in RAS order (the percentile subsample reads it flat), then normalised in place
-    out = normalise(np.array(array, dtype=np.float32, order="C"), modality, photometric, cfg.ct_window,
-                    cfg.mr_percentiles, inplace=True)
+    # one copy, C or F as the source is closest to (a DICOM stack seen as (X, Y, Z) is X-fastest, so F; a
+    # NIfTI is Fortran): a transposing copy costs several times a straight one, and the cache reads arrays
+    # by index, whatever their layout. Then normalised in place.
+    out = normalise(np.array(array, dtype=np.float32, order=memory_order(array)), modality, photometric,
+                    cfg.ct_window, cfg.mr_percentiles, inplace=True)
     if cfg.size is not None:
         out, affine = pad_or_crop(out, affine, per_rank(cfg.size, rank, -1))
     return out, affine

@@ -33,8 +33,8 @@ import pandas as pd
 
 from medssl.config import PreprocessConfig
 from medssl.errors import DataError, MedsslError
-from medssl.preprocess.arrays import fast_chain, fast_chain_applies
-from medssl.ui import console, progress_bar
+from medssl.preprocess.arrays import fast_chain, fast_chain_applies, memory_order
+from medssl.ui import progress_bar
 
 CACHE_VERSION = 2            # bump when the preprocessing code changes what it writes (2: per-dataset folders)
 STORE_DTYPE = np.float16
@@ -56,8 +56,9 @@ def source_fingerprint(row: Mapping, root: Path) -> str:
     """A digest of (relative path, size, mtime, inode, ctime) of the files an image is decoded from (OSError if
     one is gone). ctime cannot be set back by a user: an in-place rewrite that restores mtime still shows."""
     found = []
+    base = os.fspath(root)
     for rel in str(row["paths"]).split("|"):
-        stat = os.stat(Path(root) / rel)
+        stat = os.stat(os.path.join(base, rel))   # strings, not Path objects: one stat per slice adds up
         found.append([rel, stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns])
     return hashlib.sha256(json.dumps(found).encode()).hexdigest()[:32]
 
@@ -92,7 +93,8 @@ def preprocess_one(row: dict, root: str, cfg_json: dict, out: str, load: Callabl
     array = _CHAINS[key](loaded.array, loaded.affine, loaded.modality, loaded.photometric)   # (C, *spatial)
     # slices_from_3d: the loader reads axial slices [..., k]; Fortran order stores each one contiguously
     # (a 2D crop then touches one contiguous block instead of a strided walk through the whole volume)
-    order = "F" if cfg_json["spatial_dims"] == 2 and array.ndim == 4 else "C"
+    # (3D crops read either layout equally well: keep the chain's, no transposing copy)
+    order = "F" if cfg_json["spatial_dims"] == 2 and array.ndim == 4 else memory_order(array)
     array = np.array(array, dtype=STORE_DTYPE, order=order)   # one pass: cast and lay out
     if not np.isfinite(array).all():
         raise DataError("non-finite values after preprocessing (NaN/inf in the source?)")
