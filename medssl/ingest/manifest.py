@@ -8,6 +8,7 @@ them), so folder and file names must not themselves carry identifying informatio
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -156,7 +157,8 @@ def _sidecars(nifti_paths: list[str]) -> set[str]:
 
 def _collect_images(scan, nifti_modality: str, image_modality: str,
                     max_image_mb: float) -> tuple[list[dict], list[tuple[str, str]]]:
-    dicom = [dict(h, path_abs=str(scan.root / h["path"])) for h in scan.headers if h["kind"] == "dicom"]
+    root = str(scan.root)
+    dicom = [dict(h, path_abs=os.path.join(root, h["path"])) for h in scan.headers if h["kind"] == "dicom"]
     images, skipped = assemble(dicom, max_image_mb, decodable=lambda h: decodable(h["path_abs"], h["frames"]))
     nifti = [h for h in scan.headers if h["kind"] == "nifti"]
     for kind, modality in (("nifti", nifti_modality), ("raster", image_modality)):

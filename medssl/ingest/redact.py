@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 
@@ -24,14 +25,21 @@ def _digest(value: str, salt: str) -> str:
 
 
 def _id_like(token: str) -> bool:
-    return sum(ch.isdigit() for ch in token) >= 4
+    return sum(map(str.isdigit, token)) >= 4
 
 
 def display_path(path: str, salt: str) -> str:
     """`path` with date-like and id-like parts replaced by salted digests (separators and other parts kept)."""
+    folder, sep, name = path.rpartition("/")
+    return _shown_part(folder, salt) + sep + _shown_part(name, salt)
+
+
+@functools.lru_cache(maxsize=4096)
+def _shown_part(text: str, salt: str) -> str:
+    """(cached: the slices of a series share their folder, and the folder's redaction was most of the cost)"""
     def replace(m: re.Match) -> str:
         return _digest(m.group(0), salt) if m.group("date") or _id_like(m.group(0)) else m.group(0)
-    return PART.sub(replace, path)
+    return PART.sub(replace, text)
 
 
 def clean_reason(reason: str) -> str:
