@@ -70,6 +70,46 @@ def test_expired_credentials_are_retried_loudly_and_nothing_is_dropped(auth_serv
     assert sorted((m["step"], m["value"]) for m in got) == [(s, float(s)) for s in range(7)]
 
 
+def _permission(auth_server, verb: str, experiment_id: str, permission: str | None = None) -> None:
+    """MLflow 3's user-permission API (the 2.x experiments/permissions routes are gone)."""
+    body = {"username": "bob", "resource_type": "experiment", "resource_id": experiment_id}
+    requests.post(f"{auth_server.url}/api/3.0/mlflow/users/permissions/{verb}",
+                  json=body | ({"permission": permission} if permission else {}), auth=ADMIN,
+                  timeout=10).raise_for_status()
+
+
+def test_a_revoked_permission_is_retried_loudly_and_nothing_is_dropped(auth_server, tmp_path, monkeypatch, capsys):
+    """403 PERMISSION_DENIED (a user's access to the experiment withdrawn under a running job, then given
+    back): kept in the outbox and retried, never dropped — the same as an expired credential."""
+    api = f"{auth_server.url}/api/2.0/mlflow"
+    requests.post(f"{api}/users/create", json={"username": "bob", "password": "bob-pw-1234567"}, auth=ADMIN,
+                  timeout=10).raise_for_status()
+    created = requests.post(f"{api}/experiments/create", json={"name": "perm"}, auth=ADMIN, timeout=10)
+    created.raise_for_status()
+    experiment_id = created.json()["experiment_id"]
+    _permission(auth_server, "grant", experiment_id, "EDIT")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "bob")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "bob-pw-1234567")
+    tracker = Tracker("perm", tracking_uri=auth_server.url, outbox_dir=tmp_path / "outbox", retry_interval=0.2)
+    with tracker.run("pretrain") as run:
+        assert run.info.experiment_id == experiment_id
+        for step in range(3):
+            tracker.log_metrics({"loss": float(step)}, step=step)
+        assert tracker.flush()
+        _permission(auth_server, "revoke", experiment_id)           # bob is back to the default: READ
+        for step in range(3, 6):
+            tracker.log_metrics({"loss": float(step)}, step=step)
+        assert not tracker.flush(timeout=60)
+        assert len(tracker.outbox) == 3 and not tracker.outbox.refused  # kept for a retry, not dropped
+        _permission(auth_server, "grant", experiment_id, "EDIT")    # an admin restores the access
+        tracker.log_metrics({"loss": 6.0}, step=6)
+        assert tracker.flush()
+    said = " ".join(capsys.readouterr().err.split())
+    assert "nothing is dropped" in said
+    got = history(auth_server.url, run.info.run_id, auth=ADMIN)
+    assert sorted((m["step"], m["value"]) for m in got) == [(s, float(s)) for s in range(7)]
+
+
 def test_a_hung_server_never_stalls_training_and_gets_everything_after(server, tmp_path):
     """SIGSTOP: the server accepts connections and answers nothing (a stuck proxy, a paused VM)."""
     tracker = Tracker("hung", tracking_uri=server.url, outbox_dir=tmp_path / "outbox")
