@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -148,7 +149,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "label_efficiency.json")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    start = time.perf_counter()
+    start, load_at_start = time.perf_counter(), os.getloadavg()[0]   # the budget is wall time: say how busy
     tasks = build_tasks(small=args.small)
     minutes = 0.05 if args.small else args.minutes
     volumes = [v for t in tasks for v in t.unlabelled]
@@ -171,7 +172,8 @@ def main() -> None:
     result = summarise(all_rows, meta)
     result["settings"] = {"minutes": minutes, "seeds": args.seeds, "boot": args.boot, "small": args.small,
                           "wall_s": round(time.perf_counter() - start), "torch_threads": 2,
-                          "machine": "2-core CPU shared with other helpers"}
+                          "machine": f"{os.cpu_count()}-core CPU, load average {load_at_start:.1f} at the start "
+                                     f"and {os.getloadavg()[0]:.1f} at the end (1 = one busy core)"}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     from label_efficiency_table import write_table
