@@ -46,4 +46,9 @@ class FinetuneConfig(Section):
         "cosine", description="fine-tuning lr: one warm-up epoch, then cosine decay over `epochs`; or constant")
     views: ViewsConfig | None = Field(None, description="random views of the training images (fine-tuning "
                                                         "protocol; made on the training device); none by default")
+    slice_pooling: Literal["meanmax", "mean", "max", "central"] = Field(
+        "meanmax", description="2D encoders on 3D volumes: every axial slice encoded and the slice features pooled "
+                               "(meanmax: mean and max concatenated; mean; max) for the probe, fine-tuning, the "
+                               "features arm and every kept model; central: the central axial slice only (a "
+                               "lesion in another slice is invisible). No effect on 3D encoders or 2D images")
     seed: int = 0

@@ -19,6 +19,7 @@ from medssl.errors import DataError, TrainingError
 from medssl.evaluate import plots
 from medssl.evaluate.metrics import classification_metrics, confusion_from_metrics, positive_scores
 from medssl.models.classifier import Classifier
+from medssl.models.slices import SlicePooled
 from medssl.ingest.csv_safe import write_csv
 
 FORMAT = "medssl-classifier/1"
@@ -28,8 +29,9 @@ def save_classifier(path: Path, model: Classifier, encoder_info: dict) -> Path:
     """Plain dict (like the encoder file): loads with torch.load alone, no pickled classes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    pooled = model.encoder.pool if isinstance(model.encoder, SlicePooled) else None  # reads whole volumes
     payload = {"format": FORMAT, "encoder": encoder_info["encoder"], "spatial_dims": encoder_info["spatial_dims"],
-               "img_size": encoder_info["img_size"], "n_classes": model.head.out_features,
+               "img_size": encoder_info["img_size"], "n_classes": model.head.out_features, "slice_pooling": pooled,
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
     torch.save(payload, path)
     return path
@@ -57,7 +59,10 @@ def _load_classifier_file(path: Path) -> Classifier:
     from medssl.models.encoders import build_encoder
     encoder = build_encoder(EncoderConfig.model_validate(payload["encoder"]), payload["spatial_dims"],
                             payload["img_size"])
-    model = Classifier(encoder, payload["n_classes"], spatial_dims=payload["spatial_dims"])
+    dims, pool = payload["spatial_dims"], payload.get("slice_pooling")  # files before slice pooling have none
+    if pool:
+        encoder, dims = SlicePooled(encoder, pool), 3
+    model = Classifier(encoder, payload["n_classes"], spatial_dims=dims)
     model.load_state_dict(payload["state_dict"])
     return model.eval()
 

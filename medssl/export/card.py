@@ -47,7 +47,9 @@ def model_card(spec: ModelSpec, *, data: dict | None = None, sites: dict[str, di
     arch, labels, lineage, pre = spec.architecture, spec.labels, spec.lineage, spec.preprocess
     budget = (f"{lineage.labelled_patients} labelled patients" if lineage.labelled_patients is not None
               else "not recorded")
-    lines = [f"# Model card: {labels.column} classifier ({arch.encoder.name}, {arch.spatial_dims}D)", "",
+    shape = (f"2D, every axial slice of a volume, {arch.slice_pooling}-pooled" if arch.slice_pooling
+             else f"{arch.spatial_dims}D")
+    lines = [f"# Model card: {labels.column} classifier ({arch.encoder.name}, {shape})", "",
              "## Intended use",
              f"Research use: classifying scans for `{labels.column}` ({', '.join(labels.names)})"
              + (f"; binary scores describe **{labels.positive}**" if labels.positive else "") + ". "

@@ -51,9 +51,10 @@ def to_torchscript(package: ModelPackage, out: Path) -> Path:
 
 def to_onnx(package: ModelPackage, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
+    image_axes = {0: "batch", **({4: "slices"} if package.spec.architecture.slice_pooling else {})}
     torch.onnx.export(_Probabilities(package.model), (example_input(package.spec),), str(out),
                       input_names=["image"], output_names=["probabilities"], dynamo=False, opset_version=17,
-                      dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}})
+                      dynamic_axes={"image": image_axes, "probabilities": {0: "batch"}})
     return out
 
 

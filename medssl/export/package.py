@@ -18,6 +18,7 @@ from medssl.errors import TrainingError
 from medssl.export.spec import SPEC_FILE, WEIGHTS_FILE, ModelSpec
 from medssl.models.classifier import Classifier
 from medssl.models.encoders import build_encoder
+from medssl.models.slices import SlicePooled
 
 
 @dataclass
@@ -80,8 +81,10 @@ def load_package(folder: Path | str) -> ModelPackage:
         raise _refuse(f"{WEIGHTS_FILE} is not a safetensors file ({err})", folder) from None
     arch = spec.architecture
     encoder = build_encoder(arch.encoder, arch.spatial_dims, arch.img_size)
+    if arch.slice_pooling:  # scores a volume from all its slices, as the ladder child did
+        encoder = SlicePooled(encoder, arch.slice_pooling)
     threshold = 0.5 if spec.threshold is None else spec.threshold
-    model = Classifier(encoder, arch.n_classes, threshold=threshold, spatial_dims=arch.spatial_dims)
+    model = Classifier(encoder, arch.n_classes, threshold=threshold, spatial_dims=arch.input_dims)
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise _refuse(f"the weights do not fit the architecture (missing {result.missing_keys[:3]}, "
@@ -96,8 +99,11 @@ def is_package(folder: Path | str) -> bool:
 
 def input_size(spec: ModelSpec) -> list[int]:
     """The spatial size of what the model is fed: the preprocessing's fixed size (what every training image
-    was cropped/padded to), else the encoder's own (a ViT's img_size)."""
-    return list(spec.preprocess.size or spec.architecture.img_size)
+    was cropped/padded to), else the encoder's own (a ViT's img_size); a slice-pooled model's volumes add the
+    axial slices of its training volumes (the preprocessing keeps each volume's native slices)."""
+    arch = spec.architecture
+    size = list(spec.preprocess.size or arch.img_size)
+    return size + [arch.slices or 1] if arch.slice_pooling else size
 
 
 @torch.no_grad()

@@ -37,8 +37,9 @@ class ScanClassifier:
         paths = _paths(model_input)
         work = Path(tempfile.mkdtemp(prefix="medssl-serve-"))
         try:
-            sources, images = load_scans(paths, self.package.spec, work)       # (N, C, *size)
-            probs = torch.softmax(self.package.model(images), dim=1).numpy()   # (N, K)
+            sources, images = load_scans(paths, self.package.spec, work)       # N x (C, *size)
+            # one scan at a time: a slice-pooled model's volumes may differ in their number of slices
+            probs = torch.cat([torch.softmax(self.package.model(x[None]), dim=1) for x in images]).numpy()  # (N, K)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         return calls_frame(self.package, sources, probs)

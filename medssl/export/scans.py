@@ -44,15 +44,16 @@ def check_inputs(rows: pd.DataFrame, spec: ModelSpec, source: str) -> None:
         if wanted.modalities and row["modality"] not in wanted.modalities:
             raise DataError(f"a {row['modality']} scan, but the model was trained on {wanted.modalities}",
                             where=source, fix="give scans of the modality the model was trained on")
-        dims, model_dims = int(row["spatial_dims"]), spec.architecture.spatial_dims
+        dims, model_dims = int(row["spatial_dims"]), spec.architecture.input_dims
         if dims < model_dims or (wanted.image_dims and dims not in wanted.image_dims):
             raise DataError(f"a {dims}D scan, but the model reads {model_dims}D input "
                             f"(trained on {wanted.image_dims or [model_dims]}D scans)", where=source,
                             fix="give scans of the dimensionality the model was trained on")
 
 
-def load_scans(paths: list[str], spec: ModelSpec, work: Path) -> tuple[list[str], torch.Tensor]:
-    """(the source path of each image, (N, C, *img_size) float32) for every image found under `paths`.
+def load_scans(paths: list[str], spec: ModelSpec, work: Path) -> tuple[list[str], list[torch.Tensor]]:
+    """(the source path of each image, its (C, *input_size) float32 array) for every image found under `paths`
+    (a slice-pooled model's volumes keep their own number of axial slices).
     `work`: a scratch folder (manifests and the preprocessing cache of these scans, never a training cache)."""
     work = Path(work)
     sources, images = [], []
@@ -70,17 +71,18 @@ def load_scans(paths: list[str], spec: ModelSpec, work: Path) -> tuple[list[str]
         failures = cache.build(df, workers=1)
         if failures:
             raise DataError(f"cannot preprocess: {next(iter(failures.values()))}", where=text)
-        dataset = ImageDataset(cache, list(df["image_id"]), [0] * len(df), spatial_dims=spec.architecture.spatial_dims)
+        dataset = ImageDataset(cache, list(df["image_id"]), [0] * len(df), spatial_dims=spec.architecture.input_dims)
         for i in range(len(dataset)):
             images.append(dataset[i]["image"])
             sources.append(text)
     _check_shapes(images, spec, sources)
-    return sources, torch.stack(images)
+    return sources, images
 
 
 def _check_shapes(images: list[torch.Tensor], spec: ModelSpec, paths: list[str]) -> None:
     want = (spec.architecture.in_channels, *input_size(spec))
+    fixed = len(want) - (1 if spec.architecture.slice_pooling else 0)  # slice-pooled: any number of slices
     for image, path in zip(images, paths):
-        if tuple(image.shape) != want:
+        if image.ndim != len(want) or tuple(image.shape)[:fixed] != want[:fixed]:
             raise DataError(f"preprocessed to {tuple(image.shape)}, the model takes {want}", where=path,
                             fix="the model's preprocessing must set a fixed size (preprocess.size)")

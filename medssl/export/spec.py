@@ -18,10 +18,21 @@ WEIGHTS_FILE = "model.safetensors"
 
 class Architecture(Section):
     encoder: EncoderConfig
-    spatial_dims: Literal[2, 3]
+    spatial_dims: Literal[2, 3] = Field(description="the encoder's dimensionality")
     img_size: list[int]
     in_channels: int = Field(1, ge=1)
     n_classes: int = Field(ge=2)
+    slice_pooling: Literal["mean", "max", "meanmax"] | None = Field(
+        None, description="a 2D encoder that scores whole 3D volumes: every axial slice encoded, the slice "
+                          "features pooled this way (models/slices.py); none: the model reads spatial_dims-D "
+                          "input (a 2D one: the central axial slice of a volume)")
+    slices: int | None = Field(None, ge=1, description="slice-pooled models: the axial slices of the training "
+                                                       "volumes (the exports' example depth; any depth is scored)")
+
+    @property
+    def input_dims(self) -> int:
+        """Dimensionality of what the model is fed: 3 for a slice-pooled 2D encoder."""
+        return 3 if self.slice_pooling else self.spatial_dims
 
 
 class Labels(Section):

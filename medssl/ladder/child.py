@@ -110,11 +110,11 @@ def _run_child(ctx, child: Child) -> dict:
 def _fit_deep(ctx, child: Child, items: list[str], folds, seed: int) -> dict:
     encoder = ctx.encoder(child.arm, seed)
     data = ctx.dataset(items)
-    check_images(encoder, data[0]["image"], ctx.spatial_dims, ctx.encoder_cfg.in_channels, f"rung {child.rung.name}")
+    check_images(encoder, data[0]["image"], ctx.input_dims, ctx.encoder_cfg.in_channels, f"rung {child.rung.name}")
     if child.protocol == "linear":  # frozen encoder: its features are computed once per ladder, not per run
         data = _cached_features(ctx, encoder, child.arm, seed, items)
     result = fit_rung(encoder, data, folds, ctx.n_classes, child.protocol, ctx.cfg, seed, ctx.monitor,
-                      spatial_dims=ctx.spatial_dims)
+                      spatial_dims=ctx.input_dims)  # what prediction feeds the Classifier: slices or volumes
     epochs = result.epochs if child.protocol == "finetune" else float("nan")
     return {"result": result, "threshold": result.threshold, "epochs": epochs, "C": result.chosen_C,
             "val_auroc": result.val_auroc, "val_loss": result.val_loss, "history": result.history}
@@ -181,7 +181,8 @@ def _params(ctx, child: Child, ids: dict, y_train) -> dict:
             "n_patients_used": used["n_patients_used"], "labels_note": used["labels_note"] or "rung labels only",
             "n_val": len(ids["val"]), "n_test": len(ids["test"]), "train_class_counts": counts.tolist(),
             "n_classes": ctx.n_classes, "class_names": ctx.class_names, "positive_class": ctx.positive,
-            "spatial_dims": ctx.spatial_dims, "img_size": ctx.img_size, "encoder": ctx.encoder_cfg.model_dump(),
+            "spatial_dims": ctx.spatial_dims, "slice_pooling": ctx.pooling or "none", "img_size": ctx.img_size,
+            "encoder": ctx.encoder_cfg.model_dump(),
             "finetune": ctx.cfg.model_dump(), "monitor": ctx.monitor}
 
 

@@ -1,7 +1,8 @@
 """Engineered image features: the non-deep baseline arm ("features") of the ladder.
 
 What a radiomics-style logistic regression would see, computed per image with no learning, on the same
-preprocessed arrays (and, for 2D encoders on 3D volumes, the same central slice) the deep arms get:
+preprocessed arrays the deep arms get (LadderContext.dataset: for 2D encoders on 3D volumes the whole volume
+when slice-pooled, the central slice under finetune.slice_pooling: central):
 - pooled intensities at three scales: the mean over a 1, 2 and 4 cells-per-axis grid (1 + 2^d + 4^d values);
 - the intensity distribution: mean, SD, skewness, kurtosis and 9 quantiles (5 % .. 95 %, plus min and max);
 - texture: gradient-magnitude mean / SD / 50-90-99 % quantiles, and grey-level co-occurrence (scikit-image

@@ -61,6 +61,12 @@ class LadderContext:
     parallel: bool = False
     features: dict = field(default_factory=dict)  # {"ssl" | "random-<seed>" | "engineered": {id: (F,)}}
     data: dict = field(default_factory=dict)  # what the model package records: label, modalities, image dims
+    pooling: str | None = None      # a 2D encoder on 3D volumes: slice pooling (models/slices.py); None: central
+
+    @property
+    def input_dims(self) -> int:
+        """What the models read: whole volumes when slice-pooled, else the encoder's own dimensionality."""
+        return 3 if self.pooling else self.spatial_dims
 
     def ids(self, repeat: int, split: str) -> list[str]:
         """Labelled, cached images of one split of one repeat, in a fixed order."""
@@ -68,15 +74,19 @@ class LadderContext:
 
     def dataset(self, ids: list[str]):
         from medssl.train.loaders import ImageDataset
-        # spatial_dims: a 2D encoder on 3D cached volumes sees their central axial slice (the loader's rule)
-        return ImageDataset(self.cache, ids, [self.codes[i] for i in ids], spatial_dims=self.spatial_dims)
+        # every arm (features too) reads the same arrays: whole volumes when slice-pooled, else a 2D encoder
+        # on 3D cached volumes sees their central axial slice (the loader's rule)
+        return ImageDataset(self.cache, ids, [self.codes[i] for i in ids], spatial_dims=self.input_dims)
 
     def encoder(self, arm: str, seed: int):
         from medssl.models.encoders import build_encoder, load_encoder
+        from medssl.models.slices import SlicePooled
         if arm == "ssl":
-            return load_encoder(self.encoder_source)[0]
-        torch.manual_seed(seed)  # the random initialisation is part of the seed
-        return build_encoder(self.encoder_cfg, self.spatial_dims, self.img_size)
+            encoder = load_encoder(self.encoder_source)[0]
+        else:
+            torch.manual_seed(seed)  # the random initialisation is part of the seed
+            encoder = build_encoder(self.encoder_cfg, self.spatial_dims, self.img_size)
+        return SlicePooled(encoder, self.pooling) if self.pooling else encoder
 
     def lineage(self) -> dict:
         return {"medssl.pretrain_run_id": self.info.get("pretrain_run_id") or "",
@@ -162,6 +172,7 @@ def _context(cfg, encoder_source, cache, df, label, out_dir, tracker, encoder_cf
         n_classes=len(ladder_names), out_dir=out_dir, tracker=tracker, log_models=log_models,
         class_names=ladder_names, positive=names[positive] if positive is not None else "", monitor=monitor,
         first_seed=min((r.seed for r in rungs), default=0), parent_run_id=getattr(tracker, "active_run_id", None))
+    ctx.pooling = _pooling(ctx)
     ctx.digest = settings_digest(_settings(ctx, label), ctx.encoder_source)
     column = lambda name: df[name].dropna().unique() if name in df else []  # noqa: E731
     ctx.data = {"label": label, "modalities": sorted(map(str, column("modality"))),
@@ -169,9 +180,22 @@ def _context(cfg, encoder_source, cache, df, label, out_dir, tracker, encoder_cf
     return ctx
 
 
+def _pooling(ctx: LadderContext) -> str | None:
+    """finetune.slice_pooling for a 2D encoder whose labelled cached images are 3D volumes, else None."""
+    from medssl.models.slices import volume_pooling
+    if ctx.spatial_dims != 2 or ctx.cfg.slice_pooling == "central":
+        return None  # no shape is read: the setting cannot apply
+    shape = getattr(ctx.cache, "shape", None) or (lambda i: ctx.cache.get(i).shape)
+    shapes = (shape(i) for i in ctx.codes if ctx.cache.has(i))
+    return volume_pooling(ctx.cfg.slice_pooling, ctx.spatial_dims, shapes)
+
+
 def _settings(ctx: LadderContext, label: str) -> dict:
     """What a finished run depends on (see results.settings_digest); not how many processes ran it."""
-    return {"finetune": ctx.cfg.model_dump(mode="json", exclude={"register_model", "workers", "log_models"}),
+    # slice pooling counts only where it applies (a 2D encoder on volumes): other ladders keep their digest
+    pooled = {"slice_pooling": ctx.pooling} if ctx.pooling else {}
+    return {**pooled, "finetune": ctx.cfg.model_dump(mode="json", exclude={"register_model", "workers",
+                                                                           "log_models", "slice_pooling"}),
             "encoder_cfg": ctx.encoder_cfg.model_dump(mode="json"), "spatial_dims": ctx.spatial_dims,
             "img_size": ctx.img_size, "label": label, "monitor": ctx.monitor, "classes": ctx.class_names,
             "repeats": [{s: sorted(i for i, v in r.items() if v == s and i in ctx.codes) for s in ("val", "test")}

@@ -34,7 +34,7 @@ def model_description(ctx, child, values: dict, test_ids: list[str]) -> dict:
     rung, names = child.rung, [str(n) for n in ctx.class_names]
     spec = {"architecture": {"encoder": ctx.encoder_cfg.model_dump(mode="json"), "spatial_dims": ctx.spatial_dims,
                              "img_size": ctx.img_size, "in_channels": ctx.encoder_cfg.in_channels,
-                             "n_classes": ctx.n_classes},
+                             "n_classes": ctx.n_classes, **_pooling_spec(ctx)},
             "preprocess": ctx.cache.cfg.model_dump(mode="json", exclude={"cache_dir"}),
             "labels": {"column": ctx.data.get("label", "label"), "names": names, "positive": ctx.positive or None},
             "inputs": {"modalities": ctx.data.get("modalities", []), "image_dims": ctx.data.get("image_dims", [])},
@@ -46,6 +46,14 @@ def model_description(ctx, child, values: dict, test_ids: list[str]) -> dict:
                      "test patients (internal)": len({ctx.patients[i] for i in test_ids})},
             "sites": {"internal test split": values}, "deltas": {}}
     return {"spec": spec, "card": card}
+
+
+def _pooling_spec(ctx) -> dict:
+    """A slice-pooled child's model reads whole volumes: its pooling and the training volumes' slice count."""
+    if not ctx.pooling:
+        return {}
+    first = next(i for i in ctx.codes if ctx.cache.has(i))
+    return {"slice_pooling": ctx.pooling, "slices": int(ctx.cache.get(first).shape[-1])}
 
 
 @contextmanager

@@ -167,7 +167,8 @@ def _partners(ids: list[str], groups: Mapping[str, str]) -> list[np.ndarray]:
 class ImageDataset(_CachedImages):
     """Whole preprocessed images with labels, for fine-tuning and evaluation:
     {"image": (C, *size) float32, "label": int, "image_id": str}. Batching needs equal shapes: set
-    `preprocess.size`. spatial_dims=2 with 3D cached volumes gives the central axial slice."""
+    `preprocess.size`. spatial_dims=2 with 3D cached volumes gives the central axial slice; 3 (or None) gives
+    the cached array whole (what a slice-pooled 2D model reads, models/slices.py)."""
 
     def __init__(self, cache, image_ids: Sequence[str], labels: Mapping[str, int] | Sequence[int],
                  spatial_dims: int | None = None):
