@@ -53,6 +53,7 @@ def test_fast_reader_decodes_like_pydicom(source: Path, tmp_path: Path):
         pytest.skip("no non-ASCII PatientName with pixels to carry")
     assert parse(str(path)) is not None, "the fast reader must stay in its lane for these files"
     fast = dicom_header(str(path), 4096)
+    fast.pop("known", None)   # where the cache reads the pixels later (known.py): not a header field
     assert fast == _pydicom_header(str(path), 4096, False)
     assert fast["patient_id"] == str(pydicom.dcmread(path).PatientID) == patient_id.strip()
 

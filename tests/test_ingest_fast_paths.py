@@ -91,3 +91,28 @@ def test_series_through_the_numpy_chain_in_source_layout_equals_the_monai_chain(
         expected = build_preprocess(cfg)(make_input(np.ascontiguousarray(loaded.array), loaded.affine, modality,
                                                     "MONOCHROME2"))["image"].numpy()
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+
+
+def test_slices_the_index_parsed_are_not_parsed_again_and_a_rewritten_one_is(tmp_path, monkeypatch):
+    """After build_manifest in this process, load_image parses only the first and last slice of a series
+    (their positions make the affine); a slice rewritten since the index (same size, other pixels) is parsed
+    afresh, and every value equals a load with the table empty."""
+    from medssl.ingest import decode
+    from medssl.ingest.dicom import known
+    row, root, paths = _series(tmp_path)
+    parsed = []
+    real_read = decode.read_slice
+    monkeypatch.setattr(decode, "read_slice", lambda path: parsed.append(path) or real_read(path))
+    with_table = load_image(row, root).array.copy()
+    assert len(parsed) == 2
+    in_order = [root / rel for rel in str(row["paths"]).split("|")]
+    ds = pydicom.dcmread(in_order[5])
+    ds.PixelData = (ds.pixel_array[::-1] + 1).astype(ds.pixel_array.dtype).tobytes()   # same size, new values
+    ds.save_as(in_order[5], enforce_file_format=True)
+    parsed.clear()
+    rewritten = load_image(row, root).array
+    assert len(parsed) == 3 and str(in_order[5]) in parsed
+    np.testing.assert_array_equal(rewritten[0, :, :, 5], _pydicom_volume([in_order[5]])[:, :, 0])
+    np.testing.assert_array_equal(np.delete(rewritten, 5, axis=3), np.delete(with_table, 5, axis=3))
+    known.remember({})
+    np.testing.assert_array_equal(load_image(row, root).array, rewritten)

@@ -26,7 +26,8 @@ from PIL import Image
 from pydicom.pixels import apply_modality_lut
 
 from medssl.ingest.dicom.assemble import multiframe_geometry, plane_affine, stack_affine
-from medssl.ingest.dicom.fields import basic_fields, enhanced_geometry
+from medssl.ingest.dicom.fields import basic_fields, enhanced_geometry, rescale_of
+from medssl.ingest.dicom.known import read_known
 from medssl.ingest.dicom.parse import read_slice
 from medssl.ingest.nifti_header import nifti_shape, nonfinite_problem
 from medssl.errors import DataError
@@ -96,12 +97,6 @@ def _grey(pixels: np.ndarray, ds) -> np.ndarray:
     return pixels
 
 
-def _rescale(item) -> tuple[float, float]:
-    """(slope, intercept) of a dataset or functional-group item; identity when absent."""
-    slope, intercept = item.get("RescaleSlope", 1.0), item.get("RescaleIntercept", 0.0)
-    return float(slope if slope not in (None, "") else 1.0), float(intercept if intercept not in (None, "") else 0.0)
-
-
 def _read_slice(path: Path) -> tuple[np.ndarray, Mapping]:
     """(R, C) float32 in modality units, and the header it came with (fast path: one read, no pydicom)."""
     stored, header, scale = _read_stored(path)
@@ -115,7 +110,7 @@ def _read_stored(path: Path) -> tuple[np.ndarray, Mapping, tuple[float, float] |
     modality units already rescaled (scale None) when pydicom had to decode the file."""
     fast = read_slice(str(path))
     if fast is not None:
-        return fast[0], fast[1], _rescale(fast[1])
+        return fast[0], fast[1], rescale_of(fast[1])
     ds = pydicom.dcmread(path, force=True)  # preamble-less files were accepted by the scan
     return _modality_units(ds.pixel_array, ds), ds, None
 
@@ -124,7 +119,7 @@ def _modality_units(pixels: np.ndarray, ds) -> np.ndarray:
     takes precedence over rescale, as the standard says), else RescaleSlope / Intercept."""
     if "ModalityLUTSequence" in ds and int(ds.get("SamplesPerPixel", 1) or 1) == 1:
         return np.asarray(apply_modality_lut(pixels, ds), dtype=np.float32)
-    slope, intercept = _rescale(ds)
+    slope, intercept = rescale_of(ds)
     return _grey(pixels, ds) * np.float32(slope) + np.float32(intercept)
 
 
@@ -136,13 +131,20 @@ def _load_series(paths: list[Path]) -> tuple[np.ndarray, np.ndarray, list[str]]:
     stack = np.empty((len(paths), *first.shape), dtype=first.dtype if scale0 else np.float32)  # (Z, R, C)
     scales = np.empty((len(paths), 2), dtype=np.float32)
     ds = ds0
+    last = len(paths) - 1
     for k, path in enumerate(paths):
-        plane, ds, scale = (first, ds0, scale0) if k == 0 else _read_stored(path)
+        # slices the index parsed are read without a second parse (known.py); the first and last in full,
+        # their positions make the affine
+        known = read_known(str(path)) if 0 < k < last else None
+        if known is not None:
+            plane, scale = known
+        else:
+            plane, ds, scale = (first, ds0, scale0) if k == 0 else _read_stored(path)
         if plane.shape != first.shape:
             raise DataError(f"slice {k} has {plane.shape} pixels, slice 0 has {first.shape}", where=str(path),
                             fix="rebuild the manifest: the series changed since it was indexed")
         if not np.can_cast(plane.dtype, stack.dtype, casting="safe"):   # a pydicom slice among stored ints
-            stack = stack.astype(np.float32)
+            stack = stack.astype(np.float32, copy=False)
         stack[k] = plane
         scales[k] = scale if scale is not None else (1.0, 0.0)
     volume = stack.astype(np.float32, copy=False)
@@ -162,9 +164,9 @@ def _frame_rescale(ds, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-frame (slope, intercept) of an Enhanced object: per-frame group, else shared group, else top level."""
     shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else {}
     frames = ds.get("PerFrameFunctionalGroupsSequence") or [{}] * n
-    default = _rescale(shared["PixelValueTransformationSequence"][0]) \
-        if "PixelValueTransformationSequence" in shared else _rescale(ds)
-    pairs = [_rescale(f["PixelValueTransformationSequence"][0]) if "PixelValueTransformationSequence" in f
+    default = rescale_of(shared["PixelValueTransformationSequence"][0]) \
+        if "PixelValueTransformationSequence" in shared else rescale_of(ds)
+    pairs = [rescale_of(f["PixelValueTransformationSequence"][0]) if "PixelValueTransformationSequence" in f
              else default for f in frames]
     slopes, intercepts = np.asarray(pairs, dtype=np.float32).T
     return slopes, intercepts

@@ -19,6 +19,7 @@ import pandas as pd
 
 from medssl.ingest.decode import decodable
 from medssl.ingest.dicom.assemble import assemble
+from medssl.ingest.dicom.known import remember
 from medssl.ingest.labels import JoinReport, join_labels, path_aliases, path_keys, read_labels
 from medssl.ingest.manifest_io import (COLUMNS, read_manifest, shared_paths, sidecar,  # noqa: F401 (re-exported)
                                       write_build, write_manifest)
@@ -159,6 +160,7 @@ def _collect_images(scan, nifti_modality: str, image_modality: str,
                     max_image_mb: float) -> tuple[list[dict], list[tuple[str, str]]]:
     root = str(scan.root)
     dicom = [dict(h, path_abs=os.path.join(root, h["path"])) for h in scan.headers if h["kind"] == "dicom"]
+    remember({h["path_abs"]: h.pop("known") for h in dicom if "known" in h})   # for this process's cache
     images, skipped = assemble(dicom, max_image_mb, decodable=lambda h: decodable(h["path_abs"], h["frames"]))
     nifti = [h for h in scan.headers if h["kind"] == "nifti"]
     for kind, modality in (("nifti", nifti_modality), ("raster", image_modality)):

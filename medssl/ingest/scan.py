@@ -23,8 +23,9 @@ import pydicom
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID
 
-from medssl.ingest.dicom.fields import basic_fields, enhanced_geometry
-from medssl.ingest.dicom.parse import HEAD_BYTES, meta_group, parse, parse_buffer
+from medssl.ingest.dicom.fields import basic_fields, enhanced_geometry, rescale_of
+from medssl.ingest.dicom.known import identity
+from medssl.ingest.dicom.parse import HEAD_BYTES, meta_group, parse, parse_buffer, pixel_layout
 from medssl.ingest.decode import raster_header
 from medssl.ingest.listing import list_files
 from medssl.ingest.nifti_header import BOMB_RATIO, nifti_header
@@ -145,7 +146,11 @@ def dicom_header(path: str, max_image_mb: float, force: bool = False, head: byte
     fields = None if force else (parse_buffer(head) if head is not None else parse(path))
     if fields is not None and str(fields.get("NumberOfFrames") or "1") == "1":
         span = (fields["pixel_offset"], fields["pixel_length"])
-        return _checked(fields, path, fields["TransferSyntaxUID"], span, max_image_mb, force)
+        h = _checked(fields, path, fields["TransferSyntaxUID"], span, max_image_mb, force)
+        layout = pixel_layout(fields) if "skip" not in h else None
+        if layout is not None:   # what the cache needs to read its pixels without parsing it again (known.py)
+            h["known"] = (identity(os.stat(path)), layout, rescale_of(fields))
+        return h
     reason = None if force or head is None else inflate_problem(path, head, max_image_mb)
     return {"skip": reason} if reason else _pydicom_header(path, max_image_mb, force)
 

@@ -95,3 +95,9 @@ def basic_fields(ds, path: str, modality: str, ts: str | None = None) -> dict:
         "spacing": _spacing(ds.get("PixelSpacing")) or _spacing(ds.get("ImagerPixelSpacing")),
         "thickness": _number(ds.get("SliceThickness")),
     }
+
+
+def rescale_of(item) -> tuple[float, float]:
+    """(slope, intercept) of a dataset, the fast reader's fields or a functional-group item; identity when absent."""
+    slope, intercept = item.get("RescaleSlope", 1.0), item.get("RescaleIntercept", 0.0)
+    return float(slope if slope not in (None, "") else 1.0), float(intercept if intercept not in (None, "") else 0.0)

@@ -181,9 +181,10 @@ def read_slice(path: str) -> tuple[np.ndarray, dict] | None:
     return None if pixels is None else (pixels, fields)
 
 
-def _pixels(buf: bytes, fields: dict) -> np.ndarray | None:
-    """(Rows, Columns) raw stored values, or None when the layout needs pydicom's care
-    (colour, several frames, BitsStored < BitsAllocated, unusual bit depths, short pixel data, a modality LUT)."""
+def pixel_layout(fields: dict) -> tuple[str, int, int, int] | None:
+    """(dtype, rows, columns, offset) of pixels this reader decodes itself, or None when the layout needs
+    pydicom's care (colour, several frames, BitsStored < BitsAllocated, unusual bit depths, short pixel data,
+    a modality LUT)."""
     bits, stored = fields.get("BitsAllocated"), fields.get("BitsStored")
     if fields.get("modality_lut") or fields.get("SamplesPerPixel", 1) != 1 \
             or str(fields.get("NumberOfFrames") or "1") != "1" \
@@ -191,7 +192,19 @@ def _pixels(buf: bytes, fields: dict) -> np.ndarray | None:
         return None
     dtype = np.dtype(f"<{'i' if fields.get('PixelRepresentation') == 1 else 'u'}{bits // 8}")
     rows, cols = fields.get("Rows") or 0, fields.get("Columns") or 0
-    offset, need = fields["pixel_offset"], rows * cols * dtype.itemsize
-    if need == 0 or need > fields["pixel_length"] or offset + need > len(buf):
+    if rows * cols == 0 or rows * cols * dtype.itemsize > fields["pixel_length"]:
+        return None
+    return dtype.str, rows, cols, fields["pixel_offset"]
+
+
+def pixels_at(buf: bytes, layout: tuple[str, int, int, int]) -> np.ndarray | None:
+    """(Rows, Columns) raw stored values of `buf` laid out as `layout`, or None if the file is too short."""
+    dtype, rows, cols, offset = layout
+    if offset + rows * cols * np.dtype(dtype).itemsize > len(buf):
         return None
     return np.frombuffer(buf, dtype=dtype, count=rows * cols, offset=offset).reshape(rows, cols)
+
+
+def _pixels(buf: bytes, fields: dict) -> np.ndarray | None:
+    layout = pixel_layout(fields)
+    return None if layout is None else pixels_at(buf, layout)
