@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from medssl.config import (ContrastiveConfig, DINOConfig, EncoderConfig, PretrainConfig, SSLConfig, TrainConfig,
-                           VICRegConfig, ViewsConfig)
+from medssl.config import (ContrastiveConfig, DINOConfig, EncoderConfig, PretrainConfig, SparKConfig, SSLConfig,
+                           TrainConfig, VICRegConfig, ViewsConfig)
 
 CPU_ENCODER = EncoderConfig(name="resnet10", width=0.25)  # configs/encoders/resnet10_cpu.yaml
 MR_VIEWS = ViewsConfig(flip_prob=0.5, rotate_degrees=15, scale_range=(0.85, 1.15), crop_jitter=0.2,
@@ -26,7 +26,8 @@ SITE_VIEWS = MR_VIEWS.model_copy(update={"gamma_range": (0.5, 2.0), "bias_field"
                                          "resolution_range": (1.0, 2.5)})  # configs/views/mr_sites.yaml
 SSL = {"simclr": SSLConfig(contrastive=ContrastiveConfig(temperature=0.1)),
        "vicreg": SSLConfig(vicreg=VICRegConfig()),
-       "dino": SSLConfig(dino=DINOConfig())}
+       "dino": SSLConfig(dino=DINOConfig()),
+       "spark": SSLConfig(spark=SparKConfig())}  # configs/ssl/spark.yaml: 60% of the 64 8^3 patches masked
 # name -> (SSL objective, views); "tutorial" is the MONAI tutorial anchor, "random" an untrained encoder
 RECIPES = {
     "simclr": ("simclr", MR_VIEWS),          # medssl's CPU default before this benchmark
@@ -34,6 +35,7 @@ RECIPES = {
     "vicreg": ("vicreg", MR_VIEWS),
     "vicreg+site": ("vicreg", SITE_VIEWS),
     "dino+site": ("dino", SITE_VIEWS),
+    "spark": ("spark", MR_VIEWS),            # masked modelling for the CNN (SparK), the same ResNet-10
 }
 CROP = [32, 32, 32]
 

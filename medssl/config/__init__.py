@@ -8,7 +8,7 @@ from medssl.config.data import DemoConfig, DataConfig, ManifestConfig
 from medssl.config.cohort import LadderConfig, SplitConfig
 from medssl.config.preprocess import PreprocessConfig
 from medssl.config.pretrain import (EncoderConfig, ViewsConfig, ContrastiveConfig, MaskedConfig, VICRegConfig,
-                                    DINOConfig, SSLConfig, TrainConfig, PretrainConfig)
+                                    DINOConfig, SparKConfig, SSLConfig, TrainConfig, PretrainConfig)
 from medssl.config.segmentation import SegmentationConfig
 from medssl.config.finetune import FinetuneConfig
 from medssl.config.tracking import TrackingConfig

@@ -1,6 +1,7 @@
 """The encoder, the SSL method, its views and the training loop."""
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -82,26 +83,39 @@ class DINOConfig(Section):
     teacher_momentum: float = Field(0.99, ge=0, lt=1, description="EMA per step; 0.996 in the paper (long runs)")
 
 
+class SparKConfig(Section):
+    """SparK (Tian et al. 2023): masked modelling for CNN (ResNet) encoders. Random input patches are masked,
+    the ResNet runs as a sparse CNN on the visible ones (medssl/models/sparse.py), a UNet-like decoder over its
+    stages reconstructs the image, and the loss is the MSE on the masked patches."""
+    mask_ratio: float = Field(0.6, gt=0, lt=1, description="share of input patches masked (the paper: 0.6)")
+    patch_size: int = Field(8, ge=1, description="edge of a masked input patch, voxels; every crop edge must be a "
+                                                 "multiple (the paper: 32, the ResNet's stride, on 224^2 images; "
+                                                 "8 gives 64 patches on a 32^3 crop)")
+    norm_pix_loss: bool = Field(True, description="targets standardised per patch (mean 0, variance 1), as in MAE")
+
+
 class SSLConfig(Section):
-    """Both contrastive and masked set = reconstruction + contrastive (the MONAI tutorial's recipe); vicreg
-    and dino stand alone."""
+    """Both contrastive and masked set = reconstruction + contrastive (the MONAI tutorial's recipe); vicreg,
+    dino and spark stand alone."""
     contrastive: ContrastiveConfig | None = None
     masked: MaskedConfig | None = None
     vicreg: VICRegConfig | None = None
     dino: DINOConfig | None = None
+    spark: SparKConfig | None = None
 
     @model_validator(mode="after")
     def _one_method(self):
         chosen = self.objectives()
         if not chosen:
-            raise ValueError("choose an SSL objective: ssl.contrastive, ssl.masked (or both), ssl.vicreg or ssl.dino")
+            raise ValueError("choose an SSL objective: ssl.contrastive, ssl.masked (or both), ssl.vicreg, "
+                             "ssl.dino or ssl.spark")
         if len(chosen) > 1 and set(chosen) != {"contrastive", "masked"}:
             raise ValueError(f"ssl.{' and ssl.'.join(chosen)} cannot be combined; only contrastive + masked can")
         return self
 
     def objectives(self) -> tuple[str, ...]:
         """The configured objectives, in field order (the key of medssl.ssl.METHODS)."""
-        return tuple(name for name in ("contrastive", "masked", "vicreg", "dino") if getattr(self, name) is not None)
+        return tuple(name for name in ("contrastive", "masked", "vicreg", "dino", "spark") if getattr(self, name) is not None)
 
 
 class TrainConfig(Section):
@@ -138,3 +152,20 @@ class PretrainConfig(Section):
     views: ViewsConfig = ViewsConfig()
     train: TrainConfig = TrainConfig()
     crop: list[int] = Field([32, 32, 32], description="crop given to the model, voxels")
+
+    @model_validator(mode="after")
+    def _spark_fits_the_crop(self):
+        spark = self.ssl.spark
+        if spark is None:
+            return self
+        # the decoder climbs back up the ResNet's five stride-2 levels; the mask grid must tile the crop
+        for multiple, what in ((32, "the ResNet's stride"), (spark.patch_size, "ssl.spark.patch_size")):
+            if any(c % multiple for c in self.crop):
+                raise ValueError(f"ssl.spark needs every crop edge a multiple of {multiple} ({what}); crop is "
+                                 f"{self.crop}")
+        patches = math.prod(c // spark.patch_size for c in self.crop)
+        visible = max(1, round(patches * (1 - spark.mask_ratio)))
+        if not 0 < visible < patches:
+            raise ValueError(f"ssl.spark: {patches} patch(es) of {spark.patch_size} per crop {self.crop} at "
+                             f"mask_ratio {spark.mask_ratio} leave nothing to reconstruct; use a smaller patch_size")
+        return self

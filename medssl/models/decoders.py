@@ -24,7 +24,7 @@ NORM = "instance"
 RESNET_STRIDE = 32   # stride-2 stem, max-pool, then three stride-2 stages
 
 
-def _up(dims: int, cin: int, cout: int) -> UnetrUpBlock:
+def up_block(dims: int, cin: int, cout: int) -> UnetrUpBlock:
     """Transposed conv x2, concatenate the skip (cout channels), residual conv block."""
     return UnetrUpBlock(dims, cin, cout, kernel_size=3, upsample_kernel_size=2, norm_name=NORM, res_block=True)
 
@@ -58,7 +58,7 @@ class ViTUNETR(nn.Module):
             UnetrPrUpBlock(dims, hidden, feature_size * 2 ** j, num_layer=levels - j - 1, kernel_size=3, stride=1,
                            upsample_kernel_size=2, norm_name=NORM, conv_block=True, res_block=True)
             for j in range(1, levels))
-        self.ups = nn.ModuleList(_up(dims, hidden if j == levels - 1 else feature_size * 2 ** (j + 1),
+        self.ups = nn.ModuleList(up_block(dims, hidden if j == levels - 1 else feature_size * 2 ** (j + 1),
                                      feature_size * 2 ** j) for j in range(levels - 1, -1, -1))
         self.head = UnetOutBlock(dims, feature_size, n_classes)
 
@@ -90,12 +90,11 @@ class ResNetUNet(nn.Module):
                  in_channels: int = 1):
         super().__init__()
         self.encoder = encoder
-        stages = [encoder.layer1, encoder.layer2, encoder.layer3, encoder.layer4]
-        widths = [encoder.conv1.out_channels] + [_out_channels(s) for s in stages]   # stem, layer1..4
+        widths = resnet_widths(encoder)                                        # stem, layer1..4
         self.stem = UnetrBasicBlock(spatial_dims, in_channels, feature_size, 3, 1, NORM, res_block=True)
         skips = [feature_size] + widths[:-1]                                   # 1/1, 1/2, 1/4, 1/8, 1/16
         ins = [widths[-1]] + skips[:0:-1]
-        self.ups = nn.ModuleList(_up(spatial_dims, cin, cout) for cin, cout in zip(ins, skips[::-1]))
+        self.ups = nn.ModuleList(up_block(spatial_dims, cin, cout) for cin, cout in zip(ins, skips[::-1]))
         self.head = UnetOutBlock(spatial_dims, feature_size, n_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -113,10 +112,13 @@ class ResNetUNet(nn.Module):
         return self.head(out)
 
 
-def _out_channels(stage: nn.Sequential) -> int:
-    last = stage[-1]
-    conv = getattr(last, "conv3", None) or last.conv2   # bottleneck or basic block
-    return conv.out_channels
+def resnet_widths(encoder: nn.Module) -> list[int]:
+    """Output channels of a MONAI ResNet's stem and layer1-4 (the skips a decoder over its stages gets)."""
+    def out_channels(stage: nn.Sequential) -> int:
+        last = stage[-1]
+        return (getattr(last, "conv3", None) or last.conv2).out_channels   # bottleneck or basic block
+    return [encoder.conv1.out_channels] + [out_channels(s) for s in (encoder.layer1, encoder.layer2,
+                                                                      encoder.layer3, encoder.layer4)]
 
 
 def build_segmenter(encoder: nn.Module, n_classes: int, spatial_dims: int, in_channels: int = 1,

@@ -41,6 +41,11 @@ def _dino(encoder: nn.Module, cfg: PretrainConfig) -> nn.Module:
     return DINO(encoder, cfg.ssl.dino, cfg.views)
 
 
+def _spark(encoder: nn.Module, cfg: PretrainConfig) -> nn.Module:
+    from medssl.ssl.spark import SparK
+    return SparK(encoder, cfg.ssl.spark, cfg.views, len(cfg.crop))
+
+
 # key: the configured objectives (SSLConfig.objectives(), field order) -> (name for run tags, builder)
 METHODS: dict[tuple[str, ...], tuple[str, Callable[[nn.Module, PretrainConfig], nn.Module]]] = {
     ("contrastive",): ("contrastive", _contrastive),
@@ -48,11 +53,12 @@ METHODS: dict[tuple[str, ...], tuple[str, Callable[[nn.Module, PretrainConfig], 
     ("contrastive", "masked"): ("masked+contrastive", _both),
     ("vicreg",): ("vicreg", _vicreg),
     ("dino",): ("dino", _dino),
+    ("spark",): ("spark", _spark),
 }
 
 
 def method_name(cfg: PretrainConfig) -> str:
-    """A short name for run tags: "contrastive", "masked", "masked+contrastive", "vicreg" or "dino"."""
+    """A short name for run tags: "contrastive", "masked", "masked+contrastive", "vicreg", "dino" or "spark"."""
     return METHODS[cfg.ssl.objectives()][0]
 
 
