@@ -259,3 +259,40 @@ def test_registered_model_card_takes_the_reports_pooled_evidence():
     scratch = evidence(summary, "per_class_5", "finetune", "scratch")
     assert scratch["sites"] == {"internal": {"auroc": 0.7}}
     assert scratch["deltas"] == {"ssl (internal)": {"delta": -0.1, "ci_low": -0.2, "ci_high": -0.02}}
+
+
+def test_a_features_package_round_trips_in_float64_and_has_no_traced_export(tmp_path):
+    """The non-deep arm's package: JSON settings + float64 tensors (no pickle); it scores a real slice as the
+    scikit-learn probe does, its spec is exactly one kind, and ONNX / TorchScript refuse it with the reason."""
+    from medssl.models.engineered import image_features
+    from medssl.models.features_model import from_probe
+    from medssl.models.probe import fit_logistic
+    ct = torch.from_numpy(_training_slices()).float()                       # (N, 1, 32, 32) real CT, varied
+    x = np.stack([image_features(image) for image in ct.numpy()])          # (N, F)
+    y = (ct.mean(dim=(1, 2, 3)) > ct.mean()).long().numpy()
+    probe = fit_logistic(x, y, 0.1, True, 0)
+    model = from_probe(probe, 2, x.shape[1], 0.4321, spatial_dims=2)
+    spec = _spec(2, ENCODERS["resnet"], "CT")
+    folder = save_package(tmp_path / "features", model, spec)
+    written = json.loads((folder / "medssl-model.json").read_text())["architecture"]
+    assert written["encoder"] is None and written["features"]["n_features"] == x.shape[1] and written["members"] == 1
+    package = load_package(folder)
+    with torch.no_grad():
+        got = torch.softmax(package.model(ct), 1).numpy()
+    assert np.abs(got - probe.predict_proba(x)).max() <= 1e-12 and package.spec.threshold == 0.4321
+    with pytest.raises(TrainingError, match="engineered-features model has no onnx form"):
+        export(package, "onnx", tmp_path / "m.onnx")
+    both = {**written, "encoder": ENCODERS["resnet"].model_dump()}
+    (folder / "medssl-model.json").write_text(json.dumps({**json.loads((folder / "medssl-model.json").read_text()),
+                                                          "architecture": both}))
+    with pytest.raises(TrainingError, match="exactly one of encoder"):
+        read_spec(folder)
+
+
+def _training_slices() -> np.ndarray:
+    """Twelve 32x32 crops of pydicom's CT slice at different offsets and contrasts, scaled to [0, 1]."""
+    from pydicom import dcmread
+    image = dcmread(CT_SLICE).pixel_array.astype(np.float64)
+    image = (image - image.min()) / (image.max() - image.min())
+    crops = [image[r:r + 32, c:c + 32] ** g for r in (0, 16, 32) for c in (8, 24) for g in (0.7, 1.4)]
+    return np.stack(crops)[:, None]

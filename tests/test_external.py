@@ -80,3 +80,43 @@ def test_every_kept_model_is_scored_and_the_site_sits_beside_the_internal_rows(t
                          console=Console(file=open(tmp_path / "out.txt", "w")))
     assert "siteB: 1 of 5 runs not scored (1 x no model kept for this run)" in paths["table_md"].read_text()
     assert "siteB · per_class_2 · finetune: " in paths["verdict_md"].read_text()
+
+
+def test_the_features_arm_keeps_a_model_that_an_external_site_scores_like_the_deep_ones(tmp_path):
+    """A real ladder (SSL linear + engineered features): the features child's kept package scores the site's
+    images exactly as its probe refitted with scikit-learn does, and the report pairs SSL with it there."""
+    from medssl.config import FinetuneConfig
+    from medssl.export.package import load_package
+    from medssl.ladder.ladder import run_ladder
+    from medssl.models.engineered import dataset_features
+    from medssl.models.probe import fit_logistic
+    from medssl.tracking.tracker import NullTracker
+    from test_ladder import rungs_of, tiny_encoder_file
+    cache, df = cohort(2)
+    cfg = FinetuneConfig(protocols=["linear"], arms=["ssl", "features"], bootstrap=20)
+    rungs = rungs_of(df, (3,))
+    results = run_ladder(cfg, tiny_encoder_file(tmp_path, 2), cache, df, "label", rungs, tmp_path / "l", NullTracker())
+    assert (results["status"] == "ok").all(), results["error"].tolist()
+    row = results.set_index("arm").loc["features"]
+    assert load_package(row["model"]).spec.architecture.features is not None
+
+    site_cache, site = cohort(2, n_patients=12, seed=1)  # other images, other patients
+    scored = score_site("siteB", results, site_cache, site, site["label"].astype("Int64"), tmp_path / "siteB")
+    assert (scored["status"] == "ok").all(), scored["error"].tolist()
+    got = pd.read_csv(scored.set_index("arm").loc["features", "predictions"]).set_index("image_id")
+    # the same probe by hand: the child's training images, its chosen C, scikit-learn's own predict_proba
+    train_ids = next((tmp_path / "l").glob("children/*features*/train_subset_ids.txt")).read_text().split()
+    labels = df.set_index("image_id").loc[train_ids, "label"].to_numpy()
+    x_train, _ = dataset_features(ImageDataset(cache, train_ids, labels, spatial_dims=2))
+    probe = fit_logistic(x_train, labels, row["chosen_C"], cfg.imbalance != "none", cfg.seed + rungs[0].seed)
+    x_site, ids = dataset_features(ImageDataset(site_cache, list(site["image_id"]), list(site["label"]), spatial_dims=2))
+    want = probe.predict_proba(x_site)[:, 1]
+    assert np.abs(got.loc[ids, "score"].to_numpy() - want).max() <= 1e-9
+    assert (got.loc[ids, "predicted"].to_numpy() == (want >= row["threshold"])).all()
+
+    summary = summarise(results, n_boot=50, external={"siteB": scored})
+    on_site = summary[summary["site"] == "siteB"].set_index("arm")
+    assert set(on_site.index) == {"ssl", "features"}
+    assert on_site.loc["ssl", "pairs_vs_features"] == 1
+    ci = on_site.loc["ssl", ["delta_auroc_vs_features_ci_low", "delta_auroc_vs_features_ci_high"]]
+    assert np.isfinite(ci).all() and ci.iloc[0] <= ci.iloc[1]

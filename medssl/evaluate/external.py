@@ -6,8 +6,8 @@ is found, in this order, as
   1. results.csv `model` (a path or an MLflow URI), when the ladder records one;
   2. `model.pt` (a plain-dict `save_classifier` file) beside the child's predictions.csv;
   3. `runs:/<run_id>/model` when the child logged its model to MLflow (`model_logged`).
-A child with none of them (e.g. a non-deep features arm without a kept model, or `log_models: best` runs that
-did not improve) is listed as not scored, with the reason; one model that fails to load never stops the others.
+A child with none of them (e.g. from a ladder written before every arm, the features arm included, kept its
+model) is listed as not scored, with the reason; one model that fails to load never stops the others.
 The site's prediction files have the ladder's format, so the report pools and pairs them the same way.
 """
 from __future__ import annotations

@@ -26,12 +26,16 @@ FORMAT = "medssl-classifier/1"
 
 
 def save_classifier(path: Path, model: Classifier, encoder_info: dict) -> Path:
-    """Plain dict (like the encoder file): loads with torch.load alone, no pickled classes."""
+    """Plain dict (like the encoder file): loads with torch.load alone, no pickled classes. One Classifier only:
+    ensembles and engineered-features models are kept as packages (export/package.py)."""
+    if not isinstance(model, Classifier):
+        raise TrainingError(f"a {type(model).__name__} has no classifier-file form", where=str(path),
+                            fix="save it with medssl.export.package.save_package")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     pooled = model.encoder.pool if isinstance(model.encoder, SlicePooled) else None  # reads whole volumes
     payload = {"format": FORMAT, "encoder": encoder_info["encoder"], "spatial_dims": encoder_info["spatial_dims"],
-               "img_size": encoder_info["img_size"], "n_classes": model.head.out_features, "slice_pooling": pooled,
+               "img_size": encoder_info["img_size"], "n_classes": model.n_classes, "slice_pooling": pooled,
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
     torch.save(payload, path)
     return path
@@ -138,7 +142,7 @@ def evaluate_model(model_source, cache, df: pd.DataFrame, label: str, out_dir: P
     labelled = df[codes.notna()]
     ids, _ = _cached_ids(cache, labelled["image_id"])
     y_by_id = dict(zip(labelled["image_id"], codes[codes.notna()].astype(int)))
-    n_classes = model.head.out_features
+    n_classes = model.n_classes
     if not ids or max(y_by_id[i] for i in ids) >= n_classes:
         raise DataError(f"labels of column '{label}' do not fit the model's {n_classes} classes "
                         f"(or no labelled image is cached)", where=label, fix="check the label column")

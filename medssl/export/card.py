@@ -47,9 +47,10 @@ def model_card(spec: ModelSpec, *, data: dict | None = None, sites: dict[str, di
     arch, labels, lineage, pre = spec.architecture, spec.labels, spec.lineage, spec.preprocess
     budget = (f"{lineage.labelled_patients} labelled patients" if lineage.labelled_patients is not None
               else "not recorded")
-    shape = (f"2D, every axial slice of a volume, {arch.slice_pooling}-pooled" if arch.slice_pooling
+    shape = (f"{arch.input_dims}D input" if arch.features is not None
+             else f"2D, every axial slice of a volume, {arch.slice_pooling}-pooled" if arch.slice_pooling
              else f"{arch.spatial_dims}D")
-    lines = [f"# Model card: {labels.column} classifier ({arch.encoder.name}, {shape})", "",
+    lines = [f"# Model card: {labels.column} classifier ({arch.describe()}, {shape})", "",
              "## Intended use",
              f"Research use: classifying scans for `{labels.column}` ({', '.join(labels.names)})"
              + (f"; binary scores describe **{labels.positive}**" if labels.positive else "") + ". "

@@ -82,7 +82,7 @@ def bundle_metadata(package: ModelPackage) -> dict:
     size = [1, arch.in_channels, *input_size(spec)]
     return {"version": "0.1.0", "changelog": {"0.1.0": "exported by medssl"}, "monai_version": _monai_version(),
             "pytorch_version": torch.__version__.split("+")[0], "numpy_version": np.__version__,
-            "task": "classification", "description": f"medssl {arch.encoder.name} classifier of "
+            "task": "classification", "description": f"medssl {arch.describe()} classifier of "
                                                      f"'{spec.labels.column}' ({', '.join(spec.labels.names)})",
             "authors": "medssl", "copyright": "the model owner", "network_data_format": {
                 "inputs": {"image": {"type": "image", "format": "magnitude", "num_channels": arch.in_channels,
@@ -106,6 +106,10 @@ def export(package: ModelPackage, fmt: str, out: Path) -> dict:
     out = Path(out)
     if fmt not in FORMATS:
         raise TrainingError(f"unknown export format {fmt!r}", where="--format", fix=f"choose from {FORMATS}")
+    if package.spec.architecture.features is not None:  # numpy / scikit-image features: nothing to trace
+        raise TrainingError(f"an engineered-features model has no {fmt} form (its features are computed with "
+                            "numpy and scikit-image, outside any graph)", where=str(package.folder),
+                            fix="serve the package itself: the MLflow pyfunc, `medssl predict` or `medssl evaluate`")
     x = _inputs(package)
     want = _reference(package, x)
     if fmt == "onnx":

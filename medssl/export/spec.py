@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from medssl.config.base import Section
 from medssl.config.preprocess import PreprocessConfig
@@ -16,9 +16,24 @@ SPEC_FILE = "medssl-model.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
+class EngineeredFeatures(Section):
+    """The features arm's extractor (models/engineered.py): its fixed part by name, its settings by value."""
+    extractor: Literal["medssl-engineered/1"] = Field(description="the extraction code's version")
+    n_features: int = Field(ge=1, description="features per image (the probe's width)")
+    grids: list[int] = Field(description="cells per axis of the pooled intensities")
+    quantiles: list[float] = Field(description="intensity quantiles")
+    glcm_levels: int = Field(ge=2, le=256, description="grey levels of the co-occurrence matrix")
+    glcm_props: list[Literal["contrast", "dissimilarity", "homogeneity", "energy", "correlation", "ASM"]]
+
+
 class Architecture(Section):
-    encoder: EncoderConfig
-    spatial_dims: Literal[2, 3] = Field(description="the encoder's dimensionality")
+    encoder: EncoderConfig | None = Field(None, description="the deep encoder (absent for an engineered-features model)")
+    features: EngineeredFeatures | None = Field(None, description="the engineered-features extractor, instead of an "
+                                                                  "encoder (the ladder's non-deep features arm)")
+    members: int = Field(1, ge=1, description="classifiers whose mean class probability is the output (a "
+                                              "fine-tuned rung keeps its inner-CV fold models); 1 = a single one")
+    spatial_dims: Literal[2, 3] = Field(description="the encoder's dimensionality (a features model: that of the "
+                                                    "ladder's encoder; input_dims says what it reads)")
     img_size: list[int]
     in_channels: int = Field(1, ge=1)
     n_classes: int = Field(ge=2)
@@ -33,6 +48,20 @@ class Architecture(Section):
     def input_dims(self) -> int:
         """Dimensionality of what the model is fed: 3 for a slice-pooled 2D encoder."""
         return 3 if self.slice_pooling else self.spatial_dims
+
+    @model_validator(mode="after")
+    def _one_kind(self):
+        if (self.encoder is None) == (self.features is None):
+            raise ValueError("give exactly one of encoder (a deep model) and features (engineered features)")
+        if self.features is not None and self.members != 1:
+            raise ValueError("an engineered-features model is a single probe (members: 1)")
+        return self
+
+    def describe(self) -> str:
+        """A model's kind in words (model cards, bundle descriptions)."""
+        if self.features is not None:
+            return "engineered-features logistic regression"
+        return self.encoder.name + (f" ensemble of {self.members}" if self.members > 1 else "")
 
 
 class Labels(Section):

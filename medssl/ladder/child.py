@@ -20,7 +20,7 @@ from medssl.errors import MedsslError
 from medssl.evaluate.metrics import classification_metrics
 from medssl.evaluate.predict import score_dataset, write_evaluation
 from medssl.ladder.classifier import FeatureSet, check_images, check_labels, class_weights, features, fit_rung
-from medssl.ladder.features import dataset_features
+from medssl.models.engineered import dataset_features
 from medssl.ladder.inner import fit_probe, patient_folds, proba, split_folds
 from medssl.ladder.registry import log_model, model_description
 from medssl.ladder.results import read_results, write_predictions
@@ -143,7 +143,7 @@ def _cached_features(ctx, encoder, arm: str, seed: int, ids: list[str]) -> Featu
 
 
 def engineered_features(ctx, ids: list[str]) -> np.ndarray:
-    """(N, F) engineered features (features.py), computed once per image per ladder."""
+    """(N, F) engineered features (models/engineered.py), computed once per image per ladder."""
     store = ctx.features.setdefault("engineered", {})
     missing = [i for i in ids if i not in store]
     if missing:
@@ -228,10 +228,15 @@ def _beats_logged(ctx, child: Child, val_auroc: float) -> bool:
 
 
 def _keep_model(ctx, child: Child, fitted: dict, values: dict, test_ids, folder: Path) -> str:
-    """Every deep child's model as a local medssl package beside its predictions (safetensors + JSON), so
-    external sites can score every run, not only those logged to MLflow. The features arm has no network."""
-    if child.arm == "features":
-        return ""
+    """Every child's model as a local medssl package beside its predictions (safetensors + JSON), so external
+    sites can score every run, not only those logged to MLflow. The features arm's is its probe on the
+    engineered features (models/features_model.py): it scores images as the child's own test predictions did."""
     from medssl.export.package import save_package
+    from medssl.models.features_model import from_probe
     spec = model_description(ctx, child, values, test_ids)["spec"]
-    return str(save_package(folder / "model", fitted["result"].model, spec))
+    if child.arm == "features":
+        probe = fitted["probe"].model
+        model = from_probe(probe, ctx.n_classes, probe[0].n_features_in_, fitted["threshold"], ctx.input_dims)
+    else:
+        model = fitted["result"].model
+    return str(save_package(folder / "model", model, spec))

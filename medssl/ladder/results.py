@@ -15,7 +15,7 @@ any two arms of one (repeat, rung, seed) form a paired comparison on identical t
   ssl       finetune   SSL encoder fine-tuned (epochs chosen inside the rung)
   scratch   finetune   the same network from random init, same schedule and tuning effort as ssl/finetune
   random_features linear  frozen RANDOMLY initialised encoder + the same probe (never called "scratch")
-  features  linear     engineered image features (features.py) + the same probe, C chosen inside the rung
+  features  linear     engineered image features (models/engineered.py) + the same probe, C chosen inside the rung
 
 results.csv columns (one row per child; unknown extra columns may appear and must be ignored):
   key                "r<repeat>/<rung>/seed<seed>/<arm>/<protocol>", unique per child

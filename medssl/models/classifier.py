@@ -14,6 +14,7 @@ class Classifier(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.spatial_dims = spatial_dims  # kept so prediction feeds the same 2D slices / 3D volumes
+        self.n_classes = n_classes
         self.head = linear_head(encoder.out_features, n_classes)
         # a buffer, so the validation-chosen operating point travels with the saved / logged model
         self.register_buffer("threshold", torch.tensor(float(threshold)))

@@ -41,17 +41,26 @@ def logistic_proba(x_train: np.ndarray, y_train: np.ndarray, query: np.ndarray, 
     return proba
 
 
+def class_logits(logreg, coef: np.ndarray, intercept: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(K, F) weights and (K,) biases whose softmax is the fitted LogisticRegression's predict_proba, from its
+    (or its folded) coef (1 or K', F) and intercept: rows by class code. Binary: softmax([0, z]) = sigmoid(z),
+    z on the second class's logit. Classes absent from the fit keep a 0 logit (check_labels puts every class
+    in every rung, so none is absent in the ladder)."""
+    weight, bias = np.zeros((n_classes, coef.shape[1])), np.zeros(n_classes)
+    if coef.shape[0] == 1:
+        weight[logreg.classes_[1]], bias[logreg.classes_[1]] = coef[0], intercept[0]
+    else:
+        weight[logreg.classes_], bias[logreg.classes_] = coef, intercept
+    return weight, bias
+
+
 def load_folded(head: nn.Linear, model: Pipeline, n_classes: int) -> None:
     """Write a fitted `fit_logistic` pipeline into the head's K logits, standardisation included:
     w·(x − μ)/σ + b  ==  (w/σ)·x + (b − Σ w μ/σ)."""
     scaler, logreg = model[0], model[-1]
     coef = logreg.coef_ / scaler.scale_
     intercept = logreg.intercept_ - (logreg.coef_ * scaler.mean_ / scaler.scale_).sum(1)
-    weight, bias = np.zeros((n_classes, coef.shape[1])), np.zeros(n_classes)
-    if coef.shape[0] == 1:  # binary: softmax([0, z]) = sigmoid(z), z on the second class's logit
-        weight[logreg.classes_[1]], bias[logreg.classes_[1]] = coef[0], intercept[0]
-    else:
-        weight[logreg.classes_], bias[logreg.classes_] = coef, intercept
+    weight, bias = class_logits(logreg, coef, intercept, n_classes)
     with torch.no_grad():
         head.weight.copy_(torch.as_tensor(weight, dtype=head.weight.dtype))
         head.bias.copy_(torch.as_tensor(bias, dtype=head.bias.dtype))
