@@ -109,7 +109,8 @@ def test_the_features_arm_keeps_a_model_that_an_external_site_scores_like_the_de
     labels = df.set_index("image_id").loc[train_ids, "label"].to_numpy()
     x_train, _ = dataset_features(ImageDataset(cache, train_ids, labels, spatial_dims=2))
     probe = fit_logistic(x_train, labels, row["chosen_C"], cfg.imbalance != "none", cfg.seed + rungs[0].seed)
-    x_site, ids = dataset_features(ImageDataset(site_cache, list(site["image_id"]), list(site["label"]), spatial_dims=2))
+    x_site, ids = dataset_features(ImageDataset(site_cache, list(site["image_id"]), list(site["label"]),
+                                                spatial_dims=2))
     want = probe.predict_proba(x_site)[:, 1]
     assert np.abs(got.loc[ids, "score"].to_numpy() - want).max() <= 1e-9
     assert (got.loc[ids, "predicted"].to_numpy() == (want >= row["threshold"])).all()

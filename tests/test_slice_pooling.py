@@ -155,14 +155,15 @@ def test_a_slice_pooled_ladder_child_is_scored_the_same_everywhere(tmp_path):
     deep = results[results["arm"] != "features"]
     assert set(zip(deep["arm"], deep["protocol"])) == {("ssl", "linear"), ("ssl", "finetune"), ("scratch", "finetune")}
     test = df[df["split"] == "test"]
-    for _, row in deep.iterrows():
+    for _, row in results.iterrows():  # the features arm's kept probe too: it read the same whole volumes
         kept = load_package(row["model"])
         arch = kept.spec.architecture
         assert (arch.spatial_dims, arch.slice_pooling, arch.slices, kept.model.spatial_dims) == (2, "meanmax", DEPTH, 3)
         saved = pd.read_csv(row["predictions"]).set_index("image_id")
         ids, probs = score_dataset(kept.model, ImageDataset(cache, list(saved.index), list(saved["label"]),
                                                             spatial_dims=kept.model.spatial_dims))
-        np.testing.assert_allclose(probs[:, 1], saved.loc[ids, "score"], atol=1e-5)
+        tolerance = 1e-9 if row["arm"] == "features" else 1e-5  # float64 probe; float32 networks
+        np.testing.assert_allclose(probs[:, 1], saved.loc[ids, "score"], atol=tolerance)
         out = tmp_path / "evaluate" / row["protocol"] / row["arm"]
         evaluate_model(row["model"], cache, test, "label", out, n_boot=20)
         evaluated = pd.read_csv(out / "predictions.csv").set_index("image_id")

@@ -27,7 +27,8 @@ class EngineeredFeatures(Section):
 
 
 class Architecture(Section):
-    encoder: EncoderConfig | None = Field(None, description="the deep encoder (absent for an engineered-features model)")
+    encoder: EncoderConfig | None = Field(None, description="the deep encoder (none: an engineered-features "
+                                                            "model)")
     features: EngineeredFeatures | None = Field(None, description="the engineered-features extractor, instead of an "
                                                                   "encoder (the ladder's non-deep features arm)")
     members: int = Field(1, ge=1, description="classifiers whose mean class probability is the output (a "
