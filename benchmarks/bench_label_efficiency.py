@@ -31,8 +31,8 @@ from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import StratifiedKFold
 
 sys.path.insert(0, str(Path(__file__).parent))
-from label_efficiency_recipes import (RECIPES, engineered_features, medssl_recipe, random_encoder,  # noqa: E402
-                                      tutorial_recipe)
+from label_efficiency_recipes import (RECIPES, SLICE_RECIPES, engineered_features, medssl_recipe,  # noqa: E402
+                                      random_encoder, slice_recipe, tutorial_recipe)
 from label_efficiency_tasks import build_tasks  # noqa: E402
 
 from medssl.evaluate.bootstrap import resample_weights  # noqa: E402
@@ -144,7 +144,8 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=2.0, help="pretraining budget per recipe")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--boot", type=int, default=1000)
-    parser.add_argument("--recipes", default=",".join([*RECIPES, "tutorial"]))
+    parser.add_argument("--recipes", default=",".join([*RECIPES, "tutorial"]),
+                        help=f"comma-separated; also: {', '.join(SLICE_RECIPES)} (2D encoder, slice-pooled)")
     parser.add_argument("--small", action="store_true", help="tiny sets and budget: checks the code runs")
     parser.add_argument("--out", type=Path, default=RESULTS / "label_efficiency.json")
     args = parser.parse_args()
@@ -163,8 +164,12 @@ def main() -> None:
     meta = {"features": {"steps": 0}, "random init": {"steps": 0}}
     for name in args.recipes.split(","):
         t0 = time.perf_counter()
-        encoder, info = tutorial_recipe(volumes, minutes) if name == "tutorial" else medssl_recipe(name, volumes,
-                                                                                                   minutes)
+        if name == "tutorial":
+            encoder, info = tutorial_recipe(volumes, minutes)
+        elif name in SLICE_RECIPES:  # a 2D encoder scoring the volumes from all their axial slices
+            encoder, info = slice_recipe(name, volumes, minutes)
+        else:
+            encoder, info = medssl_recipe(name, volumes, minutes)
         feats[name], meta[name] = features_of(encoder, tasks), info
         print(f"{name}: {info['steps']} steps in {info['elapsed_s']} s ({time.perf_counter() - t0:.0f} s with "
               f"embedding)", flush=True)

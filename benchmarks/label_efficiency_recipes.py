@@ -38,27 +38,30 @@ RECIPES = {
     "spark": ("spark", MR_VIEWS),            # masked modelling for the CNN (SparK), the same ResNet-10
 }
 CROP = [32, 32, 32]
+# 2D recipes: pretrained on 32^2 crops of random axial slices of the same volumes, then every image is scored
+# from all its axial slices (models/slices.py SlicePooled, the ladder's finetune.slice_pooling: meanmax)
+SLICE_RECIPES = {"simclr-2d-slices": ("simclr", MR_VIEWS)}
 
 
 class CropStream:
     """loader_factory(epoch, position) for the loop: endless batches of random 32^3 crops of the volumes,
     crop i of batch j drawn from its own seeded stream (a resumed run reads the same crops)."""
 
-    def __init__(self, volumes: list[np.ndarray], batch_size: int, seed: int = 0):
-        self.volumes, self.batch_size, self.seed = volumes, batch_size, seed
+    def __init__(self, volumes: list[np.ndarray], batch_size: int, seed: int = 0, dims: int = 3):
+        self.volumes, self.batch_size, self.seed, self.dims = volumes, batch_size, seed, dims
 
     def __call__(self, epoch: int, position: int):
         j = position
         while True:
             rng = np.random.default_rng([self.seed, epoch, j])
             crops = [self._crop(self.volumes[rng.integers(len(self.volumes))], rng) for _ in range(self.batch_size)]
-            yield {"image": torch.from_numpy(np.stack(crops))}  # (B, 1, 32, 32, 32)
+            yield {"image": torch.from_numpy(np.stack(crops))}  # (B, 1, 32, 32, 32) or 2D: (B, 1, 32, 32)
             j += 1
 
-    @staticmethod
-    def _crop(volume: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def _crop(self, volume: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         starts = [int(rng.integers(0, n - c + 1)) for n, c in zip(volume.shape[1:], CROP)]
-        return volume[(slice(None),) + tuple(slice(s, s + c) for s, c in zip(starts, CROP))]
+        crop = volume[(slice(None),) + tuple(slice(s, s + c) for s, c in zip(starts, CROP))]
+        return crop if self.dims == 3 else crop[..., int(rng.integers(crop.shape[-1]))]  # one axial slice
 
 
 class _Quiet:
@@ -67,13 +70,13 @@ class _Quiet:
 
 
 def pretrain(method: nn.Module, volumes, minutes: float, lr: float, seed: int = 0, batch_size: int = 16,
-             weight_decay: float = 0.05) -> dict:
+             weight_decay: float = 0.05, dims: int = 3) -> dict:
     """Train `method` for `minutes` in medssl's loop; {"steps", "elapsed_s"}."""
     from medssl.train.loop import train
     cfg = TrainConfig(budget_minutes=minutes, batch_size=batch_size, lr=lr, warmup_steps=20, seed=seed,
                       weight_decay=weight_decay, checkpoint_every=10 ** 6, log_every=10 ** 6, grad_clip=1.0)
     with tempfile.TemporaryDirectory() as out:
-        result = train(method, CropStream(volumes, batch_size, seed), cfg, Path(out), _Quiet(), "cpu")
+        result = train(method, CropStream(volumes, batch_size, seed, dims), cfg, Path(out), _Quiet(), "cpu")
     method.eval()
     return {"steps": result["step"], "elapsed_s": round(result["elapsed_s"], 1)}
 
@@ -86,6 +89,19 @@ def medssl_recipe(name: str, volumes, minutes: float, seed: int = 0) -> tuple[nn
     seed_everything(seed)
     method = build_method(cfg, 3)
     return method.encoder, pretrain(method, volumes, minutes, lr=1e-3, seed=seed)
+
+
+def slice_recipe(name: str, volumes, minutes: float, seed: int = 0) -> tuple[nn.Module, dict]:
+    """A 2D encoder pretrained on axial slices, returned slice-pooled: it scores (B, 1, 32, 32, 32) volumes."""
+    from medssl.models.slices import SlicePooled
+    from medssl.ssl import build_method
+    from medssl.train.loop import seed_everything
+    objective, views = SLICE_RECIPES[name]
+    cfg = PretrainConfig(encoder=CPU_ENCODER, ssl=SSL[objective], views=views, crop=CROP[:2])
+    seed_everything(seed)
+    method = build_method(cfg, 2)
+    info = pretrain(method, volumes, minutes, lr=1e-3, seed=seed, dims=2)
+    return SlicePooled(method.encoder, "meanmax").eval(), info
 
 
 def random_encoder(seed: int = 0) -> nn.Module:
