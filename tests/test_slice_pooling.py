@@ -185,6 +185,24 @@ def test_a_plain_classifier_file_keeps_its_slice_pooling(tmp_path):
         torch.testing.assert_close(loaded(x), model(x))
 
 
+def test_volumes_of_another_slice_count_are_each_scored_whole(tmp_path):
+    """An external site's volumes keep their native slices: `predict` scores each from all of its own."""
+    from medssl.evaluate.predict import predict, save_classifier
+    from medssl.models.classifier import Classifier
+    from medssl.models.encoders import load_encoder
+    encoder, info = load_encoder(encoder_file(tmp_path))
+    model = Classifier(SlicePooled(encoder, "meanmax"), 2, spatial_dims=3).eval()
+    base = anatomy()
+    arrays = {"deep": base[None], "shallow": base[None, ..., 2:9],
+              "lesion": with_lesion(base, np.random.default_rng(3))[None]}  # 12, 7 and 12 slices
+    df = pd.DataFrame({"image_id": list(arrays), "patient_id": ["a", "b", "c"]})
+    frame = predict(save_classifier(tmp_path / "clf.pt", model, info), MemoryCache(arrays), df,
+                    tmp_path / "p.csv").set_index("image_id")
+    with torch.no_grad():
+        want = {i: float(torch.softmax(model(torch.from_numpy(a)[None]), 1)[0, 1]) for i, a in arrays.items()}
+    np.testing.assert_allclose(frame.loc[list(want), "score"], list(want.values()), atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------- served and exported
 def _pooled_package(tmp_path: Path) -> Path:
     from medssl.export.package import save_package

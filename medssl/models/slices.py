@@ -10,7 +10,7 @@ decides, from the cached images, whether a ladder's models are slice-pooled at a
 """
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
