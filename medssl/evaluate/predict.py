@@ -78,8 +78,8 @@ def score_dataset(model: Classifier, dataset, batch_size: int = 16) -> tuple[lis
     model = model.to(device).eval()
     check_input(model, dataset[0]["image"], device)
     ids, probs = [], []
-    if isinstance(model.encoder, SlicePooled):  # one volume (already a batch of its slices) at a time: volumes
-        batch_size = 1                          # of another site may differ in their number of slices
+    if isinstance(getattr(model, "encoder", None), SlicePooled):
+        batch_size = 1  # one volume (a batch of its slices) at a time: another site's slice counts may differ
     for batch in DataLoader(dataset, batch_size=batch_size):
         probs.append(torch.softmax(model(batch["image"].float().to(device)), dim=1).cpu())
         ids.extend(batch["image_id"])
