@@ -3,8 +3,8 @@ sparse and hierarchical masked modeling"), 2D and 3D, for medssl's ResNet encode
 
 random_masking picks input patches (patchify.py's grid) -> the ResNet runs as a sparse CNN on the masked
 input (models/sparse.py: holes stay empty at every level) -> each level's holes are filled with that level's
-learned mask token ("densified") -> a UNet-like decoder climbs back from 1/32 to full resolution with the
-other levels as skips (decoders.up_block) -> MSE on the masked patches only, targets standardised per patch
+learned mask token ("densified") -> a UNet-like decoder climbs back from layer4 (1/32) to layer1 (1/4) with
+the levels between as skips (decoders.up_block), then x4 to full resolution -> MSE on the masked patches only, targets standardised per patch
 (losses.masked_patch_mse). The same step shape as MAE (masked.py); only the encoder side differs: a ViT can
 drop tokens, a CNN needs its holes kept empty.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 
 import torch
-from monai.networks.blocks import UnetOutBlock
 from monai.networks.layers import Conv
 from torch import nn
 
@@ -28,24 +27,25 @@ from medssl.ssl.losses import masked_patch_mse
 
 
 class SparKDecoder(nn.Module):
-    """Densify every level (mask token where the level is empty), then transposed conv x2 + skip + residual
-    conv block per level (1/32 -> 1/2), a last x2 and a 1x1 conv to the image's channels."""
+    """Densify every level (its mask token where the level is empty), then transposed conv x2 + skip + residual
+    conv block per level from 1/32 up to 1/4, and a transposed conv x4 that maps each 1/4 voxel to its 4^d
+    pixels (a linear per-position head, as MAE's). The stem's 1/2 level is not decoded: its block would cost
+    3x the whole ResNet-10 at 1/4 width (32^3 crops, CPU), for patches of 8 that two 1/4 voxels per edge cover."""
 
     def __init__(self, widths: list[int], spatial_dims: int, out_channels: int):
         super().__init__()
-        # widths: stem (1/2), layer1 (1/4) .. layer4 (1/32) channels; one learned token per level (SparK's [M])
+        # widths: layer1 (1/4) .. layer4 (1/32) channels; one learned token per level (SparK's [M])
         self.tokens = nn.ParameterList(nn.Parameter(torch.randn(1, w, *[1] * spatial_dims) * 0.02) for w in widths)
         self.ups = nn.ModuleList(up_block(spatial_dims, cin, cout) for cin, cout in zip(widths[:0:-1], widths[-2::-1]))
-        self.last = Conv[Conv.CONVTRANS, spatial_dims](widths[0], widths[0], kernel_size=2, stride=2)
-        self.head = UnetOutBlock(spatial_dims, widths[0], out_channels)
+        self.head = Conv[Conv.CONVTRANS, spatial_dims](widths[0], out_channels, kernel_size=4, stride=4)
 
     def forward(self, feats: list[torch.Tensor], keeps: list[torch.Tensor]) -> torch.Tensor:
-        """feats[i] (B, C_i, *S_i) zero where keeps[i] (B, 1, *S_i) is 0 -> image (B, out_channels, *2·S_0)."""
+        """feats[i] (B, C_i, *S_i) zero where keeps[i] (B, 1, *S_i) is 0 -> image (B, out_channels, *4·S_0)."""
         dense = [torch.where(k.bool(), f, t.to(f.dtype)) for f, k, t in zip(feats, keeps, self.tokens)]
         out = dense[-1]  # (B, C4, S/32)
         for up, skip in zip(self.ups, reversed(dense[:-1])):
-            out = up(out, skip)
-        return self.head(self.last(out))  # (B, C, *S)
+            out = up(out, skip)  # up to (B, C1, S/4)
+        return self.head(out)  # (B, C, *S)
 
 
 class SparK(SSLMethod):
@@ -57,13 +57,13 @@ class SparK(SSLMethod):
                               fix="use a resnet* encoder, or ssl.masked (MAE) for a ViT")
         self.encoder, self.cfg, self.views = encoder, cfg, views
         self.in_channels = encoder.conv1.in_channels
-        self.decoder = SparKDecoder(resnet_widths(encoder), spatial_dims, self.in_channels)
+        self.decoder = SparKDecoder(resnet_widths(encoder)[1:], spatial_dims, self.in_channels)
 
     def reconstruct(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x (B, C, *S), mask (B, L) with 1 = masked patch (patchify's row-major grid) -> image (B, C, *S)."""
         grid = [s // self.cfg.patch_size for s in x.shape[2:]]
         keep = (1 - mask).reshape(x.shape[0], 1, *grid).to(x.dtype)  # (B, 1, *grid), 1 = visible
-        feats = sparse_resnet_features(self.encoder, x, keep)
+        feats = sparse_resnet_features(self.encoder, x, keep)[1:]  # layer1-4: the levels the decoder reads
         masks = MaskPyramid(keep)
         return self.decoder(feats, [masks.at(f.shape[2:]) for f in feats])
 
