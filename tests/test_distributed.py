@@ -122,7 +122,7 @@ def _pretrain_worker(rank: int, tmp: str, port: int, encoder: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from medssl.config import EncoderConfig, MaskedConfig, PretrainConfig, SSLConfig
+    from medssl.config import EncoderConfig, MaskedConfig, PretrainConfig, SparKConfig, SSLConfig
     from medssl.train.distributed import cleanup
     from medssl.train.pretrain import run_pretraining
     from test_device_crops import NullTracker, t1_images
@@ -132,6 +132,9 @@ def _pretrain_worker(rank: int, tmp: str, port: int, encoder: str) -> None:
         vit = EncoderConfig(name="vit", patch_size=4, hidden_size=16, num_layers=1, num_heads=2, mlp_dim=16)
         masked = SSLConfig(masked=MaskedConfig(decoder_dim=8, decoder_depth=1, decoder_heads=2))
         cfg = PretrainConfig(encoder=vit, ssl=masked, crop=[12, 12], train=train)
+    elif encoder == "spark":  # SparK: every decoder level and mask token in the graph, or DDP fails at step 2
+        cfg = PretrainConfig(encoder=EncoderConfig(name="resnet10", width=0.25), ssl=SSLConfig(spark=SparKConfig()),
+                             crop=[32, 32], train=train)
     else:
         cfg = PretrainConfig(encoder=EncoderConfig(name="resnet10"), crop=[12, 12], train=train)
     tracker = NullTracker()
@@ -143,7 +146,7 @@ def _pretrain_worker(rank: int, tmp: str, port: int, encoder: str) -> None:
     cleanup()
 
 
-@pytest.mark.parametrize("encoder", ["resnet", "vit"])
+@pytest.mark.parametrize("encoder", ["resnet", "vit", "spark"])
 def test_two_process_pretraining_with_images_on_the_device(tmp_path, encoder):
     mp.start_processes(_pretrain_worker, args=(str(tmp_path), _free_port(), encoder), nprocs=WORLD, join=True,
                        start_method="fork")
@@ -151,3 +154,49 @@ def test_two_process_pretraining_with_images_on_the_device(tmp_path, encoder):
     assert (tmp_path / "steps0.txt").read_text() == (tmp_path / "steps1.txt").read_text() == "3"
     assert json.loads((tmp_path / "tags0.json").read_text())["medssl.crops_cut_on"] == "cpu"
     assert json.loads((tmp_path / "tags1.json").read_text()) == {}  # only rank 0 talks to MLflow
+
+
+def _sync_bn_worker(rank: int, tmp: str, port: int) -> None:
+    """Each rank normalises its half of a batch with SparK's sparse BatchNorm on an nn.SyncBatchNorm."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from medssl.models.sparse import sparse_batch_norm
+    from medssl.train.distributed import cleanup
+    init_distributed()
+    x, keep, weight = (t.chunk(WORLD)[rank] for t in _sync_bn_inputs())
+    x.requires_grad_(True)
+    bn = nn.SyncBatchNorm(4)
+    y = sparse_batch_norm(bn, x, keep)
+    (y * weight).sum().backward()
+    torch.save({"y": y.detach(), "grad": x.grad, "mean": bn.running_mean, "var": bn.running_var},
+               Path(tmp) / f"bn{rank}.pt")
+    cleanup()
+
+
+def _sync_bn_inputs():
+    g = torch.Generator().manual_seed(0)
+    x = 2 * torch.randn(4, 4, 6, 6, generator=g) + 1   # (B, C, H, W)
+    keep = (torch.rand(4, 1, 6, 6, generator=g) > 0.5).float()
+    keep[:2] = keep[:2] * (torch.rand(2, 1, 6, 6, generator=g) > 0.5)  # rank 0 sees fewer visible positions
+    return x, keep, torch.randn(4, 4, 6, 6, generator=g)
+
+
+def test_sparse_sync_batch_norm_over_two_ranks_is_the_whole_batchs(tmp_path):
+    """SparK's sparse BatchNorm under SyncBatchNorm (what the loop converts to on GPUs): two ranks with unequal
+    visible counts give the statistics, outputs, input gradients and running averages of one process that
+    holds the whole batch (the all-reduce is differentiable)."""
+    from medssl.models.sparse import sparse_batch_norm
+    mp.start_processes(_sync_bn_worker, args=(str(tmp_path), _free_port()), nprocs=WORLD, join=True,
+                       start_method="fork")
+    ranks = [torch.load(tmp_path / f"bn{r}.pt") for r in range(WORLD)]
+    x, keep, weight = _sync_bn_inputs()
+    x.requires_grad_(True)
+    bn = nn.BatchNorm2d(4)
+    y = sparse_batch_norm(bn, x, keep)
+    (y * weight).sum().backward()
+    torch.testing.assert_close(torch.cat([r["y"] for r in ranks]), y.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat([r["grad"] for r in ranks]), x.grad, rtol=1e-4, atol=1e-5)
+    for r in ranks:
+        torch.testing.assert_close(r["mean"], bn.running_mean)
+        torch.testing.assert_close(r["var"], bn.running_var)
