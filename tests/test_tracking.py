@@ -311,6 +311,28 @@ def test_runs_left_open_by_a_killed_process_are_marked_killed(tracker, tmp_path)
     assert not list((tmp_path / "outbox").glob("open-*.json"))
 
 
+@pytest.mark.parametrize("process", ["rank1", "worker0"])
+def test_calls_left_by_a_dead_ladder_process_are_sent_by_the_next_run(tracker, tmp_path, process):
+    """A torchrun rank or ladder worker queues in <outbox>/<process> (ladder/parallel.py). One that died with
+    calls unsent (the server away) loses nothing: the main outbox's next run sends them, and ends its run."""
+    orphan = tracker.client.create_run(tracker._experiment(), run_name="a child of rank 1")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    folder = tmp_path / "outbox" / process
+    folder.mkdir(parents=True)
+    ops = [{"kind": "batch", "run_id": orphan.info.run_id, "metrics": [["test_auroc", 0.75, 1_700_000_000_000, 0]]},
+           {"kind": "batch", "run_id": orphan.info.run_id, "tags": [["medssl.rank", "1"]]}]
+    (folder / f"outbox-{dead.pid}-abc123.jsonl").write_text("".join(json.dumps(op) + "\n" for op in ops))
+    (folder / f"outbox-{dead.pid}-abc123.acked").write_text("1")  # the metric was delivered before it died
+    (folder / f"open-{dead.pid}-abc123.json").write_text(json.dumps([orphan.info.run_id]))
+    with tracker.run("the next pipeline run"):
+        pass
+    got = tracker.client.get_run(orphan.info.run_id)
+    assert got.info.status == "KILLED" and got.data.tags["medssl.rank"] == "1"
+    assert "test_auroc" not in got.data.metrics  # a delivered call is never sent twice
+    assert not list(folder.glob("outbox-*")) and not list(folder.glob("open-*"))
+
+
 def test_tracker_and_null_tracker_share_one_interface(tracker):
     """One interface (RunTracker): both implement every method with the same parameters."""
     import inspect

@@ -169,7 +169,8 @@ def _tags(ctx, child: Child) -> dict:
     return {"medssl.stage": "finetune", **ctx.lineage(), "medssl.rung": rung.name, "medssl.seed": rung.seed,
             "medssl.repeat": rung.repeat, "medssl.arm": child.arm, "medssl.init": child.arm,
             "medssl.protocol": child.protocol, "medssl.validation": ctx.cfg.validation,
-            "medssl.positive_class": ctx.positive}
+            "medssl.positive_class": ctx.positive,
+            **({"medssl.rank": ctx.rank} if ctx.parallel else {})}  # the worker / torchrun rank that ran it
 
 
 def _params(ctx, child: Child, ids: dict, y_train) -> dict:

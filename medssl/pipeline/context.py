@@ -36,7 +36,7 @@ class Context:
 
     def open_tracker(self) -> None:
         """MLflow is opened only when work starts (a dry run touches nothing); under torchrun only rank 0
-        talks to MLflow."""
+        opens the pipeline's runs (the other ranks' ladder children get their own client: ladder/parallel.py)."""
         from medssl.tracking.tracker import NullTracker
         self.tracker = NullTracker() if int(os.environ.get("RANK", "0")) != 0 else open_tracker(self.cfg)
 

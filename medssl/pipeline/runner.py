@@ -5,6 +5,7 @@ the stages it depends on (and, for the manifest, a listing of the input folder).
 fingerprint matches and whose outputs exist is skipped, so a rerun after an interruption or a failure redoes
 only what changed.
 Everything runs under one MLflow experiment (named after the pipeline) with one parent run per `medssl run`.
+Under torchrun every rank runs this; ranks.py says which stages run on every rank and which on rank 0 alone.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from medssl.errors import MedsslError
 from medssl.pipeline.stages import (cache as cache_stage, demo as demo_stage, ladder as ladder_stage,
                                     manifest as manifest_stage, pretrain as pretrain_stage,
                                     report as report_stage, seg_ladder as seg_stage, splits as splits_stage)
+from medssl.pipeline import ranks
 from medssl.pipeline.context import Context, input_listing, where_to_look
 from medssl.pipeline.scale import apply_scale
 from medssl.ui import console
@@ -65,22 +67,6 @@ STAGES: tuple[Stage, ...] = (
 def _by_task(ctx: Context, classification: Callable, segmentation: Callable) -> dict:
     """finetune.task picks the ladder and report stages (stages/seg_ladder.py for segmentation)."""
     return (segmentation if ctx.cfg.finetune.task == "segmentation" else classification)(ctx)
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def _check_distributed(plan) -> None:
-    """Under torchrun every process runs this code: only pretraining is a multi-process stage, the others
-    would race on the same files, so they must be finished beforehand by one process."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return
-    pending = [stage.name for stage, _, todo in plan if todo and stage.name != "pretrain"]
-    if pending:
-        raise MedsslError(f"under torchrun only the pretrain stage runs, but {pending} are not finished",
-                          where="torchrun", fix="prepare the data on one process first: "
-                          "medssl run PIPELINE --until cache, then start torchrun again")
 
 
 def _digest(value: object) -> str:
@@ -140,10 +126,12 @@ class Pipeline:
 
     def run(self, dry_run: bool = False, force: list[str] = (), until: str | None = None) -> None:
         plan = self.plan(list(force), until)
-        self._print_plan(plan)
+        if dry_run or ranks.rank() == 0:
+            self._print_plan(plan)
         if dry_run:
             return
-        _check_distributed(plan)
+        plan = ranks.shared_plan(plan)  # under torchrun: rank 0's (stages, ranks.py)
+        ranks.check_plan(plan, self.cfg.finetune.task)
         self._check_writable()  # before MLflow: a run must never be opened by work that cannot be saved
         self.ctx.open_tracker()
         with self.ctx.tracker.run(f"{self.cfg.name}-pipeline", tags=self.ctx.pipeline_tags()) as parent:
@@ -151,7 +139,8 @@ class Pipeline:
             self.ctx.tracker.log_params({"pipeline": self.cfg.model_dump(mode="json")})
             for stage, fingerprint, todo in plan:
                 self._run_stage(stage, fingerprint, todo)
-        console.print(where_to_look(self.ctx))
+        if ranks.rank() == 0:
+            console.print(where_to_look(self.ctx))
 
     def _check_writable(self) -> None:
         """The workdir, the cache and the manifest's folder take files, or a clear error now."""
@@ -169,24 +158,28 @@ class Pipeline:
                                       f"(e.g. {setting}=/path/you/own on the command line)") from None
 
     def _run_stage(self, stage: Stage, fingerprint: str, todo: bool) -> None:
+        # under torchrun a rank > 0 speaks only of the stages it takes part in (ranks.py)
+        loud = ranks.rank() == 0 or ranks.on_every_rank(stage.name, self.cfg.finetune.task)
+        say = console.print if loud else (lambda *_: None)
         if not todo:
             self.ctx.outputs[stage.name] = json.loads(self._record_path(stage.name).read_text())
-            console.print(f"[green]✓[/] {stage.name}: up to date, skipped")
+            say(f"[green]✓[/] {stage.name}: up to date, skipped")
             return
-        console.rule(f"[bold]{stage.name}[/]: {stage.doc}")
+        if loud:
+            console.rule(f"[bold]{stage.name}[/]: {stage.doc}")
         start = time.perf_counter()
         try:
-            outputs = stage.run(self.ctx)
+            outputs = ranks.run_stage(stage.name, self.cfg.finetune.task, lambda: stage.run(self.ctx))
         except MedsslError as err:
             raise type(err)(f"stage '{stage.name}' failed: {err.what}", err.where,
                             (err.fix or "") + " — finished stages are kept; rerun the same command to resume"
                             ) from None
         outputs = {**outputs, "fingerprint": fingerprint, "seconds": round(time.perf_counter() - start, 1)}
         self.ctx.outputs[stage.name] = outputs
-        if _rank() == 0:
+        if ranks.rank() == 0:
             self._record_path(stage.name).parent.mkdir(parents=True, exist_ok=True)
             self._record_path(stage.name).write_text(json.dumps(outputs, indent=2, default=str))
-        console.print(f"[green]✓[/] {stage.name} done in {outputs['seconds']} s")
+        say(f"[green]✓[/] {stage.name} done in {outputs['seconds']} s")
 
     def _print_plan(self, plan) -> None:
         table = Table(title=f"pipeline {self.cfg.name}" + (f" ({self.source})" if self.source else ""))

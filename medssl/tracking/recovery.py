@@ -18,10 +18,28 @@ from medssl.tracking.liveness import writer_alive
 from medssl.ui import console
 
 
+# folders of the extra processes of a parallel ladder inside the main outbox (ladder/parallel.py)
+PROCESS_FOLDERS = ("worker*", "rank*")
+
+
 def adopt_orphans(outbox) -> int:
-    """Queue in `outbox` what dead processes left in its folder. Returns how many calls were adopted."""
-    adopted = 0
-    for path in sorted(outbox.folder.glob("outbox-*.jsonl")):
+    """Queue in `outbox` what dead processes left in its folder, and in the folders of the parallel ladder's
+    processes inside it (only a run of this experiment opens that main folder). Returns how many calls."""
+    folders = [outbox.folder] + sorted(p for pattern in PROCESS_FOLDERS for p in outbox.folder.glob(pattern)
+                                       if p.is_dir())
+    adopted = killed = 0
+    for folder in folders:
+        calls, runs = _adopt_folder(outbox, folder)
+        adopted, killed = adopted + calls, killed + runs
+    if adopted or killed:
+        console.print(f"queued {adopted} MLflow call(s) and the end of {killed} run(s) left by killed "
+                      f"medssl process(es) in {outbox.folder}")
+    return adopted
+
+
+def _adopt_folder(outbox, folder: Path) -> tuple[int, int]:
+    adopted = killed = 0
+    for path in sorted(folder.glob("outbox-*.jsonl")):
         claimed = _claim(outbox, path, "outbox-")
         if claimed is not None:
             acked = _read_acked(path.with_suffix(".acked"))
@@ -31,8 +49,7 @@ def adopt_orphans(outbox) -> int:
             claimed.unlink()  # now in this process's own spool
             path.with_suffix(".acked").unlink(missing_ok=True)
             adopted += len(ops)
-    killed = 0
-    for path in sorted(outbox.folder.glob("open-*.json")):
+    for path in sorted(folder.glob("open-*.json")):
         last_alive_ms = _mtime_ms(path)
         claimed = _claim(outbox, path, "open-")
         if claimed is not None:
@@ -40,11 +57,8 @@ def adopt_orphans(outbox) -> int:
                 outbox.submit({"kind": "kill", "run_id": run_id, "end_time": last_alive_ms})
                 killed += 1
             claimed.unlink()
-    _forget_dead_identities(outbox)
-    if adopted or killed:
-        console.print(f"queued {adopted} MLflow call(s) and the end of {killed} run(s) left by killed "
-                      f"medssl process(es) in {outbox.folder}")
-    return adopted
+    _forget_dead_identities(outbox, folder)
+    return adopted, killed
 
 
 def unsent_ops(path: Path) -> list[dict]:
@@ -70,7 +84,7 @@ def _token(path: Path, prefix: str) -> str:
 def _claim(outbox, path: Path, prefix: str) -> Path | None:
     """Rename a dead process's file to this process (atomic: two new processes never both take it)."""
     token = _token(path, prefix)
-    if token == outbox.token or writer_alive(int(token.split("-")[0]), outbox.folder / f"proc-{token}.json"):
+    if token == outbox.token or writer_alive(int(token.split("-")[0]), path.parent / f"proc-{token}.json"):
         return None
     claimed = path.with_name(f"claimed-{outbox.token}-{path.name}")
     try:
@@ -80,10 +94,10 @@ def _claim(outbox, path: Path, prefix: str) -> Path | None:
     return claimed
 
 
-def _forget_dead_identities(outbox) -> None:
-    for path in outbox.folder.glob("proc-*.json"):
+def _forget_dead_identities(outbox, folder: Path) -> None:
+    for path in folder.glob("proc-*.json"):
         token = _token(path, "proc-")
-        left = [outbox.folder / f"outbox-{token}.jsonl", outbox.folder / f"open-{token}.json"]
+        left = [folder / f"outbox-{token}.jsonl", folder / f"open-{token}.json"]
         if token != outbox.token and not any(p.exists() for p in left) \
                 and not writer_alive(int(token.split("-")[0]), path):
             path.unlink(missing_ok=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -65,8 +66,47 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
+    global _coordination
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _coordination = None
+
+
+# rank 0 alone may build the cache of a large cohort or score a report for hours while the other ranks wait,
+# far beyond a process group's default timeout (gloo 30 min, nccl 10 min). A rank that dies still ends the
+# wait: its peers' connections close, and torchrun stops every rank when one fails.
+COORDINATION_TIMEOUT = timedelta(hours=24)
+_coordination = None
+
+
+def coordination_group():
+    """The gloo group the ranks of a torchrun pipeline wait on and pass small Python objects over (gloo:
+    no GPU needed, whatever backend training uses); None in a single process. Every rank must make its first
+    call at the same point (new_group is collective)."""
+    global _coordination
+    if not init_distributed().enabled:
+        return None
+    if _coordination is None:
+        _coordination = dist.new_group(backend="gloo", timeout=COORDINATION_TIMEOUT)
+    return _coordination
+
+
+def wait_for_all() -> None:
+    """Every rank gets here before any goes on (no timeout short of COORDINATION_TIMEOUT)."""
+    group = coordination_group()
+    if group is not None:
+        dist.barrier(group=group)
+
+
+def from_rank0(obj):
+    """Rank 0's `obj` on every rank (a rank > 0's own `obj` is ignored); `obj` itself in a single process.
+    Small, plain values only (stage outputs, run ids): torch pickles them between the job's own ranks."""
+    group = coordination_group()
+    if group is None:
+        return obj
+    box = [obj if current().rank == 0 else None]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
 
 
 def wrap_model(model: nn.Module, device: torch.device, find_unused: bool = False) -> nn.Module:

@@ -1,0 +1,71 @@
+"""`medssl run` under torchrun: every rank runs the pipeline's code; this module says which rank does what.
+
+- pretrain (DDP) and the ladder (children shared out, ladder/parallel.py) run on every rank;
+- every other stage (demo, manifest, splits, cache, report) runs on rank 0 alone while the others wait: each
+  writes one set of files (the cohort, manifest, splits, cache arrays, the report on the parent run) that two
+  processes would race on, and none is worth sharing out.
+After every stage, rank 0's outputs (paths, run ids) go to every rank, so a rank never reads a file before rank 0
+has finished writing it. The plan is rank 0's too: a rank that looked at the stage records a moment later could
+find a stage that rank 0 had just finished and plan something else.
+Without torchrun (WORLD_SIZE unset or 1) every function here just runs the stage.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+from medssl.errors import MedsslError
+from medssl.train.distributed import from_rank0
+
+EVERY_RANK = ("pretrain", "ladder")
+
+
+def on_every_rank(name: str, task: str) -> bool:
+    return name in EVERY_RANK and not (name == "ladder" and task == "segmentation")
+
+
+def check_plan(plan: list, task: str) -> None:
+    """Refuse, before anything runs, what cannot run under torchrun: the segmentation ladder (its children
+    are not shared out across ranks; its SSL child pairs with the scratch child of its rung)."""
+    if world_size() > 1 and task == "segmentation" and any(s.name == "ladder" and todo for s, _, todo in plan):
+        raise MedsslError("under torchrun the segmentation ladder does not run (its runs are not shared out "
+                          "across ranks)", where="finetune.task: segmentation",
+                          fix="run it in one process: medssl run PIPELINE (pretraining may still use torchrun: "
+                              "medssl run PIPELINE --until pretrain under torchrun first)")
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def shared_plan(plan: list) -> list:
+    """Rank 0's plan (which stages are to run) on every rank."""
+    if world_size() <= 1:
+        return plan
+    todo = from_rank0([todo for _, _, todo in plan])
+    return [(stage, fingerprint, run) for (stage, fingerprint, _), run in zip(plan, todo)]
+
+
+def run_stage(name: str, task: str, run: Callable[[], dict]) -> dict:
+    """Run one stage where it belongs; returns rank 0's outputs on every rank."""
+    if world_size() <= 1:
+        return run()
+    if on_every_rank(name, task):
+        return from_rank0(run())  # rank 0's record (the run ids only it knows), once every rank is done
+    if rank() != 0:
+        sent = from_rank0(None)  # wait while rank 0 works
+        if "failed" in sent:
+            raise MedsslError(f"rank 0 failed it: {sent['failed']}", where=f"torchrun rank {rank()}",
+                              fix="see rank 0's message")
+        return sent["outputs"]
+    try:
+        outputs = run()
+    except Exception as err:
+        from_rank0({"failed": str(err).splitlines()[0] if str(err) else type(err).__name__})
+        raise
+    from_rank0({"outputs": outputs})
+    return outputs
