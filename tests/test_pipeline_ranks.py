@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from medssl.ladder.results import read_results
@@ -59,7 +60,12 @@ def test_torchrun_pipeline_shares_the_ladder_and_reports_once(server, tmp_path, 
     monkeypatch.setenv("MEDSSL_SALT", "test-salt")
     monkeypatch.chdir(tmp_path)
     capsys.readouterr()
-    assert main(args) == 0  # in this process: no second interpreter start-up
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank (OMP_NUM_THREADS=1): another thread count sums floats in another order
+    try:
+        assert main(args) == 0  # in this process: no second interpreter start-up
+    finally:
+        torch.set_num_threads(threads)
     printed = capsys.readouterr().err
     assert printed.count("up to date, skipped") == 5, printed[-3000:]
     alone = read_results(work / "ladder" / "results.csv")
