@@ -47,10 +47,14 @@ def sparse_batch_norm(bn: _BatchNorm, x: torch.Tensor, keep: torch.Tensor) -> to
         mean, var = _visible_moments(bn, x, keep)  # (C,) each, at least float32
     else:
         mean, var = bn.running_mean, bn.running_var
+    if bn.affine:  # one multiply-add over the map: per-channel scale and shift folded first
+        scale = bn.weight * torch.rsqrt(var + bn.eps)
+        shift = bn.bias - mean * scale
+    else:
+        scale = torch.rsqrt(var + bn.eps)
+        shift = -mean * scale
     shape = (1, -1) + (1,) * (x.ndim - 2)
-    y = (_wide(x) - mean.view(shape)) * torch.rsqrt(var.view(shape) + bn.eps)
-    if bn.affine:
-        y = y * bn.weight.view(shape) + bn.bias.view(shape)
+    y = torch.addcmul(shift.view(shape), _wide(x), scale.view(shape))
     return (y * keep).to(x.dtype)
 
 
@@ -63,7 +67,8 @@ def _visible_moments(bn: _BatchNorm, x: torch.Tensor, keep: torch.Tensor) -> tup
     dims = [0] + list(range(2, x.ndim))
     xf, m = _wide(x), _wide(keep)
     # count, sum, sum of squares: one reduction (and one all-reduce under SyncBatchNorm) for all three
-    sums = torch.stack([m.sum(dims).expand(x.shape[1]), (xf * m).sum(dims), (xf * xf * m).sum(dims)])  # (3, C)
+    visible = xf * m
+    sums = torch.stack([m.sum(dims).expand(x.shape[1]), visible.sum(dims), (visible * xf).sum(dims)])  # (3, C)
     if isinstance(bn, nn.SyncBatchNorm) and dist.is_available() and dist.is_initialized():
         from torch.distributed.nn.functional import all_reduce  # differentiable, unlike dist.all_reduce
         sums = all_reduce(sums)
@@ -104,11 +109,12 @@ def _sparse_block(block: nn.Module, x: torch.Tensor, masks: MaskPyramid) -> torc
     return block.act(h + residual)
 
 
-def sparse_resnet_features(encoder: nn.Module, x: torch.Tensor, keep: torch.Tensor) -> list[torch.Tensor]:
-    """x (B, C, *S), keep (B, 1, *grid) with 1 = visible patch -> the stem (1/2) and layer1-4 (1/4 .. 1/32)
-    feature maps, each zero at its masked positions (MaskPyramid). With keep all ones this is the encoder's
-    own forward up to its pooling (tests/test_spark.py)."""
-    masks = MaskPyramid(keep.to(x.dtype))
+def sparse_resnet_features(encoder: nn.Module, x: torch.Tensor,
+                           keep: torch.Tensor | MaskPyramid) -> list[torch.Tensor]:
+    """x (B, C, *S), keep (B, 1, *grid) with 1 = visible patch (or its MaskPyramid, to share the resampled
+    masks with a decoder) -> the stem (1/2) and layer1-4 (1/4 .. 1/32) feature maps, each zero at its masked
+    positions. With keep all ones this is the encoder's own forward up to its pooling (tests/test_spark.py)."""
+    masks = keep if isinstance(keep, MaskPyramid) else MaskPyramid(keep.to(x.dtype))
     e = encoder
     h = e.act(_sparse(e.bn1, _sparse(e.conv1, x * masks.at(x.shape[2:]), masks), masks))  # (B, C0, S/2)
     feats = [h]

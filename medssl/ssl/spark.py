@@ -63,8 +63,8 @@ class SparK(SSLMethod):
         """x (B, C, *S), mask (B, L) with 1 = masked patch (patchify's row-major grid) -> image (B, C, *S)."""
         grid = [s // self.cfg.patch_size for s in x.shape[2:]]
         keep = (1 - mask).reshape(x.shape[0], 1, *grid).to(x.dtype)  # (B, 1, *grid), 1 = visible
-        feats = sparse_resnet_features(self.encoder, x, keep)[1:]  # layer1-4: the levels the decoder reads
         masks = MaskPyramid(keep)
+        feats = sparse_resnet_features(self.encoder, x, masks)[1:]  # layer1-4: the levels the decoder reads
         return self.decoder(feats, [masks.at(f.shape[2:]) for f in feats])
 
     def masked_loss(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
