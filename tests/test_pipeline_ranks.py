@@ -93,18 +93,30 @@ def test_torchrun_pipeline_shares_the_ladder_and_reports_once(server, tmp_path, 
     assert all(len(client.get_metric_history(parent, k)) == 1 for k in headline[:6])
 
 
-def test_a_segmentation_ladder_under_torchrun_is_refused_before_anything_runs(tmp_path, monkeypatch):
-    from medssl.config import load_pipeline
-    from medssl.errors import MedsslError
-    from medssl.pipeline import ranks
-    from medssl.pipeline.runner import Pipeline
-    monkeypatch.chdir(tmp_path)
-    seg = Pipeline(load_pipeline(DEMO.with_name("demo_seg.yaml"), [f"workdir={tmp_path}/work"]))
-    plan = seg.plan([], None)
-    ranks.check_plan(plan, "segmentation")  # one process: nothing to refuse
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(MedsslError, match="segmentation ladder does not run") as refused:
-        ranks.check_plan(plan, "segmentation")
-    assert "medssl run PIPELINE" in refused.value.fix
-    ranks.check_plan(seg.plan([], "pretrain"), "segmentation")  # up to pretraining it runs on the ranks
-    ranks.check_plan(plan, "classification")
+
+def test_torchrun_segmentation_pipeline_shares_its_rungs(server, tmp_path):
+    """The Dice ladder under the same command line: rank 0 caches the masks while rank 1 waits, the two rungs
+    run on the two ranks (each rung's scratch and SSL child together), one report."""
+    tiny = ["name=seg-ranks", "data.demo.subjects=12", "data.demo.size=32", "preprocess.size=[32,32]",
+            "pretrain.crop=[16,16]", "pretrain.train.steps=2", "pretrain.train.batch_size=2",
+            "pretrain.train.warmup_steps=1", "pretrain.train.checkpoint_every=2", "pretrain.train.log_every=1",
+            "split.ladder.per_class=[1,2]", "split.ladder.seeds=[0]", "finetune.bootstrap=20",
+            "finetune.segmentation.steps=2", "finetune.segmentation.batch_size=2",
+            "finetune.segmentation.patch=[32,32]", "finetune.segmentation.overlays=1"]
+    torchrun(["run", str(DEMO.with_name("demo_seg.yaml")), f"workdir={tmp_path}/work",
+              f"manifest.out={tmp_path}/seg.csv", f"preprocess.cache_dir={tmp_path}/cache", *tiny], tmp_path, server.url)
+    work = tmp_path / "work" / "seg-ranks"
+    results = read_results(work / "ladder" / "seg_results.csv")
+    assert (results["status"] == "ok").all() and len(results) == 4, results[["key", "error"]]
+    assert (work / "report" / "dice_curve.png").is_file()
+    client = MlflowClient(server.url)
+    runs = {r.info.run_id: r for r in client.search_runs([client.get_experiment_by_name("seg-ranks").experiment_id])}
+    ladder = {runs[i].data.tags["mlflow.parentRunId"] for i in results["run_id"]}
+    assert len(ladder) == 1 and runs[ladder.pop()].info.run_name == "ladder"  # one parent for every child
+    ranks = {runs[i].data.tags["medssl.rank"]: set() for i in results["run_id"]}
+    for run_id, rung in zip(results["run_id"], results["rung"]):
+        ranks[runs[run_id].data.tags["medssl.rank"]].add(rung)
+    assert sorted(map(sorted, ranks.values())) == [["per_class_1"], ["per_class_2"]]
+    parent = next(r for r in runs.values() if "mlflow.parentRunId" not in r.data.tags)
+    dice = [k for k in parent.data.metrics if k.startswith("dice_")]
+    assert dice and all(len(client.get_metric_history(parent.info.run_id, k)) == 1 for k in dice)

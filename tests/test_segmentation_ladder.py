@@ -3,6 +3,8 @@ and their exact masks): manifest -> splits -> cache + mask cache -> rungs x {scr
 deltas and the pooled report; and the clear errors for unnamed labels and rungs without foreground."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -106,6 +108,59 @@ def test_tiny_ladder_scratch_vs_ssl(cohort2d, tmp_path):
     assert paths["curve"].stat().st_size > 1000
     again, _ = run_seg_ladder(cfg, encoder, images, masks, df, rungs, spacing, tmp_path / "ladder", NullTracker())
     assert list(again["key"]) == list(results["key"])      # resumed: nothing redone, same rows
+
+
+def _seg_rank(rank: int, port: int, args: tuple) -> None:
+    """One rank of a torchrun-like launch (its environment) running the whole segmentation ladder call; rank 0
+    alone has an MLflow run open (as under `medssl run`), rank 1 gets the parent from it."""
+    from medssl.tracking.tracker import Tracker
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    cfg, encoder, images, masks, df, rungs, spacing, out, store = args
+    if rank:
+        run_seg_ladder(cfg, encoder, images, masks, df, rungs, spacing, out, NullTracker())
+        return
+    tracker = Tracker("seg-ranks", store, outbox_dir=out.parent / "outbox", end_grace_s=0)
+    with tracker.run("ladder") as parent:
+        run_seg_ladder(cfg, encoder, images, masks, df, rungs, spacing, out, tracker)
+    (out.parent / "parent.txt").write_text(parent.info.run_id)
+
+
+def test_two_ranks_share_the_rungs_and_give_the_serial_results(cohort2d, tmp_path):
+    """Under 2 gloo ranks the rungs are shared out (both children of a rung on one rank: the SSL row's delta
+    pairs with its scratch run); the merged file equals the serial one and every child is an MLflow run under
+    rank 0's ladder run, whichever rank ran it."""
+    import socket
+    from mlflow.tracking import MlflowClient
+    from medssl.ladder.results import read_results
+    df, _, images, masks = cohort2d
+    df = df.assign(split=assign_splits(df, "has_mask", 0, 0.1, 0.4))
+    rungs = build_ladder(df, "has_mask", per_class=[1, 2], seeds=[0])
+    torch.manual_seed(1)
+    encoder = save_encoder(tmp_path / "encoder.pt", build_encoder(ENCODER, 2, [32, 32]), ENCODER, 2, [32, 32])
+    cfg = FinetuneConfig(task="segmentation", bootstrap=20, log_models="none",
+                         segmentation={"patch": [32, 32], "steps": 2, "batch_size": 2, "overlays": 1})
+    spacing = {i: [2.0, 2.0] for i in df["image_id"]}
+    serial, _ = run_seg_ladder(cfg, encoder, images, masks, df, rungs, spacing, tmp_path / "serial", NullTracker())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = (cfg, encoder, images, masks, df, rungs, spacing, tmp_path / "ranks" / "ladder", store)
+    torch.multiprocessing.start_processes(_seg_rank, args=(port, args), nprocs=2, start_method="spawn")
+    shared = read_results(tmp_path / "ranks" / "ladder" / "seg_results.csv")
+    assert list(shared["key"]) == list(serial["key"]) and (shared["status"] == "ok").all()
+    assert not list((tmp_path / "ranks" / "ladder").glob("seg_results.rank*.csv"))
+    for column in ("dice", "delta_dice", "final_train_loss"):
+        assert np.allclose(shared[column], serial[column], atol=1e-5, equal_nan=True), column
+    client = MlflowClient(store)
+    parent = (tmp_path / "ranks" / "parent.txt").read_text()
+    runs = {r.info.run_id: r for r in client.search_runs([client.get_experiment_by_name("seg-ranks").experiment_id])}
+    assert set(shared["run_id"]) == {i for i, r in runs.items() if r.data.tags.get("mlflow.parentRunId") == parent}
+    assert {runs[i].data.tags["medssl.rank"] for i in shared["run_id"]} == {"0", "1"}
+    by_rank = {(runs[i].data.tags["medssl.rank"], k.split("/")[0]) for i, k in zip(shared["run_id"], shared["key"])}
+    assert len({rung for _, rung in by_rank}) == len(by_rank)  # each rung on one rank
 
 
 def test_segmenter_3d_trains_and_segments(tmp_path):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -35,7 +36,7 @@ def run_children(ctx, plan: list, results_csv: Path) -> bool:
     todo = [(i, child) for i, child in enumerate(plan) if child.key not in done]
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if world > 1:
-        return _run_on_ranks(ctx, todo, results_csv, world, rank)
+        return run_on_ranks(ctx, todo, results_csv)
     workers = min(ctx.cfg.workers, len(todo))
     if workers > 1:
         payload = _payload(ctx)
@@ -48,14 +49,20 @@ def run_children(ctx, plan: list, results_csv: Path) -> bool:
     return True
 
 
-def _run_on_ranks(ctx, todo: list, results_csv: Path, world: int, rank: int) -> bool:
-    """This rank's share of a torchrun ladder, then rank 0 merges the shards.
+def run_on_ranks(ctx, todo: list, results_csv: Path, run_one: Callable = safe_child,
+                 unit: Callable[[int, object], int] = lambda index, child: index) -> bool:
+    """This rank's share of a torchrun ladder, then rank 0 merges the shards; True on rank 0.
+
+    todo: (plan index, child) of the unfinished children; the child goes to rank unit(index, child) % world
+    (the segmentation ladder keeps the two children of a rung together: its SSL child pairs with the scratch
+    one); run_one(ctx, child) -> its results row. ctx needs tracker, parent_run_id, rank and parallel.
 
     Why each rank > 0 logs its own children (rather than rank 0 logging them from the shards after the merge):
     a child's run then gets exactly what a serial child's gets, through the same code (metric histories,
     evaluation files, models, figures), the moment it finishes; replaying shards would need a second logger
     for every kind of call and would hold every run back until the slowest rank ends."""
     from medssl.train.distributed import from_rank0, wait_for_all
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     ctx.rank, ctx.parallel = rank, True
     spec = from_rank0(_tracker_spec(ctx.tracker, ctx.parent_run_id))
     given = ctx.tracker
@@ -63,7 +70,8 @@ def _run_on_ranks(ctx, todo: list, results_csv: Path, world: int, rank: int) -> 
     if own:
         ctx.tracker, ctx.parent_run_id = open_tracker(spec, f"rank{rank}"), spec["parent_run_id"]
     try:
-        run_share(ctx, [(i, c) for i, c in todo if i % world == rank], shard_path(results_csv, rank))
+        run_share(ctx, [(i, c) for i, c in todo if unit(i, c) % world == rank], shard_path(results_csv, rank),
+                  run_one)
     finally:
         if own:
             ctx.tracker.close()  # what the server has not taken stays queued on disk (see the module's note)
@@ -75,13 +83,13 @@ def _run_on_ranks(ctx, todo: list, results_csv: Path, world: int, rank: int) -> 
     return rank == 0
 
 
-def run_share(ctx, share: list, path: Path) -> None:
+def run_share(ctx, share: list, path: Path, run_one: Callable = safe_child) -> None:
     """This process's children, each row appended to `path` the moment it finishes."""
     with progress_bar("runs") as progress:
         task = progress.add_task(f"ladder (rank {ctx.rank})" if ctx.parallel else "ladder", total=len(share))
         for index, child in share:
             progress.update(task, description=f"ladder {child.key}")
-            append_result(path, {**safe_child(ctx, child), "plan_index": index})
+            append_result(path, {**run_one(ctx, child), "plan_index": index})
             progress.advance(task)
 
 

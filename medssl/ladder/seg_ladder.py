@@ -5,10 +5,12 @@ SAME volumes, seed, step budget and test volumes, and the SSL row carries the pa
 (per patient, patient bootstrap). Nothing is chosen on labels outside the rung (segmenter.py: a fixed step
 budget), and the registered model of a rung is the run with the lowest final training loss on the rung's own
 volumes. `out_dir/seg_results.csv` gets one row per child as it finishes (resumable, like the classification
-ladder); `children/<key>/scores.csv` holds its per-image, per-class Dice / HD95 / surface Dice.
+ladder); `children/<key>/scores.csv` holds its per-image, per-class Dice / HD95 / surface Dice. Under torchrun the
+rungs are shared out across the ranks, both children of a rung on one rank (ladder/parallel.run_on_ranks).
 """
 from __future__ import annotations
 
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -23,9 +25,11 @@ from medssl.errors import ConfigError, DataError, MedsslError
 from medssl.ingest.csv_safe import write_csv
 from medssl.evaluate.seg_metrics import image_scores, paired_delta, summarise
 from medssl.evaluate.seg_report import overlay_figure
-from medssl.ladder.results import append_result, finished_keys, print_failures, read_results, settings_digest
+from medssl.ladder.results import finished_keys, print_failures, read_results, settings_digest, shard_path
+from medssl.ladder.parallel import run_on_ranks, run_share
+from medssl.ladder.seg_registry import register_best, seg_lineage
 from medssl.ladder.segmenter import segment, train_segmenter
-from medssl.ui import console, progress_bar
+from medssl.ui import console
 
 INITS = ("scratch", "ssl")
 RESULTS = "seg_results.csv"
@@ -47,10 +51,27 @@ class SegContext:
     out_dir: Path
     tracker: object
     digest: str = ""
+    parent_run_id: str | None = None  # the ladder's run (every child's parent, whichever rank runs it)
+    rank: int = 0                     # torchrun: which shard this process appends to (parallel.py)
+    parallel: bool = False
 
     @property
     def n_classes(self) -> int:
         return len(self.cfg.segmentation.classes) + 1
+
+    def result_files(self) -> list[Path]:
+        main = self.out_dir / RESULTS
+        return [main, shard_path(main, self.rank)] if self.parallel else [main]
+
+
+@dataclass(frozen=True)
+class SegChild:
+    rung: object
+    init: str
+
+    @property
+    def key(self) -> str:
+        return child_key(self.rung, self.init)
 
 
 def check_mask_labels(masks, ids: list[str], classes: dict[int, str]) -> None:
@@ -79,7 +100,8 @@ def make_context(cfg: FinetuneConfig, encoder_source, images, masks, df: pd.Data
     spatial_dims, img_size = int(info["spatial_dims"]), list(info["img_size"])
     ctx = SegContext(cfg, str(encoder_source), info, EncoderConfig.model_validate(info["encoder"]), spatial_dims,
                      list(cfg.segmentation.patch or img_size), images, masks,
-                     dict(zip(df["image_id"], df["patient_id"])), spacing, test_ids, Path(out_dir), tracker)
+                     dict(zip(df["image_id"], df["patient_id"])), spacing, test_ids, Path(out_dir), tracker,
+                     parent_run_id=getattr(tracker, "active_run_id", None))
     if len(ctx.patch) != spatial_dims:
         raise ConfigError(f"segmentation.patch {ctx.patch} has {len(ctx.patch)} values for a {spatial_dims}D encoder",
                           where="finetune.segmentation.patch")
@@ -95,14 +117,13 @@ def run_seg_ladder(cfg: FinetuneConfig, encoder_source, images, masks, df: pd.Da
     ctx = make_context(cfg, encoder_source, images, masks, df, spacing, out_dir, tracker)
     results_csv = ctx.out_dir / RESULTS
     done = finished_keys(results_csv, ctx.digest)
-    plan = [(rung, init) for rung in rungs for init in INITS]
-    with progress_bar("runs") as progress:
-        task = progress.add_task("segmentation ladder", total=len(plan))
-        for rung, init in plan:
-            if child_key(rung, init) not in done:
-                progress.update(task, description=f"segmentation {child_key(rung, init)}")
-                append_result(results_csv, _safe_child(ctx, rung, init))
-            progress.advance(task)
+    todo = [(i, c) for i, c in enumerate(SegChild(r, init) for r in rungs for init in INITS) if c.key not in done]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # torchrun: both children of a rung on one rank, scratch first (the SSL child pairs with its scores)
+        if not run_on_ranks(ctx, todo, results_csv, _run_planned, unit=lambda index, _: index // len(INITS)):
+            return read_results(results_csv), pd.DataFrame()  # a rank > 0: rank 0 merges, registers, reports
+    else:
+        run_share(ctx, todo, results_csv, _run_planned)
     results = read_results(results_csv)
     results = results[results["settings_digest"].astype(str) == ctx.digest].reset_index(drop=True)
     print_failures(results)
@@ -117,6 +138,10 @@ def child_key(rung, init: str) -> str:
 
 def child_dir(ctx: SegContext, rung, init: str) -> Path:
     return ctx.out_dir / "children" / re.sub(r"[^A-Za-z0-9_.-]+", "__", child_key(rung, init))
+
+
+def _run_planned(ctx: SegContext, child: SegChild) -> dict:
+    return _safe_child(ctx, child.rung, child.init)
 
 
 def _safe_child(ctx: SegContext, rung, init: str) -> dict:
@@ -160,9 +185,9 @@ def _run_child(ctx: SegContext, rung, init: str, train_ids: list[str]) -> dict:
     net, keys = _network(ctx, init, seed)
     folder = child_dir(ctx, rung, init)
     folder.mkdir(parents=True, exist_ok=True)
-    tags = {"medssl.stage": "finetune", "medssl.task": "segmentation", **_lineage(ctx), "medssl.rung": rung.name,
-            "medssl.seed": rung.seed, "medssl.init": init}
-    with ctx.tracker.run(f"{rung.name} seed{rung.seed} segmentation {init}", tags=tags) as run:
+    tags = {"medssl.stage": "finetune", "medssl.task": "segmentation", **seg_lineage(ctx), "medssl.rung": rung.name,
+            "medssl.seed": rung.seed, "medssl.init": init, **({"medssl.rank": ctx.rank} if ctx.parallel else {})}
+    with ctx.tracker.run(f"{rung.name} seed{rung.seed} segmentation {init}", ctx.parent_run_id, tags) as run:
         ctx.tracker.log_params({"rung": rung.name, "seed": rung.seed, "init": init, "n_labelled": len(train_ids),
                                 "patch": ctx.patch, "segmentation": seg.model_dump(), "n_test": len(ctx.test_ids),
                                 "decoder_keys_trained_from_scratch": len(keys["missing"])})
@@ -198,7 +223,7 @@ def _should_log(ctx: SegContext, rung_name: str, loss: float) -> bool:
     seconds to save and megabytes to keep; most runs could never be the registered one)."""
     if ctx.cfg.log_models == "none" or not getattr(ctx.tracker, "experiment", None):
         return False
-    done = read_results(ctx.out_dir / RESULTS)
+    done = pd.concat([read_results(path) for path in ctx.result_files()], ignore_index=True)
     if ctx.cfg.log_models == "all" or "model_logged" not in done:
         return True
     logged = done[(done["status"] == "ok") & (done["rung"] == rung_name)
@@ -217,7 +242,7 @@ def _log_model(ctx: SegContext, rung, init: str, net, values: dict) -> None:
                              "n_classes": ctx.n_classes, "feature_size": seg.feature_size},
             "classes": {str(k): v for k, v in seg.classes.items()}, "patch": ctx.patch, "overlap": seg.overlap,
             "preprocess": ctx.images.cfg.model_dump(mode="json", exclude={"cache_dir"}),
-            "lineage": {**_lineage(ctx), "rung": rung.name, "seed": rung.seed, "init": init},
+            "lineage": {**seg_lineage(ctx), "rung": rung.name, "seed": rung.seed, "init": init},
             "test": {k: values.get(k) for k in ("dice", "dice_low", "dice_high", "patients")}}
     with tempfile.TemporaryDirectory() as tmp:
         ctx.tracker.log_artifact(save_segmenter(Path(tmp) / "model", net, spec), "model")
@@ -251,34 +276,3 @@ def collect_scores(results: pd.DataFrame) -> pd.DataFrame:
         part = pd.read_csv(row["scores"], dtype={"image_id": str, "patient_id": str})
         parts.append(part.assign(rung=row["rung"], seed=row["seed"], init=row["init"], n_labelled=row["n_labelled"]))
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
-
-
-def _lineage(ctx: SegContext) -> dict:
-    return {"medssl.pretrain_run_id": ctx.info.get("pretrain_run_id") or "",
-            "medssl.manifest_digest": ctx.info.get("manifest_digest") or "", "medssl.encoder_source": ctx.encoder_source}
-
-
-def register_best(ctx: SegContext, results: pd.DataFrame, prefix: str) -> dict[str, str]:
-    """Per rung: the logged run with the lowest final training loss (the rung's own volumes; no test or
-    validation label picks it) -> a version of "<prefix>-<rung>" tagged with its lineage."""
-    from mlflow.tracking import MlflowClient
-    client, registered = MlflowClient(ctx.tracker.tracking_uri), {}
-    ok = results[(results["status"] == "ok") & results["run_id"].fillna("").astype(bool)]
-    ok = ok[ok["model_logged"].astype(str).str.lower() == "true"]
-    for rung, part in ok.groupby("rung"):
-        best = part.loc[part["final_train_loss"].idxmin()]
-        name = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{prefix}-{rung}")
-        try:   # a resumed ladder does not register the same run twice
-            known = {v.run_id: v.version for v in client.search_model_versions(f"name='{name}'")}
-        except Exception:  # noqa: BLE001 — no such model yet
-            known = {}
-        if best["run_id"] in known:
-            registered[rung] = known[best["run_id"]]
-            continue
-        tags = {**_lineage(ctx), "medssl.task": "segmentation", "medssl.rung": rung, "medssl.seed": int(best["seed"]),
-                "medssl.init": best["init"], "medssl.test_dice": f"{best['dice']:.4f}"}
-        version = ctx.tracker.register_model("model", name, tags, run_id=best["run_id"])
-        if version:
-            registered[rung] = version
-            console.print(f"registered [bold]{name}[/] v{version} ({best['key']}, test Dice {best['dice']:.3f})")
-    return registered

@@ -1,6 +1,7 @@
 """`medssl run` under torchrun: every rank runs the pipeline's code; this module says which rank does what.
 
-- pretrain (DDP) and the ladder (children shared out, ladder/parallel.py) run on every rank;
+- pretrain (DDP) and the ladder (children shared out, ladder/parallel.py; classification or segmentation,
+  whose stage caches the masks on rank 0 first) run on every rank;
 - every other stage (demo, manifest, splits, cache, report) runs on rank 0 alone while the others wait: each
   writes one set of files (the cohort, manifest, splits, cache arrays, the report on the parent run) that two
   processes would race on, and none is worth sharing out.
@@ -20,26 +21,17 @@ from medssl.train.distributed import from_rank0
 EVERY_RANK = ("pretrain", "ladder")
 
 
-def on_every_rank(name: str, task: str) -> bool:
-    return name in EVERY_RANK and not (name == "ladder" and task == "segmentation")
-
-
-def check_plan(plan: list, task: str) -> None:
-    """Refuse, before anything runs, what cannot run under torchrun: the segmentation ladder (its children
-    are not shared out across ranks; its SSL child pairs with the scratch child of its rung)."""
-    if world_size() > 1 and task == "segmentation" and any(s.name == "ladder" and todo for s, _, todo in plan):
-        raise MedsslError("under torchrun the segmentation ladder does not run (its runs are not shared out "
-                          "across ranks)", where="finetune.task: segmentation",
-                          fix="run it in one process: medssl run PIPELINE (pretraining may still use torchrun: "
-                              "medssl run PIPELINE --until pretrain under torchrun first)")
-
-
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))
+
+
+def on_every_rank(name: str) -> bool:
+    """Pretraining and the ladder (classification or segmentation) run on every rank."""
+    return name in EVERY_RANK
 
 
 def shared_plan(plan: list) -> list:
@@ -50,11 +42,11 @@ def shared_plan(plan: list) -> list:
     return [(stage, fingerprint, run) for (stage, fingerprint, _), run in zip(plan, todo)]
 
 
-def run_stage(name: str, task: str, run: Callable[[], dict]) -> dict:
+def run_stage(name: str, run: Callable[[], dict]) -> dict:
     """Run one stage where it belongs; returns rank 0's outputs on every rank."""
     if world_size() <= 1:
         return run()
-    if on_every_rank(name, task):
+    if on_every_rank(name):
         return from_rank0(run())  # rank 0's record (the run ids only it knows), once every rank is done
     if rank() != 0:
         sent = from_rank0(None)  # wait while rank 0 works

@@ -131,7 +131,6 @@ class Pipeline:
         if dry_run:
             return
         plan = ranks.shared_plan(plan)  # under torchrun: rank 0's (stages, ranks.py)
-        ranks.check_plan(plan, self.cfg.finetune.task)
         self._check_writable()  # before MLflow: a run must never be opened by work that cannot be saved
         self.ctx.open_tracker()
         with self.ctx.tracker.run(f"{self.cfg.name}-pipeline", tags=self.ctx.pipeline_tags()) as parent:
@@ -159,7 +158,7 @@ class Pipeline:
 
     def _run_stage(self, stage: Stage, fingerprint: str, todo: bool) -> None:
         # under torchrun a rank > 0 speaks only of the stages it takes part in (ranks.py)
-        loud = ranks.rank() == 0 or ranks.on_every_rank(stage.name, self.cfg.finetune.task)
+        loud = ranks.rank() == 0 or ranks.on_every_rank(stage.name)
         say = console.print if loud else (lambda *_: None)
         if not todo:
             self.ctx.outputs[stage.name] = json.loads(self._record_path(stage.name).read_text())
@@ -169,7 +168,7 @@ class Pipeline:
             console.rule(f"[bold]{stage.name}[/]: {stage.doc}")
         start = time.perf_counter()
         try:
-            outputs = ranks.run_stage(stage.name, self.cfg.finetune.task, lambda: stage.run(self.ctx))
+            outputs = ranks.run_stage(stage.name, lambda: stage.run(self.ctx))
         except MedsslError as err:
             raise type(err)(f"stage '{stage.name}' failed: {err.what}", err.where,
                             (err.fix or "") + " — finished stages are kept; rerun the same command to resume"

@@ -7,7 +7,9 @@ from pathlib import Path
 
 from medssl.errors import DataError
 from medssl.ingest.csv_safe import write_csv
+from medssl.pipeline import ranks
 from medssl.pipeline.context import Context, open_cache, read_data
+from medssl.train.distributed import wait_for_all
 from medssl.ui import console
 
 
@@ -32,9 +34,11 @@ def run_seg_ladder(ctx: Context) -> dict:
         raise DataError("segmentation on 2D slices of 3D volumes is not supported", where="preprocess.slices_from_3d",
                         fix="segment in 3D (spatial_dims: 3), or give 2D images with 2D masks")
     images = open_cache(ctx, meta)
-    masks = MaskCache(images)
-    for image_id, reason in masks.build(df, Path(meta["root"])).items():
-        console.print(f"[yellow]mask not cached[/] {image_id}: {reason}")
+    if ranks.rank() == 0:  # under torchrun: one process writes the mask cache, the others wait for it
+        for image_id, reason in MaskCache(images).build(df, Path(meta["root"])).items():
+            console.print(f"[yellow]mask not cached[/] {image_id}: {reason}")
+    wait_for_all()
+    masks = MaskCache(images)  # reads the index the build wrote
     pretrain = ctx.outputs["pretrain"]
     tags = {"medssl.pretrain_run_id": pretrain["run_id"], "medssl.manifest_digest": meta.get("digest", "")}
     with ctx.child("ladder", **tags):
@@ -43,6 +47,8 @@ def run_seg_ladder(ctx: Context) -> dict:
         rungs = [r for r in read_splits(ctx.splits_path)["rungs"] if r.repeat == 0]
         results, scores = ladder(ctx.cfg.finetune, pretrain["encoder"], images, masks, df, rungs,
                                  _spacing(ctx, df), ctx.paths.ladder, ctx.tracker)
+        if ranks.rank() != 0:  # rank 0 merged the ranks' runs and writes the summary (ranks.py)
+            return {"paths": [], "rows": len(results)}
         if scores.empty:
             raise DataError("no segmentation run finished", where=str(ctx.paths.ladder / RESULTS),
                             fix="see the failures listed above")
