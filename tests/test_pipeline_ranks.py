@@ -20,7 +20,6 @@ from mlflow.tracking import MlflowClient
 from medssl.ladder.results import read_results
 from test_mlflow_server import server  # noqa: F401  (the module's mlflow server fixture)
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
 DEMO = Path(__file__).resolve().parents[1] / "pipelines" / "demo.yaml"
 TINY = ["name=ranks", "data.demo.subjects=28", "data.demo.size=24", "data.demo.positive_fraction=0.3",
@@ -42,6 +41,8 @@ def torchrun(args: list[str], cwd: Path, uri: str) -> subprocess.CompletedProces
     return done
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(400)
 def test_torchrun_pipeline_shares_the_ladder_and_reports_once(server, tmp_path, monkeypatch, capsys):
     from medssl.cli import main
     work = tmp_path / "work" / "ranks"
@@ -94,6 +95,8 @@ def test_torchrun_pipeline_shares_the_ladder_and_reports_once(server, tmp_path, 
 
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(400)
 def test_torchrun_segmentation_pipeline_shares_its_rungs(server, tmp_path):
     """The Dice ladder under the same command line: rank 0 caches the masks while rank 1 waits, the two rungs
     run on the two ranks (each rung's scratch and SSL child together), one report."""
@@ -120,3 +123,41 @@ def test_torchrun_segmentation_pipeline_shares_its_rungs(server, tmp_path):
     parent = next(r for r in runs.values() if "mlflow.parentRunId" not in r.data.tags)
     dice = [k for k in parent.data.metrics if k.startswith("dice_")]
     assert dice and all(len(client.get_metric_history(parent.info.run_id, k)) == 1 for k in dice)
+
+
+def _stage_rank(rank: int, port: int, tmp: str) -> None:
+    """One rank of a torchrun-like launch running three stages through ranks.run_stage."""
+    import json
+    from medssl.errors import DataError, MedsslError
+    from medssl.pipeline import ranks
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)})
+    calls = []
+
+    def cache() -> dict:
+        calls.append(rank)
+        return {"paths": [f"written by rank {rank}"]}
+
+    def splits() -> dict:
+        raise DataError("the manifest has no labels", where="split.label")
+    got = {"cache": ranks.run_stage("cache", cache), "pretrain": ranks.run_stage("pretrain", lambda: {"rank": rank})}
+    try:
+        ranks.run_stage("splits", splits)
+    except MedsslError as err:
+        got["error"] = err.what
+    Path(tmp, f"rank{rank}.json").write_text(json.dumps({**got, "calls": calls}))
+
+
+def test_rank0_alone_runs_single_process_stages_and_every_rank_gets_its_outputs_or_its_failure(tmp_path):
+    import json
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.start_processes(_stage_rank, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
+    zero, one = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert zero["calls"] == [0] and one["calls"] == []  # the cache stage ran on rank 0 only
+    assert zero["cache"] == one["cache"] == {"paths": ["written by rank 0"]}
+    assert zero["pretrain"] == one["pretrain"] == {"rank": 0}  # ran on both; rank 0's record for all
+    assert zero["error"] == "the manifest has no labels"
+    assert one["error"] == "rank 0 failed it: the manifest has no labels (where: split.label)"

@@ -57,7 +57,13 @@ def run_stage(name: str, run: Callable[[], dict]) -> dict:
     try:
         outputs = run()
     except Exception as err:
-        from_rank0({"failed": str(err).splitlines()[0] if str(err) else type(err).__name__})
+        from_rank0({"failed": _first_line(err)})  # the others stop with it instead of waiting to be killed
         raise
     from_rank0({"outputs": outputs})
     return outputs
+
+
+def _first_line(err: Exception) -> str:
+    if isinstance(err, MedsslError):
+        return err.what + (f" (where: {err.where})" if err.where else "")
+    return (str(err).splitlines() or [type(err).__name__])[0]
