@@ -119,6 +119,8 @@ def test_ladder_end_to_end_and_resume(tmp_path, store, spatial_dims):
         assert np.abs(probs[:, 1] - saved["score"]).max() <= tolerance, arm
         assert kept.spec.threshold == pytest.approx(row["threshold"], abs=1e-7) and kept.spec.lineage.arm == arm
     assert kept.spec.architecture.features.n_features > 0 and kept.spec.architecture.encoder is None
+    finetuned_model = load_package(ok.loc[ok["protocol"] == "finetune", "model"].iloc[0])
+    assert finetuned_model.spec.architecture.members == 3  # the inner-CV fold models, kept as one ensemble
     assert (ok["n_labelled"] == 2 * ok["n_labelled_patients"]).all()  # a patient's images all go with it
     assert (ok["positive_class"].astype(str) == "1").all() and (ok["inner_folds"] == 3).all()
     finetuned = ok[ok["protocol"] == "finetune"]
@@ -403,7 +405,7 @@ class RecordingCache(MemoryCache):
 
 @pytest.mark.parametrize("validation", ["inner", "split"])
 def test_no_id_outside_the_rung_reaches_training_selection_or_threshold(tmp_path, monkeypatch, validation):
-    """Every image a fit reads (frozen features, engineered features, every fold, the refit, the threshold's
+    """Every image a fit reads (frozen features, engineered features, every fold, a probe's refit, the threshold's
     out-of-fold predictions) is the rung's, plus under validation: split the validation split, counted."""
     from medssl.ladder import child
     from medssl.ladder.ladder import run_ladder

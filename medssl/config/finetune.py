@@ -23,8 +23,9 @@ class FinetuneConfig(Section):
                                 "random encoder + the linear probe)")
     validation: Literal["inner", "split"] = Field(
         "inner", description="inner: epochs, probe C and threshold chosen by cross-validation inside the rung's "
-                             "own patients, then a refit on the whole rung; split: on the labelled validation "
-                             "split (uses extra labels; results say how many)")
+                             "own patients (fine-tuning keeps the fold models as an ensemble; a probe is refitted "
+                             "on the whole rung); split: on the labelled validation split (uses extra labels; "
+                             "results say how many)")
     inner_folds: int = Field(3, ge=2, description="K of the inner, patient-level stratified cross-validation")
     workers: int = Field(1, ge=1, description="ladder children run in this many processes (torchrun ranks "
                                               "share the children out the same way)")

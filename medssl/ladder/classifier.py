@@ -7,7 +7,8 @@ Protocols
   `predict`, with one code path for binary and multi-class.
 - "finetune": encoder and head train together (AdamW, one warm-up epoch then cosine decay); the encoder's
   learning rate is lr * encoder_lr_scale so the pretrained features are adjusted, not overwritten; optional
-  random views of the training images (finetune.views), drawn from the run's seed.
+  random views of the training images (finetune.views), drawn from the run's seed; under inner validation the
+  result is the Ensemble of the fold models (inner.py says why).
 Every choice (epochs, C, the binary operating point stored in the model's `threshold` buffer) is made on the
 held-out parts of `inner.Folds`: inner cross-validation over the rung's own patients, or the legacy validation
 split; see inner.py. The test split is never looked at here.
@@ -24,8 +25,9 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, Weighte
 
 from medssl.config import FinetuneConfig
 from medssl.errors import ConfigError, DataError, TrainingError
-from medssl.ladder.inner import Folds, choose_epochs, fit_probe, held_out_scores, split_folds, threshold_of
+from medssl.ladder.inner import Folds, fit_probe, held_out_scores, split_folds, threshold_of
 from medssl.models.classifier import Classifier
+from medssl.models.ensemble import Ensemble
 from medssl.models.probe import load_folded
 
 PROTOCOLS = ("linear", "finetune")
@@ -33,11 +35,11 @@ PROTOCOLS = ("linear", "finetune")
 
 @dataclass
 class FitResult:
-    model: Classifier
+    model: Classifier | Ensemble     # finetune with inner validation: the K fold models (ladder/inner.py)
     threshold: float
     val_loss: float
     val_auroc: float
-    epochs: int                 # finetune: the chosen epochs (of the refit); linear: strengths tried
+    epochs: int                 # finetune: the chosen epochs (best mean held-out epoch); linear: strengths tried
     history: list[dict] = field(default_factory=list)
     chosen_C: float = float("nan")
 
@@ -124,31 +126,57 @@ def fit(encoder: nn.Module, train_ds: Dataset, val_ds: Dataset, n_classes: int, 
 
 
 def _fit_finetune(encoder, dataset, y, folds: Folds, n_classes, cfg, seed, monitor, device, spatial_dims):
-    """Each fold from the same initial weights; epochs = best of the mean held-out curve; refit on the rung."""
-    single = folds.refit is None  # validation: split keeps the one fold's best model
-    runs = []
-    for tr, va in folds.splits:
-        model = Classifier(encoder if single else copy.deepcopy(encoder), n_classes, spatial_dims=spatial_dims)
-        runs.append(_train_fold(model.to(device), Subset(dataset, tr), y[tr], Subset(dataset, va), cfg, seed,
-                                monitor, device, keep_best=single))
-    epochs = choose_epochs([run["scores"] for run in runs])
+    """The folds train in lockstep from the same initial weights, early-stopped on their MEAN held-out score.
+    Inner validation keeps the K fold models at the best mean epoch as an Ensemble (mean probability): those
+    same models made the out-of-fold predictions that chose the epoch and the threshold, so the threshold is
+    applied on the scale it was chosen on (a refit on the whole rung trains for other steps and lands on
+    another score scale). validation: split keeps its one fold's model at its best epoch."""
+    single = folds.refit is None
+    runs = [_Fold(Classifier(encoder if single else copy.deepcopy(encoder), n_classes, spatial_dims=spatial_dims)
+                  .to(device), dataset, y, tr, va, cfg, seed, device) for tr, va in folds.splits]
+    best, waited, history = None, 0, []
+    for epoch in range(1, cfg.epochs + 1):
+        vals = [run.next_epoch() for run in runs]
+        history.append({"epoch": epoch, "val_loss": float(np.mean([v["loss"] for v in vals])),
+                        "val_auroc": float(np.mean([v["auroc"] for v in vals]))})
+        score = -history[-1]["val_loss"] if monitor == "val_loss" else history[-1]["val_auroc"]
+        if best is None or score > best["score"]:
+            best, waited = {"score": score, "epoch": epoch, "probs": [v["probs"] for v in vals],
+                            "states": [run.snapshot() for run in runs]}, 0
+        else:
+            waited += 1
+            if waited >= cfg.patience:
+                break
     oof = np.zeros((len(y), n_classes))
-    for (_, va), run in zip(folds.splits, runs):
-        oof[va] = run["probs"][epochs - 1]
+    for (_, va), probs in zip(folds.splits, best["probs"]):
+        oof[va] = probs   # (n_held_out, K): each rung patient predicted by the one member that did not train on it
+    for run, state in zip(runs, best["states"]):
+        run.model.load_state_dict(state)
     held = folds.held_out
     loss, auroc = held_out_scores(y[held], oof[held], np.ones(n_classes))
-    horizon = min(len(run["scores"]) for run in runs)
-    history = [{"epoch": e + 1, "val_loss": float(np.mean([r["losses"][e] for r in runs])),
-                "val_auroc": float(np.mean([r["aurocs"][e] for r in runs]))} for e in range(horizon)]
-    if single:
-        model.load_state_dict(runs[0]["state"])
-    else:  # the refit: whole rung, the chosen epochs, the same schedule (lr trajectory) as the folds
-        model = Classifier(encoder, n_classes, spatial_dims=spatial_dims).to(device)
-        refit = folds.refit
-        optimizer, scheduler, loader, loss_fn = _training(model, Subset(dataset, refit), y[refit], cfg, seed, device)
-        for _ in train_epochs(model, loader, optimizer, scheduler, loss_fn, cfg, device, seed, epochs):
-            pass
-    return FitResult(model, threshold_of(y[held], oof[held], cfg.target_sensitivity), loss, auroc, epochs, history)
+    model = runs[0].model if single else Ensemble([run.model for run in runs])
+    threshold = threshold_of(y[held], oof[held], cfg.target_sensitivity)
+    return FitResult(model, threshold, loss, auroc, best["epoch"], history)
+
+
+class _Fold:
+    """One fold's training (optimizer, schedule, shuffled loader, class-weighted loss), advanced one epoch at a
+    time by _fit_finetune and scored on its held-out part after each (K folds are on the device at once)."""
+
+    def __init__(self, model, dataset, y, train_idx, held_idx, cfg: FinetuneConfig, seed: int, device):
+        self.model, self.cfg, self.device = model, cfg, device
+        self.held_out = Subset(dataset, held_idx)
+        optimizer, scheduler, loader, self.loss_fn = _training(model, Subset(dataset, train_idx), y[train_idx], cfg,
+                                                               seed, device)
+        self.epochs = train_epochs(model, loader, optimizer, scheduler, self.loss_fn, cfg, device, seed, cfg.epochs)
+
+    def next_epoch(self) -> dict:
+        next(self.epochs)
+        return evaluate_loss(self.model, self.held_out, self.loss_fn, self.cfg.batch_size, self.device)
+
+    def snapshot(self) -> dict:
+        """The weights now, copied to the CPU (K of them are kept: the best mean epoch's)."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
 
 
 def _training(model, train_ds, y_train, cfg: FinetuneConfig, seed: int, device):
@@ -159,29 +187,6 @@ def _training(model, train_ds, y_train, cfg: FinetuneConfig, seed: int, device):
     loader = train_loader(train_ds, y_train, cfg, seed)
     loss_fn = nn.CrossEntropyLoss(weight=class_weights(y_train, model.head.out_features, cfg.imbalance).to(device))
     return optimizer, _schedule(optimizer, cfg, len(loader)), loader, loss_fn
-
-
-def _train_fold(model, train_ds, y_train, val_ds, cfg, seed, monitor, device, keep_best: bool) -> dict:
-    """Train up to cfg.epochs, stopping after `patience` epochs without a better held-out score; per epoch the
-    held-out loss, AUROC, score and probabilities (and, with keep_best, the best epoch's weights)."""
-    optimizer, scheduler, loader, loss_fn = _training(model, train_ds, y_train, cfg, seed, device)
-    run = {"losses": [], "aurocs": [], "scores": [], "probs": [], "state": None}
-    best, waited = None, 0
-    for _ in train_epochs(model, loader, optimizer, scheduler, loss_fn, cfg, device, seed, cfg.epochs):
-        val = evaluate_loss(model, val_ds, loss_fn, cfg.batch_size, device)
-        score = -val["loss"] if monitor == "val_loss" else val["auroc"]
-        for key, value in (("losses", val["loss"]), ("aurocs", val["auroc"]), ("scores", score),
-                           ("probs", val["probs"])):
-            run[key].append(value)
-        if best is None or score > best:
-            best, waited = score, 0
-            if keep_best:
-                run["state"] = copy.deepcopy(model.state_dict())
-        else:
-            waited += 1
-            if waited >= cfg.patience:
-                break
-    return run
 
 
 def _schedule(optimizer, cfg: FinetuneConfig, steps_per_epoch: int):

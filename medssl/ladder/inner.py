@@ -2,13 +2,15 @@
 
 A rung's run may use its labelled patients only. Everything that must be chosen is chosen by stratified K-fold
 cross-validation over the rung's PATIENTS (a patient's images never straddle a fold boundary):
-- fine-tuning: each fold trains from the same initial weights with the run's schedule, early-stopped on its
-  held-out fold (`patience`); the chosen epoch count is the best epoch of the mean held-out curve over the
-  epochs every fold reached; then one refit on the WHOLE rung for that many epochs, same schedule;
+- fine-tuning: the folds train in lockstep from the same initial weights with the run's schedule, early-stopped
+  on the MEAN held-out curve (`patience`); the chosen epoch is that curve's best, and the run's model is the
+  ENSEMBLE of the K fold models at that epoch (mean probability, models/ensemble.py). No refit: a model
+  refitted on the whole rung trains for other steps and lands on another score scale, so a threshold chosen
+  out of fold would not transfer to it (on the demo it called every test image one class: bal. acc. .50);
 - the linear probe (frozen or engineered features): C is the best of STRENGTHS by the out-of-fold score, then a
-  refit on the whole rung;
+  refit on the whole rung (a converged, regularised logistic regression changes little with 3/2 the data);
 - the binary threshold comes from the out-of-fold predictions of the chosen setting (every rung patient
-  is predicted once, by a model that did not train on it).
+  is predicted once, by a model that did not train on it: for fine-tuning, by the ensemble's own members).
 The legacy `finetune.validation: split` is the same code with one "fold": train = the rung, held out = the
 validation split, and the fold's own model kept (no refit), as before inner validation existed.
 """
@@ -27,8 +29,9 @@ from medssl.models.probe import STRENGTHS, fit_logistic  # the one logistic prob
 
 @dataclass
 class Folds:
-    """(train indices, held-out indices) per fold, into one dataset; `refit`: indices of the final fit, or None
-    to keep the single fold's model (validation: split)."""
+    """(train indices, held-out indices) per fold, into one dataset; `refit`: indices of a probe's final fit (the
+    whole rung; fine-tuning keeps its fold models instead), or None to keep the single fold's model
+    (validation: split)."""
     splits: list[tuple[np.ndarray, np.ndarray]]
     refit: np.ndarray | None
     held_out: np.ndarray = field(init=False)   # every index predicted out of fold, in fold order
@@ -76,13 +79,6 @@ def threshold_of(y, probs, target_sensitivity) -> float:
     if scores.ndim == 2:
         return float("nan")
     return choose_threshold(y, scores, target_sensitivity)
-
-
-def choose_epochs(curves: list[list[float]]) -> int:
-    """Best epoch (1-based) of the mean held-out score over the epochs every fold reached (higher = better)."""
-    horizon = min(len(c) for c in curves)
-    mean = np.mean([c[:horizon] for c in curves], axis=0)
-    return int(np.argmax(mean)) + 1
 
 
 # ---------------------------------------------------------------------------------------- the probe

@@ -40,7 +40,8 @@ results.csv columns (one row per child; unknown extra columns may appear and mus
   positive_class     binary: the name of the positive class (the condition; code 1 in the predictions);
                      multi-class: ""
   inner_folds        K of the inner cross-validation (0 under validation: split)
-  chosen_epochs      finetune: the epochs chosen (inner CV) and used for the refit on the whole rung
+  chosen_epochs      finetune: the epoch of the best mean held-out score (inner CV), at which the fold models
+                     are kept as the run's ensemble
   chosen_C           linear/features: the inverse L2 strength chosen (inner CV)
   threshold          binary operating point on the positive-class probability, chosen on out-of-fold
                      predictions of the rung's own patients (inner) or on the validation split (split);
