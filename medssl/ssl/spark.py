@@ -4,9 +4,9 @@ sparse and hierarchical masked modeling"), 2D and 3D, for medssl's ResNet encode
 random_masking picks input patches (patchify.py's grid) -> the ResNet runs as a sparse CNN on the masked
 input (models/sparse.py: holes stay empty at every level) -> each level's holes are filled with that level's
 learned mask token ("densified") -> a UNet-like decoder climbs back from layer4 (1/32) to layer1 (1/4) with
-the levels between as skips (decoders.up_block), then x4 to full resolution -> MSE on the masked patches only, targets standardised per patch
-(losses.masked_patch_mse). The same step shape as MAE (masked.py); only the encoder side differs: a ViT can
-drop tokens, a CNN needs its holes kept empty.
+the levels between as skips (decoders.up_block), then x4 to full resolution -> MSE on the masked patches
+only, targets standardised per patch (losses.masked_patch_mse). The same step shape as MAE (masked.py); only
+the encoder side differs: a ViT can drop tokens, a CNN needs its holes kept empty.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ class SparKDecoder(nn.Module):
     """Densify every level (its mask token where the level is empty), then transposed conv x2 + skip + residual
     conv block per level from 1/32 up to 1/4, and a transposed conv x4 that maps each 1/4 voxel to its 4^d
     pixels (a linear per-position head, as MAE's). The stem's 1/2 level is not decoded: its block would cost
-    3x the whole ResNet-10 at 1/4 width (32^3 crops, CPU), for patches of 8 that two 1/4 voxels per edge cover."""
+    3x the whole ResNet-10 at 1/4 width (32^3 crops, CPU), and a patch of 8 already spans two 1/4 voxels per edge."""
 
     def __init__(self, widths: list[int], spatial_dims: int, out_channels: int):
         super().__init__()
