@@ -201,6 +201,16 @@ def test_volumes_of_another_slice_count_are_each_scored_whole(tmp_path):
     with torch.no_grad():
         want = {i: float(torch.softmax(model(torch.from_numpy(a)[None]), 1)[0, 1]) for i, a in arrays.items()}
     np.testing.assert_allclose(frame.loc[list(want), "score"], list(want.values()), atol=1e-6)
+    # a kept fine-tuned rung is an ensemble of slice-pooled fold models: scored the same way
+    from medssl.evaluate.predict import score_dataset
+    from medssl.models.ensemble import Ensemble
+    torch.manual_seed(1)
+    other = Classifier(SlicePooled(build_encoder(ENCODER, 2, [EDGE, EDGE]), "meanmax"), 2, spatial_dims=3)
+    ensemble = Ensemble([model, other.eval()])
+    ids, probs = score_dataset(ensemble, ImageDataset(MemoryCache(arrays), list(arrays), [0, 0, 1], spatial_dims=3))
+    with torch.no_grad():
+        each = [float(torch.softmax(ensemble(torch.from_numpy(arrays[i])[None]), 1)[0, 1]) for i in ids]
+    np.testing.assert_allclose(probs[:, 1], each, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------- served and exported

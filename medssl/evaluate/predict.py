@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
 
 from medssl.errors import DataError, TrainingError
 from medssl.evaluate import plots
@@ -78,13 +77,26 @@ def score_dataset(model: Classifier, dataset, batch_size: int = 16) -> tuple[lis
     model = model.to(device).eval()
     check_input(model, dataset[0]["image"], device)
     ids, probs = [], []
-    if isinstance(getattr(model, "encoder", None), SlicePooled):
-        batch_size = 1  # one volume (a batch of its slices) at a time: another site's slice counts may differ
-    for batch in DataLoader(dataset, batch_size=batch_size):
-        probs.append(torch.softmax(model(batch["image"].float().to(device)), dim=1).cpu())
-        ids.extend(batch["image_id"])
+    for batch in _same_shape_batches(dataset, batch_size):
+        images = torch.stack([item["image"] for item in batch]).float().to(device)  # (B, C, *spatial)
+        probs.append(torch.softmax(model(images), dim=1).cpu())
+        ids.extend(item["image_id"] for item in batch)
     model.cpu()
     return ids, torch.cat(probs).numpy()
+
+
+def _same_shape_batches(dataset, batch_size: int):
+    """Consecutive items, up to `batch_size`, a new batch where the shape changes: a 2D pipeline keeps each
+    volume's native slices, so a slice-pooled (or features) model may be given volumes one tensor cannot stack."""
+    batch: list[dict] = []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        if batch and (len(batch) == batch_size or item["image"].shape != batch[0]["image"].shape):
+            yield batch
+            batch = []
+        batch.append(item)
+    if batch:
+        yield batch
 
 
 def check_input(model: Classifier, sample: torch.Tensor, device) -> None:
