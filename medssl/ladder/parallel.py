@@ -34,8 +34,7 @@ def run_children(ctx, plan: list, results_csv: Path) -> bool:
     """Run the unfinished children of `plan`; True where this process should finish the ladder (rank 0)."""
     done = finished_keys(results_csv, ctx.digest)
     todo = [(i, child) for i, child in enumerate(plan) if child.key not in done]
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    if world > 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return run_on_ranks(ctx, todo, results_csv)
     workers = min(ctx.cfg.workers, len(todo))
     if workers > 1:

@@ -25,8 +25,8 @@ from medssl.errors import ConfigError, DataError, MedsslError
 from medssl.ingest.csv_safe import write_csv
 from medssl.evaluate.seg_metrics import image_scores, paired_delta, summarise
 from medssl.evaluate.seg_report import overlay_figure
-from medssl.ladder.results import finished_keys, print_failures, read_results, settings_digest, shard_path
 from medssl.ladder.parallel import run_on_ranks, run_share
+from medssl.ladder.results import finished_keys, print_failures, read_results, settings_digest, shard_path
 from medssl.ladder.seg_registry import register_best, seg_lineage
 from medssl.ladder.segmenter import segment, train_segmenter
 from medssl.ui import console
