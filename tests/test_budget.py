@@ -52,7 +52,10 @@ def test_stops_on_time_with_the_schedule_over_the_planned_steps(tmp_path):
     wall = time.perf_counter() - (ends[0] - STEP_S)  # from the start of the first step (set-up is not training)
     planned, steps = result["planned_steps"], result["step"]
     assert steps > cfg.steps  # the budget, not `steps`, decides
-    assert 10 <= planned <= 1.8 / STEP_S + 1 and steps <= planned
+    assert planned <= 1.8 / STEP_S + 1 and steps <= planned
+    # the plan follows the pace the run really had (a loaded machine plans fewer, slower steps), not a constant
+    pace = (ends[-1] - ends[0]) / max(1, len(ends) - 1)
+    assert 0.4 * 1.8 / pace <= planned <= 2.5 * 1.8 / pace, (planned, pace)
     assert result["elapsed_s"] >= 1.8 or steps == planned  # stopped by the clock or at the planned end
     assert wall < 1.8 + 1.5  # on time: at most a step, the checkpoint and the set-up late
     assert ckpt.latest_checkpoint(tmp_path).name == ckpt.checkpoint_path(tmp_path, steps).name
