@@ -120,7 +120,7 @@ def test_which_models_are_slice_pooled():
     assert volume_pooling("central", 2, [vol]) is None          # the old behaviour, kept on request
     assert volume_pooling("meanmax", 3, [vol]) is None          # a 3D encoder reads volumes itself
     assert volume_pooling("meanmax", 2, [img, img]) is None     # 2D images: each is its own slice
-    with pytest.raises(DataError, match="slice_pooling.*2 shapes|2 shapes"):
+    with pytest.raises(DataError, match="have 2 shapes"):
         volume_pooling("mean", 2, [vol, (1, 16, 16, 9)])       # volumes are batched whole: one slice count
     with pytest.raises(DataError, match="shapes"):
         volume_pooling("mean", 2, [vol, img])
