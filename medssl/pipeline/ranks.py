@@ -16,7 +16,7 @@ import os
 from typing import Callable
 
 from medssl.errors import MedsslError
-from medssl.train.distributed import from_rank0
+from medssl.train.distributed import cleanup, from_rank0, wait_for_all
 
 EVERY_RANK = ("pretrain", "ladder")
 
@@ -61,6 +61,17 @@ def run_stage(name: str, run: Callable[[], dict]) -> dict:
         raise
     from_rank0({"outputs": outputs})
     return outputs
+
+
+def finish(ok: bool) -> None:
+    """Leave the process groups before the interpreter exits: a gloo group still alive at exit can abort the
+    process ("terminate called without an active exception"), which torchrun reports as a failed rank. After
+    a success every rank first waits for the others (none tears down a group a peer still uses)."""
+    if world_size() <= 1:
+        return
+    if ok:
+        wait_for_all()
+    cleanup()
 
 
 def _first_line(err: Exception) -> str:

@@ -130,7 +130,16 @@ class Pipeline:
             self._print_plan(plan)
         if dry_run:
             return
-        plan = ranks.shared_plan(plan)  # under torchrun: rank 0's (stages, ranks.py)
+        ok = False
+        try:
+            self._run_plan(ranks.shared_plan(plan))  # under torchrun: rank 0's plan (stages, ranks.py)
+            ok = True
+        finally:
+            ranks.finish(ok)
+        if ranks.rank() == 0:
+            console.print(where_to_look(self.ctx))
+
+    def _run_plan(self, plan: list) -> None:
         self._check_writable()  # before MLflow: a run must never be opened by work that cannot be saved
         self.ctx.open_tracker()
         with self.ctx.tracker.run(f"{self.cfg.name}-pipeline", tags=self.ctx.pipeline_tags()) as parent:
@@ -138,8 +147,6 @@ class Pipeline:
             self.ctx.tracker.log_params({"pipeline": self.cfg.model_dump(mode="json")})
             for stage, fingerprint, todo in plan:
                 self._run_stage(stage, fingerprint, todo)
-        if ranks.rank() == 0:
-            console.print(where_to_look(self.ctx))
 
     def _check_writable(self) -> None:
         """The workdir, the cache and the manifest's folder take files, or a clear error now."""
