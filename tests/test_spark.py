@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from medssl.augment.stream import ViewStream
 from medssl.config import EncoderConfig, PretrainConfig, SparKConfig, SSLConfig, TrainConfig, ViewsConfig
 from medssl.demo.cohort import ITK_T1
 from medssl.errors import ConfigError
 from medssl.models.patchify import random_masking
 from medssl.models.sparse import MaskPyramid, sparse_batch_norm, sparse_resnet_features
 from medssl.ssl import build_method, method_name
+
+from test_ssl_methods import train_losses  # one optimisation helper for every method's smoke test
 
 pytestmark = pytest.mark.skipif(not ITK_T1.is_file(), reason="ITK example T1 not installed")
 
@@ -160,26 +161,11 @@ def test_sparse_batch_norm_is_batch_norm_over_the_visible_positions(momentum):
                                reference(x.movedim(1, -1)[visible]), rtol=1e-4, atol=1e-5)
 
 
-def train_losses(method, batch, steps: int, lr: float = 2e-3) -> list[float]:
-    opt = torch.optim.AdamW(method.parameters(), lr=lr, weight_decay=0.0)
-    streams = [m for m in method.modules() if isinstance(m, ViewStream)]
-    losses = []
-    for _ in range(steps):
-        for stream in streams:  # same views and masks every step: the loss must fall by optimisation alone
-            stream.calls = 0
-        out = method(batch)
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
-        losses.append(float(out["loss"].detach()))
-    return losses
-
-
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_loss_is_finite_and_decreases(spatial_dims):
     method = spark(spatial_dims)
     assert method_name(PretrainConfig(encoder=ENCODER, ssl=SSLConfig(spark=SPARK))) == "spark"
-    losses = train_losses(method, {"image": t1_crops(spatial_dims)}, steps=8, lr=1e-2)
+    losses, _ = train_losses(method, {"image": t1_crops(spatial_dims)}, steps=8, lr=1e-2)
     assert all(np.isfinite(losses)) and losses[-1] < 0.9 * losses[0], losses
 
 
