@@ -33,6 +33,7 @@ import pandas as pd
 
 from medssl.config import PreprocessConfig
 from medssl.errors import DataError, MedsslError
+from medssl.ingest.dicom.known import identity
 from medssl.preprocess.arrays import fast_chain, fast_chain_applies, memory_order
 from medssl.ui import progress_bar
 
@@ -58,8 +59,8 @@ def source_fingerprint(row: Mapping, root: Path) -> str:
     found = []
     base = os.fspath(root)
     for rel in str(row["paths"]).split("|"):
-        stat = os.stat(os.path.join(base, rel))   # strings, not Path objects: one stat per slice adds up
-        found.append([rel, stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns])
+        # strings, not Path objects: one stat per slice adds up; the same file identity the index keeps
+        found.append([rel, *identity(os.stat(os.path.join(base, rel)))])
     return hashlib.sha256(json.dumps(found).encode()).hexdigest()[:32]
 
 
